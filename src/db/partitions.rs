@@ -1,0 +1,233 @@
+//! Partition maintenance of `email_events`: daily range partitions named
+//! `email_events_pYYYYMMDD` (UTC days) are made `premake_days` ahead, partitions wholly older
+//! than `retention_days` are dropped, and the default partition keeps catching the rest.
+//! When a day's partition is made and the default partition already holds rows of that day,
+//! they are moved into it in the same transaction.
+//!
+//! Several instances may run this at once: a session advisory lock elects one; the others
+//! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
+//! never queues an exclusive lock in front of the writers for long; it retries next round.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{Days, NaiveDate, Utc};
+use tokio_postgres::Client;
+
+use crate::config::PartitionConfig;
+use crate::metrics::{Metrics, PARTITION_MAINTENANCE_TOTAL};
+
+/// Advisory lock key of partition maintenance.
+const PARTITION_LOCK_KEY: i64 = 0x7265_6163_686c_7902;
+const PREFIX: &str = "email_events_p";
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    /// Another instance held the lock; nothing was done.
+    pub skipped: bool,
+    pub created: Vec<String>,
+    pub dropped: Vec<String>,
+    /// Rows moved out of the default partition into a new day's partition.
+    pub moved_rows: u64,
+    /// Rows older than the retention deleted from the default partition.
+    pub expired_default_rows: u64,
+}
+
+pub fn partition_name(day: NaiveDate) -> String {
+    format!("{PREFIX}{}", day.format("%Y%m%d"))
+}
+
+fn parse_partition_day(name: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(name.strip_prefix(PREFIX)?, "%Y%m%d").ok()
+}
+
+/// One maintenance round as of `today` (UTC).
+pub async fn maintain(
+    client: &mut Client,
+    today: NaiveDate,
+    premake_days: u32,
+    retention_days: u32,
+) -> anyhow::Result<MaintenanceReport> {
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&PARTITION_LOCK_KEY])
+        .await?
+        .get(0);
+    if !got {
+        return Ok(MaintenanceReport {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    let result = maintain_locked(client, today, premake_days, retention_days).await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&PARTITION_LOCK_KEY])
+        .await;
+    result
+}
+
+async fn maintain_locked(
+    client: &mut Client,
+    today: NaiveDate,
+    premake_days: u32,
+    retention_days: u32,
+) -> anyhow::Result<MaintenanceReport> {
+    client.batch_execute("SET lock_timeout = '3s'").await?;
+    let mut report = MaintenanceReport::default();
+    let existing: BTreeSet<NaiveDate> = client
+        .query(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'public.email_events'::regclass",
+            &[],
+        )
+        .await
+        .context("listing partitions")?
+        .iter()
+        .filter_map(|r| parse_partition_day(r.get::<_, &str>(0)))
+        .collect();
+
+    // Yesterday too: late ESP events (deferred retries, slow webhooks) are common.
+    let first = today.checked_sub_days(Days::new(1)).unwrap_or(today);
+    let last = today
+        .checked_add_days(Days::new(premake_days.into()))
+        .unwrap_or(today);
+    let cutoff = today
+        .checked_sub_days(Days::new(retention_days.into()))
+        .unwrap_or(NaiveDate::MIN);
+    let mut day = first.max(cutoff);
+    while day <= last {
+        if !existing.contains(&day) {
+            let moved = create_partition(client, day).await?;
+            report.moved_rows += moved;
+            report.created.push(partition_name(day));
+        }
+        day = match day.succ_opt() {
+            Some(d) => d,
+            None => break,
+        };
+    }
+
+    for day in existing
+        .iter()
+        .filter(|d| d.succ_opt().is_some_and(|end| end <= cutoff))
+    {
+        let name = partition_name(*day);
+        client
+            .batch_execute(&format!("DROP TABLE IF EXISTS public.{name}"))
+            .await
+            .with_context(|| format!("dropping {name}"))?;
+        report.dropped.push(name);
+    }
+    report.expired_default_rows = client
+        .execute(
+            "DELETE FROM public.email_events_default WHERE created_at < $1::date::timestamp AT TIME ZONE 'UTC'",
+            &[&cutoff],
+        )
+        .await
+        .context("expiring rows of the default partition")?;
+    client.batch_execute("RESET lock_timeout").await?;
+    Ok(report)
+}
+
+/// Makes one day's partition, moving that day's rows out of the default partition first.
+async fn create_partition(client: &mut Client, day: NaiveDate) -> anyhow::Result<u64> {
+    let name = partition_name(day);
+    let next = day.succ_opt().context("date overflow")?;
+    let (from, to) = (
+        day.format("%Y-%m-%d 00:00:00+00"),
+        next.format("%Y-%m-%d 00:00:00+00"),
+    );
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE public.{name} (LIKE public.email_events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    ))
+    .await
+    .with_context(|| format!("creating {name}"))?;
+    let moved = tx
+        .execute(
+            &format!(
+                "WITH moved AS (DELETE FROM public.email_events_default \
+                 WHERE created_at >= '{from}' AND created_at < '{to}' RETURNING *) \
+                 INSERT INTO public.{name} SELECT * FROM moved"
+            ),
+            &[],
+        )
+        .await
+        .with_context(|| format!("moving default-partition rows into {name}"))?;
+    tx.batch_execute(&format!(
+        "ALTER TABLE public.email_events ATTACH PARTITION public.{name} FOR VALUES FROM ('{from}') TO ('{to}')"
+    ))
+    .await
+    .with_context(|| format!("attaching {name}"))?;
+    tx.commit().await?;
+    Ok(moved)
+}
+
+/// Runs maintenance now and then every `cfg.interval` until `stop` fires.
+pub async fn run_periodically(
+    pool: deadpool_postgres::Pool,
+    cfg: PartitionConfig,
+    metrics: Metrics,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(cfg.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let outcome = async {
+            let mut conn = pool.get().await.context("getting a connection")?;
+            maintain(
+                &mut conn,
+                Utc::now().date_naive(),
+                cfg.premake_days,
+                cfg.retention_days,
+            )
+            .await
+        }
+        .await;
+        match outcome {
+            Ok(r) => {
+                metrics
+                    .counter(
+                        PARTITION_MAINTENANCE_TOTAL,
+                        &[("outcome", if r.skipped { "skipped" } else { "ok" })],
+                    )
+                    .increment(1);
+                if !r.created.is_empty() || !r.dropped.is_empty() || r.moved_rows > 0 {
+                    tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, "partition maintenance");
+                }
+            }
+            Err(e) => {
+                metrics
+                    .counter(PARTITION_MAINTENANCE_TOTAL, &[("outcome", "error")])
+                    .increment(1);
+                metrics.db_error("partition_maintenance");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "partition maintenance failed; retrying in a minute"
+                );
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(60).min(cfg.interval)) => {}
+                }
+                tick.reset_immediately();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_round_trip() {
+        let d = NaiveDate::from_ymd_opt(2026, 11, 25).unwrap();
+        assert_eq!(partition_name(d), "email_events_p20261125");
+        assert_eq!(parse_partition_day("email_events_p20261125"), Some(d));
+        assert_eq!(parse_partition_day("email_events_default"), None);
+    }
+}

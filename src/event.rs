@@ -1,0 +1,341 @@
+//! The event model: [`Event`] is one future row of `email_events` (plus the typed fields
+//! the status merge needs), [`DeadLetter`] one row of `webhook_dead_letters`, and
+//! [`Record`] either of them as it travels through the pipeline and the spool. The column
+//! order and binary COPY types of `email_events` live here, next to the struct.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio_postgres::types::Type;
+use uuid::Uuid;
+
+/// Event types of SPEC.md: the seed's seven plus `deferred` and `dropped`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Sent,
+    Delivered,
+    Opened,
+    Clicked,
+    Bounced,
+    Complained,
+    Unsubscribed,
+    Deferred,
+    Dropped,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 9] = [
+        EventType::Sent,
+        EventType::Delivered,
+        EventType::Opened,
+        EventType::Clicked,
+        EventType::Bounced,
+        EventType::Complained,
+        EventType::Unsubscribed,
+        EventType::Deferred,
+        EventType::Dropped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Sent => "sent",
+            EventType::Delivered => "delivered",
+            EventType::Opened => "opened",
+            EventType::Clicked => "clicked",
+            EventType::Bounced => "bounced",
+            EventType::Complained => "complained",
+            EventType::Unsubscribed => "unsubscribed",
+            EventType::Deferred => "deferred",
+            EventType::Dropped => "dropped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BounceClass {
+    /// Permanent: the address is dead; the contact is suppressed.
+    Hard,
+    /// Temporary: only `error_message` moves.
+    Soft,
+}
+
+impl BounceClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BounceClass::Hard => "hard",
+            BounceClass::Soft => "soft",
+        }
+    }
+}
+
+/// Where an event came from: our own tracking endpoints or an ESP webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Pixel,
+    Click,
+    Unsubscribe,
+    Sendgrid,
+    Mailgun,
+    Ses,
+    Postmark,
+    Sparkpost,
+    Mandrill,
+    Resend,
+}
+
+impl Source {
+    /// The metrics label (`reachly_events_received_total{source}`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Pixel => "pixel",
+            Source::Click => "click",
+            Source::Unsubscribe => "unsubscribe",
+            Source::Sendgrid => "sendgrid",
+            Source::Mailgun => "mailgun",
+            Source::Ses => "ses",
+            Source::Postmark => "postmark",
+            Source::Sparkpost => "sparkpost",
+            Source::Mandrill => "mandrill",
+            Source::Resend => "resend",
+        }
+    }
+
+    /// The `email_events.provider` column: the ESP's name, or `reachly` for our own endpoints.
+    pub fn provider(self) -> &'static str {
+        match self {
+            Source::Pixel | Source::Click | Source::Unsubscribe => "reachly",
+            other => other.label(),
+        }
+    }
+}
+
+/// One event as it will be stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// UUIDv7 assigned when the event is accepted. Every write is `ON CONFLICT DO NOTHING`
+    /// on it, so a retried batch or a replayed spool never stores an event twice.
+    pub id: Uuid,
+    pub message_id: Uuid,
+    /// The tenant the request named (token or ESP metadata). Never stored as such: the
+    /// writer takes `organization_id` from the message's row and dead-letters a mismatch.
+    pub claimed_organization_id: Option<Uuid>,
+    pub event_type: EventType,
+    /// When the event happened: the ESP's timestamp, else the request's arrival. Partition key.
+    pub occurred_at: DateTime<Utc>,
+    pub ip_address: Option<String>,
+    pub user_agent: Option<String>,
+    pub link_url: Option<String>,
+    pub source: Source,
+    /// Idempotency key of ESP events (provider-prefixed); `None` for our own tracking hits.
+    pub dedup_key: Option<String>,
+    pub bounce_class: Option<BounceClass>,
+    /// `Some(reason)`: machine traffic (HEAD, prefetcher, scanner). Stored, moves nothing.
+    pub machine_reason: Option<String>,
+    /// Diagnostic text for bounces, deferrals and drops (feeds `campaign_messages.error_message`).
+    pub error_message: Option<String>,
+    /// Provider fields worth keeping (reason, diagnostic code, ESP message id...).
+    pub metadata: Map<String, Value>,
+}
+
+impl Event {
+    /// A new event with a fresh time-ordered id and nothing optional set.
+    pub fn new(
+        message_id: Uuid,
+        event_type: EventType,
+        occurred_at: DateTime<Utc>,
+        source: Source,
+    ) -> Event {
+        Event {
+            id: new_event_id(occurred_at),
+            message_id,
+            claimed_organization_id: None,
+            event_type,
+            occurred_at,
+            ip_address: None,
+            user_agent: None,
+            link_url: None,
+            source,
+            dedup_key: None,
+            bounce_class: None,
+            machine_reason: None,
+            error_message: None,
+            metadata: Map::new(),
+        }
+    }
+
+    pub fn is_machine(&self) -> bool {
+        self.machine_reason.is_some()
+    }
+
+    /// The `metadata` column: provider fields plus the typed flags SPEC.md names
+    /// (`bounce_class`, `machine`, `machine_reason`, `error`).
+    pub fn metadata_json(&self) -> Value {
+        let mut m = self.metadata.clone();
+        if let Some(b) = self.bounce_class {
+            m.insert("bounce_class".into(), Value::from(b.as_str()));
+        }
+        if let Some(reason) = &self.machine_reason {
+            m.insert("machine".into(), Value::Bool(true));
+            m.insert("machine_reason".into(), Value::from(reason.as_str()));
+        }
+        if let Some(err) = &self.error_message {
+            m.entry("error")
+                .or_insert_with(|| Value::from(err.as_str()));
+        }
+        Value::Object(m)
+    }
+}
+
+/// A time-ordered UUID (v7) whose timestamp is the event's own time, for index locality.
+pub fn new_event_id(at: DateTime<Utc>) -> Uuid {
+    let secs = at.timestamp().max(0) as u64;
+    let nanos = at.timestamp_subsec_nanos();
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, secs, nanos);
+    Uuid::new_v7(ts)
+}
+
+/// Something an ESP sent that cannot become an event: kept with its raw payload and reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: Uuid,
+    pub received_at: DateTime<Utc>,
+    pub provider: String,
+    /// snake_case reason, e.g. `no_message_id`, `unknown_message`, `unknown_event_type`.
+    pub reason: String,
+    pub organization_id: Option<Uuid>,
+    pub message_id: Option<Uuid>,
+    pub event_type: Option<String>,
+    /// Same role as `Event::dedup_key`: a re-delivered request adds no second dead letter.
+    pub dedup_key: Option<String>,
+    /// The event exactly as received (one element of a batch, or the whole body).
+    pub payload: String,
+}
+
+impl DeadLetter {
+    pub fn new(provider: &str, reason: &str, payload: impl Into<String>) -> DeadLetter {
+        let now = Utc::now();
+        DeadLetter {
+            id: new_event_id(now),
+            received_at: now,
+            provider: provider.to_owned(),
+            reason: reason.to_owned(),
+            organization_id: None,
+            message_id: None,
+            event_type: None,
+            dedup_key: None,
+            payload: payload.into(),
+        }
+    }
+
+    /// An event the writer could not store (unknown message, tenant mismatch, rejected row).
+    pub fn from_event(event: &Event, reason: &str) -> DeadLetter {
+        let payload = serde_json::to_string(event).unwrap_or_else(|_| String::from("{}"));
+        DeadLetter {
+            id: event.id,
+            received_at: Utc::now(),
+            provider: event.source.label().to_owned(),
+            reason: reason.to_owned(),
+            organization_id: event.claimed_organization_id,
+            message_id: Some(event.message_id),
+            event_type: Some(event.event_type.as_str().to_owned()),
+            dedup_key: event.dedup_key.clone(),
+            payload,
+        }
+    }
+}
+
+/// What flows through the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    Event(Event),
+    DeadLetter(DeadLetter),
+}
+
+/// `email_events` columns in COPY order, and their types (binary COPY needs both).
+pub const EVENT_COLUMNS: &str = "id, organization_id, message_id, event_type, ip_address, user_agent, link_url, metadata, created_at, provider, dedup_key";
+pub const EVENT_COLUMN_TYPES: [Type; 11] = [
+    Type::UUID,
+    Type::UUID,
+    Type::UUID,
+    Type::VARCHAR,
+    Type::VARCHAR,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+    Type::TIMESTAMPTZ,
+    Type::VARCHAR,
+    Type::TEXT,
+];
+
+/// Longest user agent stored; longer ones are cut at a character boundary.
+pub const MAX_USER_AGENT_BYTES: usize = 512;
+/// Longest link URL / error text stored.
+pub const MAX_TEXT_BYTES: usize = 4096;
+
+/// Cuts `s` to at most `max` bytes on a char boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Text PostgreSQL will accept: no NUL bytes (they would fail the whole COPY).
+pub fn pg_text(s: &str, max: usize) -> String {
+    truncate_utf8(s, max).replace('\0', "\u{FFFD}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_time_ordered_by_event_time() {
+        let t1 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let t2 = DateTime::parse_from_rfc3339("2026-01-01T00:00:01Z")
+            .unwrap()
+            .to_utc();
+        let a = new_event_id(t1);
+        let b = new_event_id(t2);
+        assert_eq!(a.get_version_num(), 7);
+        assert!(a < b);
+    }
+
+    #[test]
+    fn metadata_carries_bounce_class_and_machine_flag() {
+        let mut e = Event::new(
+            Uuid::nil(),
+            EventType::Bounced,
+            Utc::now(),
+            Source::Sendgrid,
+        );
+        e.bounce_class = Some(BounceClass::Hard);
+        e.machine_reason = Some("head".into());
+        let m = e.metadata_json();
+        assert_eq!(m["bounce_class"], "hard");
+        assert_eq!(m["machine"], true);
+        assert_eq!(m["machine_reason"], "head");
+    }
+
+    #[test]
+    fn truncation_keeps_utf8_valid_and_strips_nul() {
+        assert_eq!(truncate_utf8("héllo", 2), "h");
+        assert_eq!(pg_text("a\0b", 10), "a\u{FFFD}b");
+        for t in EventType::ALL {
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The route table of both listeners: `match (method, path)` into a [`Route`], whose
+//! `name()` labels the metrics (never the raw path) and whose `handle()` dispatches.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::Method;
+
+use super::{Req, Resp, admin, method_not_allowed, not_found, tracking};
+use crate::app::AppState;
+use crate::webhooks;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Pixel(String),
+    Click(String),
+    UnsubscribePage(String),
+    Unsubscribe(String),
+    Webhook(String),
+    Metrics,
+    Healthz,
+    Readyz,
+    NotFound,
+    MethodNotAllowed(&'static str),
+}
+
+impl Route {
+    /// The public listener's routes.
+    pub fn public(method: &Method, path: &str) -> Route {
+        let get_or_head = method == Method::GET || method == Method::HEAD;
+        if let Some(rest) = path.strip_prefix("/o/") {
+            return match rest.strip_suffix(".gif") {
+                Some(token) if get_or_head => Route::Pixel(token.to_owned()),
+                Some(_) => Route::MethodNotAllowed("GET, HEAD"),
+                None => Route::NotFound,
+            };
+        }
+        if let Some(token) = path.strip_prefix("/c/") {
+            return if get_or_head {
+                Route::Click(token.to_owned())
+            } else {
+                Route::MethodNotAllowed("GET, HEAD")
+            };
+        }
+        if let Some(token) = path.strip_prefix("/u/") {
+            return match *method {
+                Method::POST => Route::Unsubscribe(token.to_owned()),
+                Method::GET | Method::HEAD => Route::UnsubscribePage(token.to_owned()),
+                _ => Route::MethodNotAllowed("GET, HEAD, POST"),
+            };
+        }
+        if let Some(provider) = path.strip_prefix("/webhooks/") {
+            // HEAD: Mandrill checks a webhook URL with an unsigned HEAD before saving it.
+            return if method == Method::POST || method == Method::HEAD {
+                Route::Webhook(provider.to_owned())
+            } else {
+                Route::MethodNotAllowed("POST, HEAD")
+            };
+        }
+        Route::NotFound
+    }
+
+    /// The admin listener's routes.
+    pub fn admin(method: &Method, path: &str) -> Route {
+        let route = match path {
+            "/metrics" => Route::Metrics,
+            "/healthz" => Route::Healthz,
+            "/readyz" => Route::Readyz,
+            _ => return Route::NotFound,
+        };
+        if method == Method::GET || method == Method::HEAD {
+            route
+        } else {
+            Route::MethodNotAllowed("GET, HEAD")
+        }
+    }
+
+    /// The `route` label.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Pixel(_) => "pixel",
+            Route::Click(_) => "click",
+            Route::UnsubscribePage(_) => "unsubscribe_page",
+            Route::Unsubscribe(_) => "unsubscribe",
+            Route::Webhook(_) => "webhook",
+            Route::Metrics => "metrics",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::NotFound => "not_found",
+            Route::MethodNotAllowed(_) => "method_not_allowed",
+        }
+    }
+
+    pub async fn handle(self, req: Req, peer: SocketAddr, state: Arc<AppState>) -> Resp {
+        match self {
+            Route::Pixel(t) => tracking::pixel(req, peer, state, &t),
+            Route::Click(t) => tracking::click(req, peer, state, &t),
+            Route::UnsubscribePage(t) => tracking::unsubscribe_page(state, &t),
+            Route::Unsubscribe(t) => tracking::unsubscribe(req, peer, state, &t).await,
+            Route::Webhook(p) => webhooks::handle(req, state, &p).await,
+            Route::Metrics => admin::metrics(&state),
+            Route::Healthz => admin::healthz(&state),
+            Route::Readyz => admin::readyz(&state).await,
+            Route::NotFound => not_found(),
+            Route::MethodNotAllowed(allow) => method_not_allowed(allow),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_named_routes() {
+        assert_eq!(
+            Route::public(&Method::GET, "/o/abc.gif"),
+            Route::Pixel("abc".into())
+        );
+        assert_eq!(
+            Route::public(&Method::HEAD, "/c/xyz"),
+            Route::Click("xyz".into())
+        );
+        assert_eq!(
+            Route::public(&Method::POST, "/u/t"),
+            Route::Unsubscribe("t".into())
+        );
+        assert_eq!(
+            Route::public(&Method::GET, "/u/t"),
+            Route::UnsubscribePage("t".into())
+        );
+        assert_eq!(
+            Route::public(&Method::POST, "/webhooks/sendgrid"),
+            Route::Webhook("sendgrid".into())
+        );
+        assert_eq!(
+            Route::public(&Method::GET, "/webhooks/sendgrid").name(),
+            "method_not_allowed"
+        );
+        assert_eq!(Route::public(&Method::GET, "/metrics"), Route::NotFound);
+        assert_eq!(Route::admin(&Method::GET, "/metrics"), Route::Metrics);
+        assert_eq!(Route::admin(&Method::GET, "/o/abc.gif"), Route::NotFound);
+    }
+}

@@ -1,0 +1,236 @@
+//! Our own tracking endpoints: the open pixel, the click redirect and the RFC 8058
+//! one-click unsubscribe. Pixel and click never touch the database (the event goes to the
+//! pipeline fire-and-forget), so they answer in microseconds and a click still redirects
+//! while the database is down. The unsubscribe POST answers once the event is durable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::Utc;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+
+use super::{Req, Resp, client_ip, stored_ip, text};
+use crate::app::AppState;
+use crate::event::{self, Event, EventType, Record, Source};
+use crate::metrics::INVALID_TOKENS_TOTAL;
+use crate::token::{self, Purpose, Token};
+
+/// A 1x1 transparent GIF (43 bytes).
+pub const PIXEL_GIF: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+
+const NO_CACHE: &str = "no-store, no-cache, must-revalidate, private, max-age=0";
+
+fn verify(state: &AppState, purpose: Purpose, raw: &str) -> Option<Token> {
+    let result = match &state.config.tracking.token_keys {
+        Some(keys) => token::verify(keys, purpose, raw),
+        None => Err(token::TokenError::UnknownKey),
+    };
+    match result {
+        Ok(t) => Some(t),
+        Err(e) => {
+            state
+                .metrics
+                .counter(INVALID_TOKENS_TOTAL, &[("purpose", purpose.as_str())])
+                .increment(1);
+            tracing::debug!(
+                purpose = purpose.as_str(),
+                reason = e.reason(),
+                "invalid tracking token"
+            );
+            None
+        }
+    }
+}
+
+/// The event a tracking hit records: tenant as claimed by the token (checked by the
+/// writer), client address per the privacy mode, user agent cut to a sane length.
+fn tracking_event(
+    state: &AppState,
+    req: &Req,
+    peer: SocketAddr,
+    t: &Token,
+    kind: EventType,
+    source: Source,
+) -> Event {
+    let mut e = Event::new(t.message_id, kind, Utc::now(), source);
+    e.claimed_organization_id = Some(t.organization_id);
+    let tracking = &state.config.tracking;
+    e.ip_address = stored_ip(
+        client_ip(peer, req.headers(), &tracking.trusted_proxies),
+        tracking.ip_mode,
+    );
+    let ua = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    e.user_agent = ua.map(|s| event::truncate_utf8(s, event::MAX_USER_AGENT_BYTES).to_owned());
+    if kind != EventType::Unsubscribed {
+        e.machine_reason = state.machine.classify(req.method() == Method::HEAD, ua);
+    }
+    e
+}
+
+/// `GET`/`HEAD /o/{token}.gif`: always the GIF, whatever the token (no oracle).
+pub fn pixel(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Resp {
+    if let Some(t) = verify(&state, Purpose::Open, raw) {
+        let e = tracking_event(&state, &req, peer, &t, EventType::Opened, Source::Pixel);
+        state.ingest.submit(vec![Record::Event(e)]);
+    }
+    let mut r = Response::new(Full::new(Bytes::from_static(PIXEL_GIF)));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/gif"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(header::EXPIRES, HeaderValue::from_static("0"));
+    r
+}
+
+/// `GET`/`HEAD /c/{token}`: 302 to the signed URL, or 404 (never a redirect to anything
+/// the token did not sign).
+pub fn click(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Resp {
+    let Some(t) = verify(&state, Purpose::Click, raw) else {
+        return link_not_found();
+    };
+    let Some(location) = t
+        .url
+        .as_deref()
+        .and_then(|u| token::redirect_location(u).ok())
+    else {
+        return link_not_found();
+    };
+    let Ok(location) = HeaderValue::from_str(&location) else {
+        return link_not_found();
+    };
+    let mut e = tracking_event(&state, &req, peer, &t, EventType::Clicked, Source::Click);
+    e.link_url = t.url.clone();
+    state.ingest.submit(vec![Record::Event(e)]);
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::FOUND;
+    let h = r.headers_mut();
+    h.insert(header::LOCATION, location);
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+fn link_not_found() -> Resp {
+    html(
+        StatusCode::NOT_FOUND,
+        "<!doctype html><title>Link not found</title><p>This link is not valid.</p>\n",
+    )
+}
+
+fn html(status: StatusCode, body: &'static str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert("x-robots-tag", HeaderValue::from_static("noindex"));
+    r
+}
+
+/// `GET /u/{token}`: a confirmation page whose button POSTs the one-click body. A GET
+/// alone never unsubscribes: link scanners prefetch GETs.
+pub fn unsubscribe_page(state: Arc<AppState>, raw: &str) -> Resp {
+    if verify(&state, Purpose::Unsubscribe, raw).is_none() {
+        return link_not_found();
+    }
+    // The token is base64url (A-Z a-z 0-9 - _): nothing in it needs HTML escaping.
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
+         <title>Unsubscribe</title></head><body>\
+         <h1>Unsubscribe</h1><p>Stop receiving these emails?</p>\
+         <form method=\"post\" action=\"/u/{raw}\">\
+         <input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\
+         <button type=\"submit\">Unsubscribe</button></form></body></html>\n"
+    );
+    let mut r = html(StatusCode::OK, "");
+    *r.body_mut() = Full::new(Bytes::from(body));
+    r
+}
+
+/// `POST /u/{token}` (RFC 8058): records `unsubscribed` and answers 200 once it is durable.
+pub async fn unsubscribe(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Resp {
+    let Some(t) = verify(&state, Purpose::Unsubscribe, raw) else {
+        return link_not_found();
+    };
+    let e = tracking_event(
+        &state,
+        &req,
+        peer,
+        &t,
+        EventType::Unsubscribed,
+        Source::Unsubscribe,
+    );
+    let (_, body) = match super::read_body(req, 8 * 1024, state.config.http.body_timeout).await {
+        Ok(x) => x,
+        Err(err) => return text(err.status(), format!("{err}\n")),
+    };
+    if !is_one_click_body(&body) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected the RFC 8058 body List-Unsubscribe=One-Click\n",
+        );
+    }
+    match state.ingest.submit_durable(vec![Record::Event(e)]).await {
+        Ok(()) => html(
+            StatusCode::OK,
+            "<!doctype html><title>Unsubscribed</title><p>You have been unsubscribed.</p>\n",
+        ),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not record the unsubscribe now ({why}); please retry\n"),
+        ),
+    }
+}
+
+/// `List-Unsubscribe=One-Click` as a urlencoded form field, or inside a multipart body
+/// (RFC 8058 allows both encodings).
+fn is_one_click_body(body: &[u8]) -> bool {
+    let urlencoded = url::form_urlencoded::parse(body).any(|(k, v)| {
+        k.eq_ignore_ascii_case("List-Unsubscribe") && v.eq_ignore_ascii_case("One-Click")
+    });
+    urlencoded || {
+        let s = String::from_utf8_lossy(body);
+        s.contains("name=\"List-Unsubscribe\"") && s.contains("One-Click")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_click_bodies_in_both_encodings_are_recognised() {
+        assert!(is_one_click_body(b"List-Unsubscribe=One-Click"));
+        assert!(is_one_click_body(
+            b"--x\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n--x--\r\n"
+        ));
+        assert!(!is_one_click_body(b""));
+        assert!(!is_one_click_body(b"List-Unsubscribe=No"));
+    }
+
+    #[test]
+    fn the_pixel_is_a_gif() {
+        assert!(PIXEL_GIF.starts_with(b"GIF89a"));
+        assert_eq!(PIXEL_GIF.len(), 43);
+    }
+}

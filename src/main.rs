@@ -1,0 +1,58 @@
+//! The `reachly-ingest` binary: parse flags and environment, then run one subcommand.
+//! Invalid configuration is one line on stderr and exit code 64, before anything binds.
+
+use clap::Parser as _;
+use reachly_ingest::config::{Cli, Command, Config, EXIT_CONFIG};
+use reachly_ingest::{App, AppOptions, init_tracing};
+
+fn config_error(msg: impl std::fmt::Display) -> ! {
+    eprintln!("reachly-ingest: invalid configuration: {msg}");
+    std::process::exit(EXIT_CONFIG);
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => config_error(
+            e.to_string()
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: "),
+        ),
+    };
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing(args.log.log_format);
+            let config = Config::from_args(args).unwrap_or_else(|e| config_error(e));
+            let public = tokio::net::TcpListener::bind(config.listen).await?;
+            let admin = tokio::net::TcpListener::bind(config.admin_listen).await?;
+            let app = App::build(config, public, admin, AppOptions::default()).await?;
+            app.run_until_stopped(reachly_ingest::shutdown::shutdown_signal())
+                .await
+        }
+        Command::Migrate(args) => {
+            init_tracing(args.log.log_format);
+            let url = args
+                .db
+                .database_url
+                .unwrap_or_else(|| config_error("DATABASE_URL is required"));
+            let applied = reachly_ingest::db::migrate::run(url.expose()).await?;
+            println!("migrations applied: {applied}");
+            Ok(())
+        }
+        Command::Token(args) => match reachly_ingest::dev::token_command(&args) {
+            Ok(out) => {
+                println!("{out}");
+                Ok(())
+            }
+            Err(e) => config_error(e),
+        },
+        Command::Dev(args) => {
+            init_tracing(args.serve.log.log_format);
+            reachly_ingest::dev::run(args).await
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The ingest pipeline: request handlers hand records to [`Ingest`], which never blocks; the
+//! writers (`writer.rs`) batch them into one transaction each (`store.rs`, `merge.rs`); when
+//! memory is full or the database is down, records go to the on-disk spool (`spool.rs`) and
+//! are replayed when it returns.
+//!
+//! Routing of one submission (an *envelope*: the records of one request):
+//! - room in memory (`REACHLY_BUFFER_MAX_EVENTS`) → the bounded channel to the writers;
+//! - no room, or a durable submission while the database is known down → the spool;
+//! - spool full too → dropped and counted (`reachly_events_dropped_total{reason}`), and a
+//!   durable submission learns it was not made durable (its webhook answers 503).
+//!
+//! Pixel and click hits are fire-and-forget ([`Ingest::submit`]). Webhooks and unsubscribes
+//! use [`Ingest::submit_durable`]: one completion per request, resolved when every record
+//! of it is committed or fsync'd to the spool.
+//!
+//! Channel choice: tokio's bounded mpsc. The writers are async tasks that share one
+//! receiver (the lock holder collects the next batch while the others write theirs), and
+//! `recv_many` plus a deadline is the batching loop. crossbeam-channel serves the spool,
+//! which is a plain thread doing blocking file I/O.
+
+pub mod merge;
+pub mod spool;
+pub mod store;
+pub mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ::metrics::Gauge;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PipelineConfig;
+use crate::event::Record;
+use crate::metrics::{self, Metrics};
+use spool::{Spool, SpoolThread};
+
+/// Completion of a durable submission.
+pub type Ack = oneshot::Sender<Result<(), NotDurable>>;
+
+/// Why a durable submission could not be made durable (the caller answers 503).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotDurable {
+    #[error("the spool is full")]
+    SpoolFull,
+    #[error("the spool could not be written")]
+    SpoolIo,
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+impl NotDurable {
+    /// The `reason` label of `reachly_events_dropped_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            NotDurable::SpoolFull => "spool_full",
+            NotDurable::SpoolIo => "spool_io_error",
+            NotDurable::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// The records of one request, and who waits for them (if anyone).
+pub struct Envelope {
+    pub records: Vec<Record>,
+    pub ack: Option<Ack>,
+}
+
+impl Envelope {
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// The handlers' side of the pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    tx: mpsc::Sender<Envelope>,
+    /// Events in memory: in the channel or in a writer's batch. The real bound.
+    buffered: AtomicUsize,
+    max: usize,
+    spool: Spool,
+    /// False after a failed write, true after a successful one.
+    db_healthy: AtomicBool,
+    /// Unix millis of the last writer loop iteration (liveness).
+    heartbeat_ms: AtomicI64,
+    metrics: Metrics,
+    buffer_gauge: Gauge,
+}
+
+impl Ingest {
+    /// Fire-and-forget (pixel, click): never waits.
+    pub fn submit(&self, records: Vec<Record>) {
+        self.route(Envelope { records, ack: None });
+    }
+
+    /// Resolves once every record is committed or on disk; `Err` if that cannot be done
+    /// (the caller answers 503 so the sender retries).
+    pub async fn submit_durable(&self, records: Vec<Record>) -> Result<(), NotDurable> {
+        let (tx, rx) = oneshot::channel();
+        self.route(Envelope {
+            records,
+            ack: Some(tx),
+        });
+        rx.await.unwrap_or(Err(NotDurable::ShuttingDown))
+    }
+
+    fn route(&self, env: Envelope) {
+        let s = &self.shared;
+        for r in &env.records {
+            if let Record::Event(e) = r {
+                s.metrics
+                    .counter(
+                        metrics::EVENTS_RECEIVED_TOTAL,
+                        &[
+                            ("type", e.event_type.as_str()),
+                            ("source", e.source.label()),
+                        ],
+                    )
+                    .increment(1);
+            }
+        }
+        if env.is_empty() {
+            if let Some(ack) = env.ack {
+                let _ = ack.send(Ok(()));
+            }
+            return;
+        }
+        let n = env.len();
+        // A durable submission while the database is down goes straight to disk: the sender
+        // gets its answer in milliseconds instead of waiting on a database that is not there.
+        let skip_memory = env.ack.is_some() && !s.db_healthy.load(Ordering::Relaxed);
+        if !skip_memory && self.reserve(n) {
+            if let Err(
+                mpsc::error::TrySendError::Full(env) | mpsc::error::TrySendError::Closed(env),
+            ) = s.tx.try_send(env)
+            {
+                self.release(n);
+                s.spool.append(env);
+            }
+        } else {
+            s.spool.append(env);
+        }
+    }
+
+    fn reserve(&self, n: usize) -> bool {
+        let s = &self.shared;
+        let ok = s
+            .buffered
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur + n <= s.max).then_some(cur + n)
+            })
+            .is_ok();
+        if ok {
+            s.buffer_gauge
+                .set(s.buffered.load(Ordering::Relaxed) as f64);
+        }
+        ok
+    }
+
+    fn release(&self, n: usize) {
+        let s = &self.shared;
+        let after = s.buffered.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
+        s.buffer_gauge.set(after as f64);
+    }
+
+    /// Events held in memory.
+    pub fn buffered(&self) -> usize {
+        self.shared.buffered.load(Ordering::Relaxed)
+    }
+
+    /// Above the high-water mark (80% of the memory bound) the instance reports not ready,
+    /// so a load balancer sends traffic elsewhere before events start spilling to disk.
+    pub fn above_high_water(&self) -> bool {
+        self.buffered() * 5 > self.shared.max * 4
+    }
+
+    pub fn spool_bytes(&self) -> u64 {
+        self.shared.spool.bytes()
+    }
+
+    pub fn db_healthy(&self) -> bool {
+        self.shared.db_healthy.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since a writer last showed life.
+    pub fn heartbeat_age(&self) -> Duration {
+        let last = self.shared.heartbeat_ms.load(Ordering::Relaxed);
+        Duration::from_millis((now_ms() - last).max(0) as u64)
+    }
+
+    fn beat(&self) {
+        self.shared.heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn set_db_healthy(&self, ok: bool) {
+        self.shared.db_healthy.store(ok, Ordering::Relaxed);
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The running pipeline: writers, replayer and spool thread.
+pub struct Pipeline {
+    pub ingest: Ingest,
+    writers: Vec<JoinHandle<()>>,
+    replayer: JoinHandle<()>,
+    spool_thread: SpoolThread,
+    closing: CancellationToken,
+    deadline: CancellationToken,
+}
+
+impl Pipeline {
+    /// Opens the spool and starts `cfg.writers` writers and the spool replayer (which
+    /// replays any spool left by an earlier run first).
+    pub fn start(
+        cfg: &PipelineConfig,
+        pool: deadpool_postgres::Pool,
+        metrics: Metrics,
+    ) -> anyhow::Result<Pipeline> {
+        let (spool, spool_thread) =
+            Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, metrics.clone())?;
+        let (tx, rx) = mpsc::channel(cfg.buffer_max_events);
+        let ingest = Ingest {
+            shared: Arc::new(Shared {
+                tx,
+                buffered: AtomicUsize::new(0),
+                max: cfg.buffer_max_events,
+                spool,
+                db_healthy: AtomicBool::new(true),
+                heartbeat_ms: AtomicI64::new(now_ms()),
+                buffer_gauge: metrics.gauge(metrics::BUFFER_EVENTS, &[]),
+                metrics: metrics.clone(),
+            }),
+        };
+        ingest.shared.buffer_gauge.set(0.0);
+        let closing = CancellationToken::new();
+        let deadline = CancellationToken::new();
+        let rx = Arc::new(Mutex::new(rx));
+        let ctx = writer::WriterContext {
+            ingest: ingest.clone(),
+            pool,
+            metrics,
+            flush_max_events: cfg.flush_max_events,
+            flush_interval: cfg.flush_interval,
+            closing: closing.clone(),
+            deadline: deadline.clone(),
+        };
+        let writers = (0..cfg.writers)
+            .map(|i| tokio::spawn(writer::run_writer(i, ctx.clone(), rx.clone())))
+            .collect();
+        let replayer = tokio::spawn(writer::run_replayer(ctx));
+        Ok(Pipeline {
+            ingest,
+            writers,
+            replayer,
+            spool_thread,
+            closing,
+            deadline,
+        })
+    }
+
+    /// Drains: writers flush everything buffered; whatever is not committed within
+    /// `timeout` is spooled. Returns once the spool is synced and closed.
+    pub async fn shutdown(self, timeout: Duration) {
+        self.closing.cancel();
+        let writers = futures_util::future::join_all(self.writers);
+        tokio::pin!(writers);
+        tokio::select! {
+            _ = &mut writers => {}
+            _ = tokio::time::sleep(timeout) => {
+                tracing::warn!("drain timeout reached; spooling what is left");
+                self.deadline.cancel();
+                writers.await;
+            }
+        }
+        let _ = self.replayer.await;
+        self.ingest.shared.spool.close();
+        let handle = self.spool_thread.handle;
+        let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        let left = self.ingest.buffered();
+        if left > 0 {
+            tracing::error!(
+                events = left,
+                "events still counted in memory after the drain"
+            );
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! What one batch does to the database, in one transaction:
+//! 1. look up the batch's messages once (tenant and contact of each);
+//! 2. events naming an unknown message, or a tenant other than the message's, become dead
+//!    letters (they never fail the batch);
+//! 3. binary COPY of the rest into a temporary staging table, then one
+//!    `INSERT ... SELECT ... ON CONFLICT DO NOTHING` into `email_events`: a duplicate event id
+//!    (retried batch, replayed spool) or ESP dedup key is skipped, not an error;
+//! 4. one set-based `UPDATE campaign_messages ... FROM unnest(...)` of the pre-merged updates
+//!    (one row each, in id order, skipping rows it would not change);
+//! 5. one set-based `UPDATE contacts` for suppressions, in id order;
+//! 6. the dead letters, `ON CONFLICT DO NOTHING`.
+//!
+//! The organization written to every row is the message row's, never the request's.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use futures_util::pin_mut;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Transaction};
+use uuid::Uuid;
+
+use super::merge::{self, ContactStatus, MessageUpdate};
+use crate::event::{self, DeadLetter, Event, EventType, Record};
+
+/// What a committed batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events newly stored, by type.
+    pub written: BTreeMap<EventType, u64>,
+    /// Events skipped because they were already stored.
+    pub duplicates: u64,
+    /// Dead letters by reason (including those the request brought).
+    pub dead_lettered: BTreeMap<String, u64>,
+    pub messages_updated: u64,
+    pub contacts_updated: u64,
+}
+
+impl BatchOutcome {
+    pub fn absorb(&mut self, other: BatchOutcome) {
+        for (k, v) in other.written {
+            *self.written.entry(k).or_default() += v;
+        }
+        for (k, v) in other.dead_lettered {
+            *self.dead_lettered.entry(k).or_default() += v;
+        }
+        self.duplicates += other.duplicates;
+        self.messages_updated += other.messages_updated;
+        self.contacts_updated += other.contacts_updated;
+    }
+}
+
+struct MessageRow {
+    organization_id: Uuid,
+    contact_id: Uuid,
+}
+
+/// Writes `records` in one transaction. Errors are the database's; the caller decides
+/// whether they are transient (retry) or caused by a row (split the batch).
+pub async fn write_batch(
+    client: &mut Client,
+    records: &[&Record],
+) -> Result<BatchOutcome, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let outcome = write_in(&tx, records).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn write_in(
+    tx: &Transaction<'_>,
+    records: &[&Record],
+) -> Result<BatchOutcome, tokio_postgres::Error> {
+    let mut outcome = BatchOutcome::default();
+    let mut events: Vec<&Event> = Vec::with_capacity(records.len());
+    let mut dead: Vec<DeadLetter> = Vec::new();
+    for r in records {
+        match r {
+            Record::Event(e) => events.push(e),
+            Record::DeadLetter(d) => dead.push(d.clone()),
+        }
+    }
+
+    // 1. The messages, once.
+    let mut ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut messages: HashMap<Uuid, MessageRow> = HashMap::with_capacity(ids.len());
+    if !ids.is_empty() {
+        for row in tx
+            .query(
+                "SELECT id, organization_id, contact_id FROM public.campaign_messages WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+        {
+            messages.insert(row.get(0), MessageRow { organization_id: row.get(1), contact_id: row.get(2) });
+        }
+    }
+
+    // 2. Route each event: stored, or dead-lettered with the reason.
+    let mut good: Vec<(&Event, Uuid)> = Vec::with_capacity(events.len());
+    for e in events {
+        match messages.get(&e.message_id) {
+            None => dead.push(DeadLetter::from_event(e, "unknown_message")),
+            Some(m)
+                if e.claimed_organization_id
+                    .is_some_and(|claimed| claimed != m.organization_id) =>
+            {
+                dead.push(DeadLetter::from_event(e, "organization_mismatch"))
+            }
+            Some(m) => good.push((e, m.organization_id)),
+        }
+    }
+
+    // 3. Events: COPY into staging, then an idempotent insert.
+    if !good.is_empty() {
+        tx.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS reachly_stage_events \
+             (LIKE public.email_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+        )
+        .await?;
+        let sink = tx
+            .copy_in(&format!(
+                "COPY pg_temp.reachly_stage_events ({}) FROM STDIN (FORMAT binary)",
+                event::EVENT_COLUMNS
+            ))
+            .await?;
+        let writer = BinaryCopyInWriter::new(sink, &event::EVENT_COLUMN_TYPES);
+        pin_mut!(writer);
+        for (e, org) in &good {
+            let ua = e
+                .user_agent
+                .as_deref()
+                .map(|s| event::pg_text(s, event::MAX_USER_AGENT_BYTES));
+            let link = e
+                .link_url
+                .as_deref()
+                .map(|s| event::pg_text(s, event::MAX_TEXT_BYTES));
+            let ip = e.ip_address.as_deref().map(|s| event::pg_text(s, 50));
+            let meta = e.metadata_json();
+            let key = e.dedup_key.as_deref().map(|s| event::pg_text(s, 512));
+            let row: [&(dyn ToSql + Sync); 11] = [
+                &e.id,
+                org,
+                &e.message_id,
+                &e.event_type.as_str(),
+                &ip,
+                &ua,
+                &link,
+                &meta,
+                &e.occurred_at,
+                &e.source.provider(),
+                &key,
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+        writer.finish().await?;
+        let rows = tx
+            .query(
+                &format!(
+                    "WITH ins AS (INSERT INTO public.email_events ({cols}) \
+                     SELECT {cols} FROM pg_temp.reachly_stage_events ON CONFLICT DO NOTHING RETURNING event_type) \
+                     SELECT event_type::text, count(*) FROM ins GROUP BY 1",
+                    cols = event::EVENT_COLUMNS
+                ),
+                &[],
+            )
+            .await?;
+        let mut inserted = 0u64;
+        for r in rows {
+            let n = r.get::<_, i64>(1) as u64;
+            inserted += n;
+            if let Some(t) = EventType::parse(r.get(0)) {
+                *outcome.written.entry(t).or_default() += n;
+            }
+        }
+        outcome.duplicates = good.len() as u64 - inserted;
+    }
+
+    // 4. + 5. Status merge and suppression. Re-applying a duplicate changes nothing (the
+    // merge is idempotent), so the whole good set is merged.
+    let updates = merge::merge(good.iter().map(|(e, _)| *e));
+    if !updates.is_empty() {
+        outcome.messages_updated = update_messages(tx, &updates).await?;
+        let mut contacts: BTreeMap<Uuid, (Uuid, ContactStatus)> = BTreeMap::new();
+        for u in &updates {
+            if let (Some(c), Some(m)) = (u.contact, messages.get(&u.message_id)) {
+                let slot = contacts
+                    .entry(m.contact_id)
+                    .or_insert((m.organization_id, c));
+                slot.1 = slot.1.max(c);
+            }
+        }
+        if !contacts.is_empty() {
+            outcome.contacts_updated = update_contacts(tx, &contacts).await?;
+        }
+    }
+
+    // 6. Dead letters.
+    if !dead.is_empty() {
+        for d in &dead {
+            *outcome.dead_lettered.entry(d.reason.clone()).or_default() += 1;
+        }
+        insert_dead_letters(tx, &dead).await?;
+    }
+    Ok(outcome)
+}
+
+async fn update_messages(
+    tx: &Transaction<'_>,
+    updates: &[MessageUpdate],
+) -> Result<u64, tokio_postgres::Error> {
+    let ids: Vec<Uuid> = updates.iter().map(|u| u.message_id).collect();
+    let status: Vec<Option<&str>> = updates
+        .iter()
+        .map(|u| u.status.map(|s| s.as_str()))
+        .collect();
+    let rank: Vec<i32> = updates
+        .iter()
+        .map(|u| u.status.map_or(-1, |s| s.rank()))
+        .collect();
+    let col = |f: fn(&MessageUpdate) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        updates.iter().map(f).collect()
+    };
+    let sent = col(|u| u.sent_at);
+    let delivered = col(|u| u.delivered_at);
+    let opened = col(|u| u.opened_at);
+    let clicked = col(|u| u.clicked_at);
+    let err_text: Vec<Option<&str>> = updates
+        .iter()
+        .map(|u| u.error.as_ref().map(|(_, t)| t.as_str()))
+        .collect();
+    let err_at = col(|u| u.error.as_ref().map(|(at, _)| *at));
+    // The error text comparison is COLLATE "C" (byte order), the same order Rust uses in
+    // merge.rs, so a tie on time is broken identically in memory and in SQL.
+    tx.execute(
+        r#"UPDATE public.campaign_messages AS m SET
+             status = CASE WHEN u.rank > public.reachly_message_status_rank(m.status) THEN u.status ELSE m.status END,
+             sent_at = LEAST(m.sent_at, u.sent_at),
+             delivered_at = LEAST(m.delivered_at, u.delivered_at),
+             opened_at = LEAST(m.opened_at, u.opened_at),
+             clicked_at = LEAST(m.clicked_at, u.clicked_at),
+             error_message = CASE WHEN u.error_at IS NOT NULL AND (m.error_at IS NULL OR u.error_at > m.error_at
+                 OR (u.error_at = m.error_at AND u.error_message COLLATE "C" > COALESCE(m.error_message, '') COLLATE "C"))
+               THEN u.error_message ELSE m.error_message END,
+             error_at = GREATEST(m.error_at, u.error_at),
+             updated_at = now()
+           FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::timestamptz[],
+                       $6::timestamptz[], $7::timestamptz[], $8::text[], $9::timestamptz[])
+             AS u(id, status, rank, sent_at, delivered_at, opened_at, clicked_at, error_message, error_at)
+           WHERE m.id = u.id AND (
+                u.rank > public.reachly_message_status_rank(m.status)
+             OR LEAST(m.sent_at, u.sent_at) IS DISTINCT FROM m.sent_at
+             OR LEAST(m.delivered_at, u.delivered_at) IS DISTINCT FROM m.delivered_at
+             OR LEAST(m.opened_at, u.opened_at) IS DISTINCT FROM m.opened_at
+             OR LEAST(m.clicked_at, u.clicked_at) IS DISTINCT FROM m.clicked_at
+             OR (u.error_at IS NOT NULL AND (m.error_at IS NULL OR u.error_at > m.error_at
+                 OR (u.error_at = m.error_at AND u.error_message COLLATE "C" > COALESCE(m.error_message, '') COLLATE "C"))))"#,
+        &[&ids, &status, &rank, &sent, &delivered, &opened, &clicked, &err_text, &err_at],
+    )
+    .await
+}
+
+async fn update_contacts(
+    tx: &Transaction<'_>,
+    contacts: &BTreeMap<Uuid, (Uuid, ContactStatus)>,
+) -> Result<u64, tokio_postgres::Error> {
+    let ids: Vec<Uuid> = contacts.keys().copied().collect();
+    let orgs: Vec<Uuid> = contacts.values().map(|(o, _)| *o).collect();
+    let status: Vec<&str> = contacts.values().map(|(_, s)| s.as_str()).collect();
+    let rank: Vec<i32> = contacts.values().map(|(_, s)| s.rank()).collect();
+    tx.execute(
+        "UPDATE public.contacts AS c SET status = u.status, updated_at = now() \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::int4[]) AS u(id, organization_id, status, rank) \
+         WHERE c.id = u.id AND c.organization_id = u.organization_id \
+           AND public.reachly_contact_status_rank(c.status) < u.rank",
+        &[&ids, &orgs, &status, &rank],
+    )
+    .await
+}
+
+async fn insert_dead_letters(
+    tx: &Transaction<'_>,
+    dead: &[DeadLetter],
+) -> Result<u64, tokio_postgres::Error> {
+    let ids: Vec<Uuid> = dead.iter().map(|d| d.id).collect();
+    let received: Vec<DateTime<Utc>> = dead.iter().map(|d| d.received_at).collect();
+    let provider: Vec<String> = dead
+        .iter()
+        .map(|d| event::pg_text(&d.provider, 32))
+        .collect();
+    let reason: Vec<String> = dead
+        .iter()
+        .map(|d| event::pg_text(&d.reason, 1024))
+        .collect();
+    let org: Vec<Option<Uuid>> = dead.iter().map(|d| d.organization_id).collect();
+    let msg: Vec<Option<Uuid>> = dead.iter().map(|d| d.message_id).collect();
+    let etype: Vec<Option<String>> = dead
+        .iter()
+        .map(|d| d.event_type.as_deref().map(|s| event::pg_text(s, 256)))
+        .collect();
+    let key: Vec<Option<String>> = dead
+        .iter()
+        .map(|d| d.dedup_key.as_deref().map(|s| event::pg_text(s, 512)))
+        .collect();
+    let payload: Vec<String> = dead
+        .iter()
+        .map(|d| event::pg_text(&d.payload, usize::MAX))
+        .collect();
+    tx.execute(
+        "INSERT INTO public.webhook_dead_letters \
+           (id, received_at, provider, reason, organization_id, message_id, event_type, dedup_key, payload) \
+         SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::text[], $4::text[], $5::uuid[], $6::uuid[], \
+                              $7::text[], $8::text[], $9::text[]) \
+         ON CONFLICT DO NOTHING",
+        &[&ids, &received, &provider, &reason, &org, &msg, &etype, &key, &payload],
+    )
+    .await
+}

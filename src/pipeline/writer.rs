@@ -1,0 +1,319 @@
+//! The writers and the spool replayer.
+//!
+//! A writer takes the shared receiver, collects a batch (up to `REACHLY_FLUSH_MAX_EVENTS`
+//! events, or whatever arrived within `REACHLY_FLUSH_INTERVAL_MS` of the first one), lets go
+//! of the receiver for the next writer and writes the batch in one transaction
+//! ([`store::write_batch`]).
+//!
+//! Failures:
+//! - a *row* error (SQLSTATE classes 22, 23, 54: bad data, a constraint) splits the batch in
+//!   halves until the offending record is alone; it is then kept as a dead letter, and every
+//!   record beside it is written;
+//! - anything else (connection lost, schema broken, deadlock) is *transient*: the batch's
+//!   durable envelopes are spooled at once (their senders get a prompt, durable answer), the
+//!   rest is retried with exponential backoff while new events pile up in memory and then in
+//!   the spool. Retrying is safe: every insert is idempotent on the event id.
+//!
+//! The replayer replays sealed spool segments through the same path whenever there is room,
+//! deleting each segment once all its events are committed. A torn record is counted and
+//! skipped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::spool::read_segment;
+use super::store::{self, BatchOutcome};
+use super::{Envelope, Ingest};
+use crate::event::{DeadLetter, Record};
+use crate::metrics::{self, Metrics};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Idle writers still beat this often (liveness).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub(super) struct WriterContext {
+    pub ingest: Ingest,
+    pub pool: deadpool_postgres::Pool,
+    pub metrics: Metrics,
+    pub flush_max_events: usize,
+    pub flush_interval: Duration,
+    /// Shutdown began: close the channel, flush what is left without waiting.
+    pub closing: CancellationToken,
+    /// The drain deadline passed: stop retrying, spool what is left.
+    pub deadline: CancellationToken,
+}
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// SQLSTATE classes caused by a row's content: splitting the batch isolates the row.
+fn is_row_error(e: &tokio_postgres::Error) -> Option<String> {
+    let db = e.as_db_error()?;
+    let code = db.code().code();
+    (code.starts_with("22") || code.starts_with("23") || code.starts_with("54"))
+        .then(|| format!("rejected_by_database: {code} {}", db.message()))
+}
+
+pub(super) async fn run_writer(
+    id: usize,
+    ctx: WriterContext,
+    rx: Arc<Mutex<mpsc::Receiver<Envelope>>>,
+) {
+    tracing::debug!(writer = id, "writer started");
+    while let Some(batch) = collect(&ctx, &rx).await {
+        flush(&ctx, batch).await;
+        ctx.ingest.beat();
+    }
+    tracing::debug!(writer = id, "writer stopped");
+}
+
+/// The next batch; `None` once the channel is closed and empty.
+async fn collect(
+    ctx: &WriterContext,
+    rx: &Mutex<mpsc::Receiver<Envelope>>,
+) -> Option<Vec<Envelope>> {
+    let mut rx = rx.lock().await;
+    let mut batch: Vec<Envelope> = Vec::new();
+    // The first envelope: wait as long as it takes, beating meanwhile.
+    loop {
+        if ctx.closing.is_cancelled() {
+            rx.close();
+        }
+        tokio::select! {
+            n = rx.recv_many(&mut batch, ctx.flush_max_events) => {
+                if n == 0 {
+                    return None;
+                }
+                break;
+            }
+            _ = tokio::time::sleep(HEARTBEAT_EVERY) => ctx.ingest.beat(),
+            _ = ctx.closing.cancelled(), if !ctx.closing.is_cancelled() => {}
+        }
+    }
+    // More, until the batch is full or the first envelope is `flush_interval` old.
+    let full_at = Instant::now() + ctx.flush_interval;
+    let mut count: usize = batch.iter().map(Envelope::len).sum();
+    while count < ctx.flush_max_events {
+        let before = batch.len();
+        let room = ctx.flush_max_events - count;
+        if ctx.closing.is_cancelled() {
+            rx.close();
+            // Draining: take what is there, do not wait for more.
+            match rx.try_recv() {
+                Ok(env) => batch.push(env),
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                _ = tokio::time::sleep_until(full_at.into()) => break,
+                _ = ctx.closing.cancelled() => continue,
+            }
+        }
+        count += batch[before..].iter().map(Envelope::len).sum::<usize>();
+    }
+    Some(batch)
+}
+
+/// Writes one batch, retrying transient failures; never returns with a record unaccounted.
+async fn flush(ctx: &WriterContext, mut pending: Vec<Envelope>) {
+    let mut backoff = BACKOFF_START;
+    let started = Instant::now();
+    loop {
+        let records: Vec<&Record> = pending.iter().flat_map(|e| e.records.iter()).collect();
+        let n = records.len();
+        let attempt = tokio::select! {
+            r = write_isolating(ctx, &records) => Some(r),
+            _ = ctx.deadline.cancelled() => None,
+        };
+        match attempt {
+            Some(Ok(outcome)) => {
+                ctx.ingest.set_db_healthy(true);
+                record_outcome(&ctx.metrics, &outcome);
+                ctx.metrics
+                    .histogram(metrics::FLUSH_DURATION_SECONDS, &[])
+                    .record(started.elapsed().as_secs_f64());
+                ctx.metrics
+                    .histogram(metrics::FLUSH_BATCH_SIZE, &[])
+                    .record(n as f64);
+                ctx.ingest.release(n);
+                for env in pending {
+                    if let Some(ack) = env.ack {
+                        let _ = ack.send(Ok(()));
+                    }
+                }
+                return;
+            }
+            Some(Err(e)) => {
+                ctx.ingest.set_db_healthy(false);
+                ctx.metrics.db_error("write_batch");
+                tracing::warn!(error = %e, events = n, retry_in_ms = backoff.as_millis() as u64, "batch write failed");
+                // Durable envelopes go to disk now: their senders are waiting.
+                let (durable, rest): (Vec<Envelope>, Vec<Envelope>) =
+                    pending.into_iter().partition(|e| e.ack.is_some());
+                for env in durable {
+                    spool_envelope(ctx, env);
+                }
+                pending = rest;
+            }
+            None => {}
+        }
+        if pending.is_empty() {
+            return;
+        }
+        if ctx.deadline.is_cancelled() {
+            for env in pending {
+                spool_envelope(ctx, env);
+            }
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = ctx.deadline.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        ctx.ingest.beat();
+    }
+}
+
+fn spool_envelope(ctx: &WriterContext, env: Envelope) {
+    ctx.ingest.release(env.len());
+    ctx.ingest.shared.spool.append(env);
+}
+
+/// Writes `records`; a row the database rejects is isolated by splitting and kept as a dead
+/// letter, so one bad row never fails the rows beside it.
+async fn write_isolating(
+    ctx: &WriterContext,
+    records: &[&Record],
+) -> Result<BatchOutcome, WriteError> {
+    let mut conn = ctx.pool.get().await?;
+    let mut outcome = BatchOutcome::default();
+    let mut stack: Vec<&[&Record]> = vec![records];
+    while let Some(part) = stack.pop() {
+        match store::write_batch(&mut conn, part).await {
+            Ok(o) => outcome.absorb(o),
+            Err(e) => {
+                let Some(reason) = is_row_error(&e) else {
+                    return Err(e.into());
+                };
+                if part.len() > 1 {
+                    let mid = part.len() / 2;
+                    stack.push(&part[mid..]);
+                    stack.push(&part[..mid]);
+                    continue;
+                }
+                tracing::warn!(
+                    reason,
+                    "a record was rejected by the database; keeping it as a dead letter"
+                );
+                let dead = match part[0] {
+                    Record::Event(ev) => DeadLetter::from_event(ev, &reason),
+                    Record::DeadLetter(d) => DeadLetter {
+                        reason: format!("{}; {reason}", d.reason),
+                        ..d.clone()
+                    },
+                };
+                match store::write_batch(&mut conn, &[&Record::DeadLetter(dead)]).await {
+                    Ok(o) => outcome.absorb(o),
+                    Err(e2) if is_row_error(&e2).is_some() => {
+                        tracing::error!(error = %e2, "a rejected record could not be dead-lettered either; dropping it");
+                        ctx.metrics.dropped("rejected", 1);
+                    }
+                    Err(e2) => return Err(e2.into()),
+                }
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+fn record_outcome(m: &Metrics, o: &BatchOutcome) {
+    for (t, n) in &o.written {
+        m.counter(metrics::EVENTS_WRITTEN_TOTAL, &[("type", t.as_str())])
+            .increment(*n);
+    }
+    if o.duplicates > 0 {
+        m.counter(metrics::EVENTS_DUPLICATE_TOTAL, &[])
+            .increment(o.duplicates);
+    }
+    for (reason, n) in &o.dead_lettered {
+        let label = reason.split(':').next().unwrap_or("other");
+        m.counter(metrics::EVENTS_DEAD_LETTERED_TOTAL, &[("reason", label)])
+            .increment(*n);
+    }
+}
+
+/// Replays the spool whenever it is non-empty and memory has room, until shutdown.
+pub(super) async fn run_replayer(ctx: WriterContext) {
+    let mut wait = Duration::ZERO; // replay a spool left by an earlier run at once
+    loop {
+        tokio::select! {
+            _ = ctx.closing.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = Duration::from_secs(1);
+        if ctx.ingest.shared.spool.is_empty() || ctx.ingest.above_high_water() {
+            continue;
+        }
+        if let Err(e) = replay_once(&ctx).await {
+            ctx.ingest.set_db_healthy(false);
+            ctx.metrics.db_error("spool_replay");
+            tracing::warn!(error = %e, "spool replay paused");
+            wait = BACKOFF_MAX;
+        }
+    }
+}
+
+/// Replays every sealed segment once. Public to the crate for tests driving one step.
+pub(super) async fn replay_once(ctx: &WriterContext) -> Result<(), WriteError> {
+    let spool = ctx.ingest.shared.spool.clone();
+    let segments = tokio::task::spawn_blocking(move || spool.seal())
+        .await
+        .unwrap_or_default();
+    for seg in segments {
+        if ctx.closing.is_cancelled() {
+            return Ok(());
+        }
+        let path = seg.clone();
+        let contents = match tokio::task::spawn_blocking(move || read_segment(&path)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, segment = %seg.display(), "cannot read spool segment; leaving it for an operator");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if contents.torn_records > 0 {
+            tracing::warn!(segment = %seg.display(), torn = contents.torn_records, "spool segment ends in a torn record; skipping it");
+            ctx.metrics
+                .counter(metrics::SPOOL_TORN_RECORDS_TOTAL, &[])
+                .increment(contents.torn_records);
+        }
+        let records: Vec<&Record> = contents.envelopes.iter().flatten().collect();
+        for chunk in records.chunks(ctx.flush_max_events) {
+            let outcome = write_isolating(ctx, chunk).await?;
+            ctx.ingest.set_db_healthy(true);
+            record_outcome(&ctx.metrics, &outcome);
+            ctx.metrics
+                .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])
+                .increment(chunk.len() as u64);
+        }
+        if let Err(e) = ctx.ingest.shared.spool.remove_segment(&seg, &ctx.metrics) {
+            tracing::error!(error = %e, segment = %seg.display(), "cannot delete a replayed spool segment");
+        }
+        tracing::info!(segment = %seg.display(), events = records.len(), "spool segment replayed");
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! ESP webhooks: `POST /webhooks/{provider}`. Each provider is one module implementing
+//! [`Provider`]: `verify` authenticates the raw request (nothing in the body is trusted
+//! before it returns `Ok`), `parse` turns it into records: events mapped to SPEC.md's types,
+//! and dead letters for what cannot be correlated or mapped. Adding a provider is one file
+//! plus one line in [`Registry::from_config`].
+//!
+//! The handler answers 2xx only once every record of the request is committed or fsync'd
+//! to the spool (`Ingest::submit_durable`), 401 on failed authentication (counted by
+//! provider), 400 on an unparseable body, 413 past `REACHLY_WEBHOOK_MAX_BYTES`, 503 when
+//! the events cannot be made durable now, and 404 for a provider with no secret configured.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use hyper::header::HeaderMap;
+use hyper::{Method, StatusCode, Uri};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::config::WebhookArgs;
+use crate::event::{DeadLetter, Event, EventType, Record, Source};
+use crate::http::{self, Req, Resp, text};
+use crate::machine::MachineDetector;
+use crate::metrics::WEBHOOK_AUTH_FAILURES_TOTAL;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An ESP's request as received: headers and the exact body bytes the signature covers.
+pub struct WebhookRequest<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+    pub received_at: DateTime<Utc>,
+}
+
+impl WebhookRequest<'_> {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What parsers share.
+pub struct ParseContext<'a> {
+    pub machine: &'a MachineDetector,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebhookError {
+    /// 401; the reason is logged and never sent back.
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    /// 400 with the message.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 415 with the message.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 503: a dependency (SNS certificate host) is unreachable; the ESP retries.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl WebhookError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            WebhookError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            WebhookError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            WebhookError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            WebhookError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn response(&self) -> Resp {
+        match self {
+            WebhookError::Unauthorized(_) => {
+                text(self.status(), "invalid signature or credentials\n")
+            }
+            other => text(self.status(), format!("{other}\n")),
+        }
+    }
+}
+
+/// One ESP's webhook.
+pub trait Provider: Send + Sync {
+    fn source(&self) -> Source;
+
+    /// Authenticates the request. Must compare secrets in constant time.
+    fn verify<'a>(&'a self, req: &'a WebhookRequest<'a>)
+    -> BoxFuture<'a, Result<(), WebhookError>>;
+
+    /// Side effects after authentication (SNS subscription confirmation). Default: none.
+    fn after_verify<'a>(
+        &'a self,
+        _req: &'a WebhookRequest<'a>,
+    ) -> BoxFuture<'a, Result<(), WebhookError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Maps the authenticated request to records. Unknown event types and uncorrelatable
+    /// events become dead letters, not errors; only an unparseable body is an error.
+    fn parse(
+        &self,
+        req: &WebhookRequest<'_>,
+        ctx: &ParseContext<'_>,
+    ) -> Result<Vec<Record>, WebhookError>;
+}
+
+/// Outbound HTTPS GET (SNS signing certificates, subscription confirmation). A seam for
+/// tests: the allowlist checks happen *before* this is called, in the provider, so a test
+/// implementation cannot widen what production would fetch.
+pub trait HttpsGet: Send + Sync {
+    fn get<'a>(&'a self, url: &'a url::Url) -> BoxFuture<'a, Result<Vec<u8>, String>>;
+}
+
+/// Production outbound HTTPS: https only, no redirects followed (a redirect could leave the
+/// allowlisted host), short timeouts, bounded response size.
+struct ReqwestGet(reqwest::Client);
+
+/// Largest response read (an SNS certificate is ~2 KiB).
+const MAX_HTTPS_RESPONSE_BYTES: usize = 256 * 1024;
+
+impl HttpsGet for ReqwestGet {
+    fn get<'a>(&'a self, url: &'a url::Url) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            if url.scheme() != "https" {
+                return Err(format!("refusing non-https URL {url}"));
+            }
+            let mut resp = self
+                .0
+                .get(url.as_str())
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !resp.status().is_success() {
+                return Err(format!("{url} answered {}", resp.status()));
+            }
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+                body.extend_from_slice(&chunk);
+                if body.len() > MAX_HTTPS_RESPONSE_BYTES {
+                    return Err(format!(
+                        "{url} answered more than {MAX_HTTPS_RESPONSE_BYTES} bytes"
+                    ));
+                }
+            }
+            Ok(body)
+        })
+    }
+}
+
+/// The production [`HttpsGet`].
+pub fn default_https_get() -> anyhow::Result<Arc<dyn HttpsGet>> {
+    let client = reqwest::Client::builder()
+        .https_only(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(10))
+        .build()?;
+    Ok(Arc::new(ReqwestGet(client)))
+}
+
+/// The configured providers; a provider without a secret is absent (404).
+#[derive(Default, Clone)]
+pub struct Registry {
+    providers: HashMap<&'static str, Arc<dyn Provider>>,
+}
+
+impl Registry {
+    /// Builds every provider whose secret is configured. The error is one config line.
+    pub fn from_config(cfg: &WebhookArgs, https: Arc<dyn HttpsGet>) -> Result<Registry, String> {
+        let mut r = Registry::default();
+        let _ = &https;
+        let _ = cfg;
+        r.providers.shrink_to_fit();
+        Ok(r)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(name)
+    }
+
+    pub fn insert(&mut self, name: &'static str, p: Arc<dyn Provider>) {
+        self.providers.insert(name, p);
+    }
+
+    /// Adds (or replaces) the other registry's providers.
+    pub fn extend(&mut self, other: Registry) {
+        self.providers.extend(other.providers);
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.providers.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// `POST|HEAD /webhooks/{provider}`.
+pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
+    let Some(provider) = state.webhooks.get(name).cloned() else {
+        return http::not_found();
+    };
+    if req.method() == Method::HEAD {
+        // Mandrill validates a webhook URL with an unsigned HEAD; it reveals nothing.
+        return text(StatusCode::OK, "");
+    }
+    let received_at = Utc::now();
+    let cfg = &state.config;
+    let (parts, body) =
+        match http::read_body(req, cfg.webhooks.webhook_max_bytes, cfg.http.body_timeout).await {
+            Ok(x) => x,
+            Err(e) => return text(e.status(), format!("{e}\n")),
+        };
+    let wreq = WebhookRequest {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        body: &body,
+        received_at,
+    };
+    let source = provider.source().label();
+    if let Err(e) = provider.verify(&wreq).await {
+        if let WebhookError::Unauthorized(reason) = &e {
+            state
+                .metrics
+                .counter(WEBHOOK_AUTH_FAILURES_TOTAL, &[("provider", source)])
+                .increment(1);
+            tracing::info!(provider = source, reason, "webhook authentication failed");
+        }
+        return e.response();
+    }
+    if let Err(e) = provider.after_verify(&wreq).await {
+        return e.response();
+    }
+    let records = match provider.parse(
+        &wreq,
+        &ParseContext {
+            machine: &state.machine,
+        },
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(provider = source, error = %e, "webhook body refused");
+            return e.response();
+        }
+    };
+    let n = records.len();
+    match state.ingest.submit_durable(records).await {
+        Ok(()) => text(StatusCode::OK, "ok\n"),
+        Err(why) => {
+            tracing::warn!(provider = source, records = n, %why, "webhook not durable; asking the ESP to retry");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot store events now ({why}); retry later\n"),
+            )
+        }
+    }
+}
+
+// ---- helpers shared by the providers ----
+
+/// The message and claimed tenant of an ESP event, from the values the sending application
+/// attached. `Err(reason)` is a dead-letter reason.
+pub fn correlate(
+    message_id: Option<&str>,
+    organization_id: Option<&str>,
+) -> Result<(Uuid, Option<Uuid>), &'static str> {
+    let raw = message_id
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or("no_message_id")?;
+    let message = Uuid::parse_str(raw).map_err(|_| "invalid_message_id")?;
+    let org = match organization_id.map(str::trim).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(o) => Some(Uuid::parse_str(o).map_err(|_| "invalid_organization_id")?),
+    };
+    Ok((message, org))
+}
+
+/// `X-Reachly-Message-Id` from a list of echoed headers (name, value), case-insensitively.
+pub fn header_message_id<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Option<&'a str> {
+    headers
+        .into_iter()
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-reachly-message-id"))
+        .map(|(_, v)| v.trim())
+}
+
+/// Dedup key from the provider's own stable event id.
+pub fn id_key(source: Source, id: &str) -> String {
+    format!("{}:id:{}", source.label(), id.trim())
+}
+
+/// Dedup key from a hash of the event's content (provider, message, type, time, URL ...).
+pub fn content_key(source: Source, parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{}:h:{hex}", source.label())
+}
+
+/// A new ESP event with its dedup key and claimed tenant.
+pub fn esp_event(
+    source: Source,
+    message_id: Uuid,
+    organization_id: Option<Uuid>,
+    event_type: EventType,
+    occurred_at: DateTime<Utc>,
+    dedup_key: String,
+) -> Event {
+    let mut e = Event::new(message_id, event_type, occurred_at, source);
+    e.claimed_organization_id = organization_id;
+    e.dedup_key = Some(dedup_key);
+    e
+}
+
+/// A dead letter of one ESP event (its raw JSON), keyed so a re-delivery adds no second one.
+pub fn dead_letter(
+    source: Source,
+    reason: &str,
+    raw: &str,
+    dedup_key: Option<String>,
+    event_type: Option<&str>,
+) -> Record {
+    let mut d = DeadLetter::new(source.label(), reason, raw);
+    d.dedup_key = dedup_key.or_else(|| Some(content_key(source, &["dead_letter", raw])));
+    d.event_type = event_type.map(str::to_owned);
+    Record::DeadLetter(d)
+}
+
+/// Seconds (possibly fractional) since the epoch.
+pub fn unix_time(secs: f64) -> Option<DateTime<Utc>> {
+    if !secs.is_finite() || secs < 0.0 {
+        return None;
+    }
+    let whole = secs.trunc() as i64;
+    let nanos = ((secs - secs.trunc()) * 1e9).round().min(999_999_999.0) as u32;
+    DateTime::from_timestamp(whole, nanos)
+}
+
+/// RFC 3339 / ISO 8601 with offset.
+pub fn rfc3339(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|d| d.to_utc())
+}
+
+/// Constant-time equality of secrets.
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+/// HTTP basic auth against `USER:PASSWORD`, in constant time.
+pub fn basic_auth_ok(headers: &HeaderMap, expected: &str) -> bool {
+    use base64::Engine as _;
+    let Some(v) = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(b64) = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))
+    else {
+        return false;
+    };
+    match base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+        Ok(given) => secrets_equal(&given, expected.as_bytes()),
+        Err(_) => false,
+    }
+}
+
+/// Requires a JSON-ish content type (absent is tolerated: some ESPs omit it).
+pub fn require_json(req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
+    match req.header("content-type") {
+        None => Ok(()),
+        Some(ct) if ct.to_ascii_lowercase().contains("json") => Ok(()),
+        Some(ct) => Err(WebhookError::UnsupportedMediaType(format!(
+            "expected application/json, got {ct}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlation_requires_a_uuid_message_id() {
+        let m = "0190a6f0-0000-7000-8000-000000000002";
+        assert_eq!(correlate(Some(m), None).unwrap().0.to_string(), m);
+        assert_eq!(correlate(None, None), Err("no_message_id"));
+        assert_eq!(correlate(Some("x"), None), Err("invalid_message_id"));
+        assert_eq!(
+            correlate(Some(m), Some("y")),
+            Err("invalid_organization_id")
+        );
+    }
+
+    #[test]
+    fn content_keys_are_stable_and_unambiguous() {
+        assert_eq!(
+            content_key(Source::Sendgrid, &["a", "b"]),
+            content_key(Source::Sendgrid, &["a", "b"])
+        );
+        assert_ne!(
+            content_key(Source::Sendgrid, &["ab", ""]),
+            content_key(Source::Sendgrid, &["a", "b"])
+        );
+        assert!(content_key(Source::Mailgun, &["x"]).starts_with("mailgun:h:"));
+    }
+
+    #[test]
+    fn basic_auth_is_checked() {
+        use base64::Engine as _;
+        let mut h = HeaderMap::new();
+        let good = base64::engine::general_purpose::STANDARD.encode("u:p");
+        h.insert("authorization", format!("Basic {good}").parse().unwrap());
+        assert!(basic_auth_ok(&h, "u:p"));
+        assert!(!basic_auth_ok(&h, "u:q"));
+        assert!(!basic_auth_ok(&HeaderMap::new(), "u:p"));
+    }
+
+    #[test]
+    fn unix_times_with_fractions_parse() {
+        let t = unix_time(1_700_000_000.5).unwrap();
+        assert_eq!(t.timestamp(), 1_700_000_000);
+        assert_eq!(t.timestamp_subsec_millis(), 500);
+        assert!(unix_time(f64::NAN).is_none());
+    }
+}
