@@ -9,6 +9,14 @@
 //! provider), 400 on an unparseable body, 413 past `REACHLY_WEBHOOK_MAX_BYTES`, 503 when
 //! the events cannot be made durable now, and 404 for a provider with no secret configured.
 
+pub mod mailgun;
+pub mod mandrill;
+pub mod postmark;
+pub mod resend;
+pub mod sendgrid;
+pub mod ses;
+pub mod sparkpost;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -173,10 +181,23 @@ pub struct Registry {
 impl Registry {
     /// Builds every provider whose secret is configured. The error is one config line.
     pub fn from_config(cfg: &WebhookArgs, https: Arc<dyn HttpsGet>) -> Result<Registry, String> {
+        type Constructor =
+            fn(&WebhookArgs, &Arc<dyn HttpsGet>) -> Result<Option<Arc<dyn Provider>>, String>;
+        let all: [(&'static str, Constructor); 7] = [
+            ("sendgrid", sendgrid::from_config),
+            ("mailgun", mailgun::from_config),
+            ("ses", ses::from_config),
+            ("postmark", postmark::from_config),
+            ("sparkpost", sparkpost::from_config),
+            ("mandrill", mandrill::from_config),
+            ("resend", resend::from_config),
+        ];
         let mut r = Registry::default();
-        let _ = &https;
-        let _ = cfg;
-        r.providers.shrink_to_fit();
+        for (name, make) in all {
+            if let Some(p) = make(cfg, &https)? {
+                r.providers.insert(name, p);
+            }
+        }
         Ok(r)
     }
 
