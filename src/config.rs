@@ -434,6 +434,7 @@ impl Config {
         ) {
             return Err("REACHLY_MANDRILL_WEBHOOK_URL is required with REACHLY_MANDRILL_WEBHOOK_KEY (it is part of the signed string)".into());
         }
+        crate::webhooks::validate(&args.webhooks)?;
         let shutdown_timeout = Duration::from_secs(args.server.shutdown_timeout_s);
         Ok(Config {
             listen: args.server.listen,

@@ -161,6 +161,18 @@ impl HttpsGet for ReqwestGet {
     }
 }
 
+/// Checks the webhook secrets parse (a bad key is a config error, exit 64), without
+/// building an HTTPS client.
+pub fn validate(cfg: &WebhookArgs) -> Result<(), String> {
+    struct NoNetwork;
+    impl HttpsGet for NoNetwork {
+        fn get<'a>(&'a self, _url: &'a url::Url) -> BoxFuture<'a, Result<Vec<u8>, String>> {
+            Box::pin(async { Err("no network during validation".to_string()) })
+        }
+    }
+    Registry::from_config(cfg, Arc::new(NoNetwork)).map(|_| ())
+}
+
 /// The production [`HttpsGet`].
 pub fn default_https_get() -> anyhow::Result<Arc<dyn HttpsGet>> {
     let client = reqwest::Client::builder()
