@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The load test's one entry command: builds what it needs in release mode, then runs.
+#
+#   loadtest/run.sh full    # ~10-15 min: service ramp, outage, naive and limit references,
+#                           # report in loadtest/results/ (latest.md, latest.png, dated copies)
+#   loadtest/run.sh smoke   # < 1 min after the build: one 20 s step at 200 req/s, exactly-once check
+#
+# Extra arguments go to reachly-loadtest (see `--help`), e.g. `loadtest/run.sh full --step-seconds 30`.
+# Needs: Rust, PostgreSQL's server binaries (initdb, pg_ctl), taskset (util-linux), 2 CPUs.
+# Exit status: 0 pass; 1 an exactly-once check failed or the service misbehaved; 2 the run
+# could not be carried out (with the reason on stderr).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+mode="${1:-full}"
+[ $# -gt 0 ] && shift
+case "$mode" in
+  full) features=() ;;
+  smoke) features=(--no-default-features) ;; # no chart: fewer crates to build
+  -h|--help|help) sed -n '2,12p' "$0"; exit 0 ;;
+  *) echo "usage: loadtest/run.sh [full|smoke] [reachly-loadtest options]" >&2; exit 64 ;;
+esac
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 2; }
+command -v taskset >/dev/null || { echo "taskset not found: install util-linux" >&2; exit 2; }
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
+echo "loadtest/run.sh: building reachly-ingest and the load test (release, target dir $CARGO_TARGET_DIR)" >&2
+(cd "$root" && cargo build --release --locked --bin reachly-ingest)
+(cd "$here" && cargo build --release --locked "${features[@]}")
+bin="$CARGO_TARGET_DIR/release"
+exec "$bin/reachly-loadtest" "$mode" \
+  --service-bin "$bin/reachly-ingest" --naive-bin "$bin/naive-server" "$@"

@@ -1,0 +1,115 @@
+//! CPU time and memory of processes, read from `/proc`: `utime + stime` of
+//! `/proc/<pid>/stat` (clock ticks), `VmRSS`/`VmHWM` of `/proc/<pid>/status`. The database's
+//! CPU is the sum over the postmaster and its live children, plus the postmaster's
+//! `cutime + cstime`, which holds the time of every backend that already exited (the
+//! postmaster reaps them), so short-lived connections are counted too.
+
+use std::path::Path;
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux unless it says otherwise).
+pub fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// The fields after `comm` of `/proc/<pid>/stat` (index 0 is field 3, `state`).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    Some(
+        rest.split_whitespace()
+            .skip(1) // state
+            .map(|f| f.parse::<i64>().map_or(0, |v| v.max(0) as u64))
+            .collect(),
+    )
+}
+
+// Offsets into `stat_fields` (field number - 4).
+const PPID: usize = 0;
+const UTIME: usize = 10;
+const STIME: usize = 11;
+const CUTIME: usize = 12;
+const CSTIME: usize = 13;
+
+/// `utime + stime` of one process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    Some(f.get(UTIME)? + f.get(STIME)?)
+}
+
+/// `(VmRSS, VmHWM)` in bytes.
+pub fn memory(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = s.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU ticks of a PostgreSQL server: postmaster (own and reaped children) plus live children.
+pub fn postgres_cpu_ticks(postmaster: u32) -> Option<u64> {
+    let pm = stat_fields(postmaster)?;
+    let mut total = pm.get(UTIME)? + pm.get(STIME)? + pm.get(CUTIME)? + pm.get(CSTIME)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = stat_fields(pid)
+            && f.get(PPID).copied() == Some(postmaster as u64)
+        {
+            total += f.get(UTIME).copied().unwrap_or(0) + f.get(STIME).copied().unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+/// The postmaster's pid from `postmaster.pid` in the data directory.
+pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The live children of `parent`.
+pub fn children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|pid| stat_fields(*pid).and_then(|f| f.get(PPID).copied()) == Some(parent as u64))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(cpu_ticks(me).is_some());
+        let (rss, hwm) = memory(me).expect("status");
+        assert!(rss > 0 && hwm >= rss);
+    }
+}

@@ -1,0 +1,1275 @@
+//! The phases of a run.
+//!
+//! Full: set up the B1ms-shaped cluster and seed it; **service** ramp (the rate doubles from
+//! `--start-rate` until a step saturates, then `--bisect` steps narrow the knee), one step at
+//! half the saturation rate, the exactly-once check, and a dump of the stored events;
+//! **outage** (reset; at a moderate rate, the database is stopped for `--outage-seconds` in
+//! the middle of the step; click latency before, during and after; exactly-once after the
+//! drain); SIGTERM to the service, which must exit 0; **naive** ramp (reset; pixels and
+//! clicks only; exactly-once); **limit** (reset; the dumped events loaded with one COPY and
+//! one UPDATE). Then the report. Smoke: a small seed and one low-rate service step, with the
+//! exactly-once check.
+//!
+//! A step is measured between two probes: CPU ticks of the server, of this process (the
+//! load generator) and of the database processes, the database's WAL/fsync/page counters, and
+//! the service's metrics; the step row derives rates and per-event costs from the deltas.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::cluster::{Cluster, DbStats, Monitor};
+use crate::driver::{Driver, Ledger, StepResult, StepSpec};
+use crate::report::{self, ChartData, Projection, SaturationRule, StepRow};
+use crate::seed::{self, Tenants};
+use crate::service::{ServerProcess, ServerSpec, ServiceMetrics};
+use crate::verify::{self, Verdict};
+use crate::workload::{Mix, Route, Secrets, Workload};
+use crate::{limit, pin, procstat};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Full,
+    Smoke,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Webhooks {
+    /// Include them if the service answers for both providers, else leave them out (noted).
+    Auto,
+    /// Include them; fail if the service does not implement them.
+    On,
+    Off,
+}
+
+/// Everything a run is configured with (the command line).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    pub service_bin: PathBuf,
+    pub naive_bin: PathBuf,
+    pub work_dir: PathBuf,
+    pub keep: bool,
+    pub results_dir: Option<PathBuf>,
+    pub db_cpu: usize,
+    pub app_cpu: usize,
+    pub contacts: usize,
+    pub step: Duration,
+    pub start_rate: f64,
+    pub max_rate: f64,
+    pub bisect: u32,
+    pub naive_start_rate: f64,
+    pub smoke_rate: f64,
+    pub webhooks: Webhooks,
+    pub mix: Mix,
+    pub pool_size: usize,
+    pub writers: usize,
+    pub flush_max_events: usize,
+    pub flush_interval_ms: u64,
+    pub buffer_max_events: usize,
+    pub naive_pool_size: usize,
+    pub max_in_flight: usize,
+    pub rule: SaturationRule,
+    pub outage: Duration,
+    pub outage_rate: Option<f64>,
+    pub limit_max_events: u64,
+    pub skip_outage: bool,
+    pub skip_naive: bool,
+    pub skip_limit: bool,
+    pub pg_settings: Vec<(String, String)>,
+}
+
+/// One server's CPU and memory, this process's CPU, the database's CPU and counters, and
+/// (for the service) its metrics, at one instant.
+struct Probe {
+    at: Instant,
+    server_ticks: u64,
+    gen_ticks: u64,
+    db_ticks: Option<u64>,
+    db: Option<DbStats>,
+    metrics: Option<ServiceMetrics>,
+    rss: (u64, u64),
+}
+
+struct Ctx {
+    opts: Options,
+    cluster: Cluster,
+    monitor: Monitor,
+    tenants: Arc<Tenants>,
+    secrets: Arc<Secrets>,
+    ticks: f64,
+    dir: PathBuf,
+    client: crate::driver::HttpClient,
+}
+
+/// What a phase produced.
+#[derive(Debug, Clone, Default)]
+pub struct PhaseResult {
+    pub rows: Vec<StepRow>,
+    pub verdict: Option<Verdict>,
+    /// Highest offered rate that did not saturate; lowest that did.
+    pub best_ok: Option<f64>,
+    pub first_saturated: Option<f64>,
+    pub notes: Vec<String>,
+}
+
+impl PhaseResult {
+    /// Highest committed events/s over steps that did not saturate.
+    pub fn sustained(&self) -> Option<(f64, &StepRow)> {
+        self.rows
+            .iter()
+            .filter(|r| r.saturated.is_none() && !r.phase.contains("half"))
+            .map(|r| (r.committed_per_s, r))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+    }
+    /// Highest committed events/s of any step.
+    pub fn peak(&self) -> Option<(f64, &StepRow)> {
+        self.rows
+            .iter()
+            .map(|r| (r.committed_per_s, r))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+    }
+}
+
+pub struct Outcome {
+    pub passed: bool,
+    /// The Markdown report.
+    pub report: String,
+    pub chart: Option<ChartData>,
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
+    pin::require_taskset()?;
+    let cpus = pin::online_cpus();
+    if opts.db_cpu.max(opts.app_cpu) >= cpus || opts.db_cpu == opts.app_cpu {
+        bail!(
+            "this machine has {cpus} CPU(s); the database (--db-cpu {}) and the service (--app-cpu {}) need two different ones",
+            opts.db_cpu,
+            opts.app_cpu
+        );
+    }
+    pin::pin_pid(std::process::id(), opts.app_cpu)?;
+    for (what, p) in [
+        ("reachly-ingest", &opts.service_bin),
+        ("naive-server", &opts.naive_bin),
+    ] {
+        if !p.is_file()
+            && (what == "reachly-ingest" || (opts.mode == Mode::Full && !opts.skip_naive))
+        {
+            bail!(
+                "{what} binary not found at {} (loadtest/run.sh builds it)",
+                p.display()
+            );
+        }
+    }
+    let started = Instant::now();
+    let load_before = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    // Cluster, schema, seed.
+    std::fs::create_dir_all(&opts.work_dir)?;
+    let dir = opts.work_dir.join(format!(
+        "reachly-loadtest-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    // The postgres user must be able to enter it when we are root.
+    let _ = std::process::Command::new("chmod")
+        .arg("755")
+        .arg(&dir)
+        .status();
+    eprintln!("work dir {} (removed at exit unless --keep)", dir.display());
+    let cluster = {
+        let (dir, cpu, extra, keep) = (
+            dir.clone(),
+            opts.db_cpu,
+            opts.pg_settings.clone(),
+            opts.keep,
+        );
+        tokio::task::spawn_blocking(move || Cluster::create(&dir, cpu, extra, keep)).await??
+    };
+    let admin = reachly_ingest::db::connect(&cluster.admin_url()).await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {}", crate::cluster::DB_NAME))
+        .await?;
+    let url = cluster.url();
+    reachly_ingest::db::migrate::run(&url)
+        .await
+        .context("migrating")?;
+    {
+        let mut c = reachly_ingest::db::connect(&url).await?;
+        reachly_ingest::db::partitions::maintain(&mut c, chrono::Utc::now().date_naive(), 7, 400)
+            .await?;
+        if cluster.preload_stats {
+            c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                .await?;
+        }
+    }
+    let t = Instant::now();
+    let tenants = Arc::new(seed::seed(&url, opts.contacts).await.context("seeding")?);
+    eprintln!(
+        "seeded {} organizations, {} contacts, {} campaigns, {} messages in {:.1} s",
+        tenants.orgs.len(),
+        tenants.contacts,
+        tenants.campaigns.len(),
+        tenants.messages.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let settings = cluster.effective_settings().await?;
+    let pg_version: String = admin.query_one("SHOW server_version", &[]).await?.get(0);
+    let mut ctx = Ctx {
+        monitor: Monitor::new(url.clone()),
+        cluster,
+        tenants,
+        secrets: Arc::new(Secrets::generate()?),
+        ticks: procstat::clock_ticks_per_second(),
+        dir: dir.clone(),
+        client: crate::driver::http_client(),
+        opts,
+    };
+
+    let result = match ctx.opts.mode {
+        Mode::Smoke => smoke(&mut ctx).await,
+        Mode::Full => full(&mut ctx).await,
+    };
+    // Whatever happened, stop the cluster (the watchdog also would, when we exit).
+    let c = ctx.cluster.pg.clone();
+    let _ = tokio::task::spawn_blocking(move || c.stop("immediate")).await;
+    if !ctx.opts.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let (passed, body, chart) = result?;
+    let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let header = header(
+        &ctx,
+        &settings,
+        &pg_version,
+        &load_before,
+        &load_after,
+        started.elapsed(),
+    );
+    Ok(Outcome {
+        passed,
+        report: format!("{header}{body}"),
+        chart,
+    })
+}
+
+fn header(
+    ctx: &Ctx,
+    settings: &[(String, String)],
+    pg_version: &str,
+    load_before: &str,
+    load_after: &str,
+    took: Duration,
+) -> String {
+    let o = &ctx.opts;
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':').map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut s = format!(
+        "# reachly-ingest load test ({mode})\n\n\
+         - date: {date} UTC; run time {took:.0} s\n\
+         - machine: {cpus} CPUs ({cpu_model}), Linux {kernel}; load average before {lb}, after {la}\n\
+         - PostgreSQL {pg_version} on CPU {dbcpu} (taskset); service and load generator on CPU {appcpu}\n\
+         - seed: {orgs} organizations, {contacts} contacts, {campaigns} campaigns, {messages} messages\n\
+         - mix: {mix}\n\
+         - service: REACHLY_DB_POOL_SIZE={pool}, REACHLY_WRITERS={writers}, REACHLY_FLUSH_MAX_EVENTS={fme}, REACHLY_FLUSH_INTERVAL_MS={fi}, REACHLY_BUFFER_MAX_EVENTS={bme}\n\
+         - open loop: latency from the scheduled send time; at most {mif} requests in flight; steps of {step} s; a step saturates when achieved < {minach:.0}% of offered, or tracking p99 > {p99} ms, or the service's buffer grows / spools\n\n\
+         <details><summary>PostgreSQL settings in force (B1ms shape)</summary>\n\n| setting | value |\n| --- | --- |\n",
+        mode = match o.mode {
+            Mode::Full => "full",
+            Mode::Smoke => "smoke",
+        },
+        date = chrono::Utc::now().format("%Y-%m-%d %H:%M"),
+        took = took.as_secs_f64(),
+        cpus = pin::online_cpus(),
+        kernel = kernel.trim(),
+        lb = load_before
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        la = load_after
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        dbcpu = o.db_cpu,
+        appcpu = o.app_cpu,
+        orgs = ctx.tenants.orgs.len(),
+        contacts = ctx.tenants.contacts,
+        campaigns = ctx.tenants.campaigns.len(),
+        messages = ctx.tenants.messages.len(),
+        mix = o.mix.describe(),
+        pool = o.pool_size,
+        writers = o.writers,
+        fme = o.flush_max_events,
+        fi = o.flush_interval_ms,
+        bme = o.buffer_max_events,
+        mif = o.max_in_flight,
+        step = o.step.as_secs(),
+        minach = o.rule.min_achieved * 100.0,
+        p99 = o.rule.max_p99_ms,
+    );
+    for (k, v) in settings {
+        s.push_str(&format!("| {k} | {v} |\n"));
+    }
+    s.push_str("\n</details>\n\n");
+    s
+}
+
+// ---- probes and steps ----
+
+/// The phase's ledger, once its requests are all answered.
+fn take_ledger(l: &Arc<Mutex<Ledger>>) -> Ledger {
+    l.lock()
+        .map(|mut g| std::mem::take(&mut *g))
+        .unwrap_or_default()
+}
+
+/// The load of a phase: the driver (its target), the request mix and the ledger.
+struct Load {
+    driver: Driver,
+    workload: Workload,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl Load {
+    fn new(base: String, ctx: &Ctx, mix: Mix, seed: u64) -> Load {
+        Load {
+            driver: Driver::new(base, ctx.opts.max_in_flight),
+            workload: Workload::new(ctx.tenants.clone(), ctx.secrets.clone(), mix, seed),
+            ledger: Arc::new(Mutex::new(Ledger::default())),
+        }
+    }
+}
+
+async fn probe(ctx: &mut Ctx, server: &ServerProcess) -> Probe {
+    let metrics = match server.admin {
+        Some(a) => ServiceMetrics::scrape(&ctx.client, a).await.ok(),
+        None => None,
+    };
+    let db = ctx.monitor.stats().await.ok();
+    Probe {
+        at: Instant::now(),
+        server_ticks: procstat::cpu_ticks(server.pid).unwrap_or(0),
+        gen_ticks: procstat::cpu_ticks(std::process::id()).unwrap_or(0),
+        db_ticks: ctx.cluster.cpu_ticks(),
+        db,
+        metrics,
+        rss: procstat::memory(server.pid).unwrap_or((0, 0)),
+    }
+}
+
+fn row_from(
+    ctx: &Ctx,
+    phase: String,
+    before: &Probe,
+    after: &Probe,
+    result: &StepResult,
+) -> StepRow {
+    let secs = (after.at - before.at).as_secs_f64().max(1e-3);
+    let pct = |a: u64, b: u64| 100.0 * (a.saturating_sub(b)) as f64 / ctx.ticks / secs;
+    let total = result.total();
+    let mut latency = [[None; 3]; 4];
+    for r in Route::ALL {
+        let st = total.route(r);
+        latency[r.index()] = [st.ms(0.5), st.ms(0.99), st.ms(0.999)];
+    }
+    let acked = total.events_acked() as f64;
+    let (committed, per_commit, buffer_end, spool_end) = match (&before.metrics, &after.metrics) {
+        (Some(b), Some(a)) => {
+            let batches = a.batches - b.batches;
+            let events = a.batch_events - b.batch_events;
+            (
+                (a.written_total() - b.written_total()).max(0.0),
+                (batches > 0.0).then(|| events / batches),
+                Some(a.buffer_events),
+                Some(a.spool_bytes),
+            )
+        }
+        _ => (acked, Some(1.0), None, None),
+    };
+    let db = match (&before.db, &after.db) {
+        (Some(b), Some(a)) => Some(a.delta(b)),
+        _ => None,
+    };
+    let db_secs = match (before.db_ticks, after.db_ticks) {
+        (Some(b), Some(a)) if a >= b => Some((a - b) as f64 / ctx.ticks),
+        _ => None,
+    };
+    let per_event = |x: f64| (committed > 0.0).then(|| x / committed);
+    let wal = db.and_then(|d| per_event(d.wal_lsn as f64));
+    let fsync = db.and_then(|d| per_event(d.wal_sync as f64));
+    let pages = db.and_then(|d| per_event(d.page_writes as f64));
+    let cpu_per_event = db_secs.and_then(per_event);
+    let projection = match (wal, fsync, pages, cpu_per_event) {
+        (Some(w), Some(f), Some(p), Some(c)) => Some(Projection::from_costs(w, f + p, c)),
+        _ => None,
+    };
+    StepRow {
+        phase,
+        offered: result.offered,
+        achieved: result.achieved,
+        requests: total.requests(),
+        failures: total.routes.iter().map(|r| r.bad_status + r.errors).sum(),
+        latency,
+        acked_per_s: acked / secs,
+        committed_per_s: committed / secs,
+        events_per_commit: per_commit,
+        buffer_end,
+        spool_end,
+        server_cpu: pct(after.server_ticks, before.server_ticks),
+        server_rss_mb: after.rss.0 as f64 / 1048576.0,
+        server_hwm_mb: after.rss.1 as f64 / 1048576.0,
+        generator_cpu: pct(after.gen_ticks, before.gen_ticks),
+        db_cpu: db_secs.map_or(0.0, |s| 100.0 * s / secs),
+        wal_bytes_per_event: wal,
+        fsyncs_per_event: fsync,
+        page_writes_per_event: pages,
+        db_cpu_us_per_event: cpu_per_event.map(|s| s * 1e6),
+        commits_per_s: db.map_or(0.0, |d| d.xact_commit as f64 / secs),
+        saturated: None,
+        projection,
+    }
+}
+
+/// Runs and measures one step.
+async fn step(
+    ctx: &mut Ctx,
+    load: &mut Load,
+    server: &mut ServerProcess,
+    label: String,
+    rate: f64,
+    judge: bool,
+) -> anyhow::Result<StepRow> {
+    let before = probe(ctx, server).await;
+    let spec = StepSpec {
+        rate,
+        duration: ctx.opts.step,
+        segment_starts: vec![],
+    };
+    let result = load
+        .driver
+        .run(&mut load.workload, &load.ledger, &spec)
+        .await;
+    let after = probe(ctx, server).await;
+    if let Some(st) = server.exited() {
+        bail!(
+            "{} exited during the step ({st}); log {}",
+            server.name,
+            server.log.display()
+        );
+    }
+    let mut row = row_from(ctx, label, &before, &after, &result);
+    if judge {
+        let accepted = row.acked_per_s * (after.at - before.at).as_secs_f64();
+        row.saturated = ctx.opts.rule.judge(
+            &row,
+            before.metrics.as_ref().map(|m| m.buffer_events),
+            accepted,
+        );
+        if result.max_schedule_lag > Duration::from_millis(200) {
+            let note = format!(
+                "load generator fell {} ms behind schedule",
+                result.max_schedule_lag.as_millis()
+            );
+            row.saturated = Some(match row.saturated.take() {
+                Some(w) => format!("{w}; {note}"),
+                None => note,
+            });
+        }
+    }
+    println!("{}", row.console());
+    Ok(row)
+}
+
+/// Waits until the service's buffer and spool are empty.
+async fn drain(
+    ctx: &mut Ctx,
+    server: &mut ServerProcess,
+    timeout: Duration,
+) -> anyhow::Result<ServiceMetrics> {
+    let Some(admin) = server.admin else {
+        return Ok(ServiceMetrics::default());
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = server.exited() {
+            bail!(
+                "{} exited ({st}); log {}",
+                server.name,
+                server.log.display()
+            );
+        }
+        if let Ok(m) = ServiceMetrics::scrape(&ctx.client, admin).await
+            && m.buffer_events == 0.0
+            && m.spool_bytes == 0.0
+        {
+            return Ok(m);
+        }
+        if Instant::now() > deadline {
+            bail!("the service did not drain within {timeout:?} (buffer or spool not empty)");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Steps the rate up until a step saturates, then narrows the knee.
+async fn ramp(
+    ctx: &mut Ctx,
+    load: &mut Load,
+    server: &mut ServerProcess,
+    name: &str,
+    start: f64,
+) -> anyhow::Result<PhaseResult> {
+    let mut phase = PhaseResult::default();
+    let mut rate = start;
+    loop {
+        drain(ctx, server, Duration::from_secs(180)).await?;
+        let row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
+        let saturated = row.saturated.is_some();
+        phase.rows.push(row);
+        if saturated {
+            phase.first_saturated = Some(rate);
+            break;
+        }
+        phase.best_ok = Some(rate);
+        if rate * 2.0 > ctx.opts.max_rate {
+            phase.notes.push(format!(
+                "{name}: did not saturate up to {rate:.0} req/s (--max-rate)"
+            ));
+            break;
+        }
+        rate *= 2.0;
+    }
+    if let (Some(mut lo), Some(mut hi)) = (phase.best_ok, phase.first_saturated) {
+        for _ in 0..ctx.opts.bisect {
+            let mid = ((lo * hi).sqrt() / 50.0).round() * 50.0;
+            if mid <= lo || mid >= hi {
+                break;
+            }
+            drain(ctx, server, Duration::from_secs(180)).await?;
+            let row = step(ctx, load, server, format!("{name} {mid:.0}/s"), mid, true).await?;
+            if row.saturated.is_some() {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+            phase.rows.push(row);
+        }
+        phase.best_ok = Some(lo);
+        phase.first_saturated = Some(hi);
+    }
+    Ok(phase)
+}
+
+// ---- the service ----
+
+fn service_env(
+    ctx: &Ctx,
+    public: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    spool: &std::path::Path,
+) -> Vec<(String, String)> {
+    let o = &ctx.opts;
+    let s = &ctx.secrets;
+    [
+        ("DATABASE_URL", ctx.cluster.url()),
+        ("REACHLY_LISTEN", public.to_string()),
+        ("REACHLY_ADMIN_LISTEN", admin.to_string()),
+        ("REACHLY_TOKEN_KEYS", s.token_keys_env.clone()),
+        ("REACHLY_SPOOL_DIR", spool.display().to_string()),
+        (
+            "REACHLY_SENDGRID_PUBLIC_KEY",
+            s.sendgrid_public_key_b64.clone(),
+        ),
+        ("REACHLY_MAILGUN_SIGNING_KEY", s.mailgun_key.clone()),
+        ("REACHLY_DB_POOL_SIZE", o.pool_size.to_string()),
+        ("REACHLY_WRITERS", o.writers.to_string()),
+        ("REACHLY_FLUSH_MAX_EVENTS", o.flush_max_events.to_string()),
+        ("REACHLY_FLUSH_INTERVAL_MS", o.flush_interval_ms.to_string()),
+        ("REACHLY_BUFFER_MAX_EVENTS", o.buffer_max_events.to_string()),
+        ("REACHLY_MIGRATE_ON_START", "false".into()),
+        ("RUST_LOG", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+async fn start_service(ctx: &mut Ctx) -> anyhow::Result<ServerProcess> {
+    let public: std::net::SocketAddr =
+        format!("127.0.0.1:{}", reachly_ingest::pgcluster::free_port()?).parse()?;
+    let admin: std::net::SocketAddr =
+        format!("127.0.0.1:{}", reachly_ingest::pgcluster::free_port()?).parse()?;
+    let spool = ctx.dir.join("spool");
+    std::fs::create_dir_all(&spool)?;
+    let env = service_env(ctx, public, admin, &spool);
+    let mut s = ServerProcess::spawn(ServerSpec {
+        name: "reachly-ingest",
+        program: &ctx.opts.service_bin,
+        args: &["serve"],
+        env: &env,
+        cpu: ctx.opts.app_cpu,
+        public,
+        admin: Some(admin),
+        log: ctx.dir.join("service.log"),
+    })?;
+    s.wait_ready(&ctx.client, Duration::from_secs(60)).await?;
+    Ok(s)
+}
+
+/// Whether both webhook providers answer (200 for a signed empty SendGrid batch, 401 for a
+/// badly signed Mailgun post); the mix to use and a note.
+async fn webhook_mix(ctx: &Ctx, base: &str) -> anyhow::Result<(Mix, Option<String>)> {
+    let mix = ctx.opts.mix.clone();
+    if ctx.opts.webhooks == Webhooks::Off || (mix.sendgrid == 0.0 && mix.mailgun == 0.0) {
+        return Ok((
+            mix.without_webhooks(),
+            Some("webhooks left out (--webhooks off)".into()),
+        ));
+    }
+    let w = Workload::new(ctx.tenants.clone(), ctx.secrets.clone(), mix.clone(), 1);
+    let sg = crate::driver::send(&ctx.client, base, &w.sendgrid_probe()).await?;
+    let mg = crate::driver::send(&ctx.client, base, &w.mailgun_probe()).await?;
+    let ok = sg == 200 && mg == 401;
+    match (ok, ctx.opts.webhooks) {
+        (true, _) => Ok((mix, None)),
+        (false, Webhooks::On) => bail!(
+            "the service does not take the webhooks (SendGrid probe {sg}, expected 200; Mailgun probe {mg}, expected 401)"
+        ),
+        (false, _) => {
+            let note = format!(
+                "webhooks left out: the service does not implement them yet (SendGrid probe answered {sg}, Mailgun {mg}); the mix is pixels and clicks only"
+            );
+            eprintln!("NOTE: {note}");
+            Ok((mix.without_webhooks(), Some(note)))
+        }
+    }
+}
+
+async fn smoke(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)> {
+    let mut server = start_service(ctx).await?;
+    let (mix, note) = webhook_mix(ctx, &server.base_url()).await?;
+    let mut load = Load::new(server.base_url(), ctx, mix, 42);
+    let rate = ctx.opts.smoke_rate;
+    let row = step(
+        ctx,
+        &mut load,
+        &mut server,
+        format!("smoke {rate:.0}/s"),
+        rate,
+        true,
+    )
+    .await?;
+    let drained = drain(ctx, &mut server, Duration::from_secs(120)).await?;
+    let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&load.ledger)).await?;
+    println!("{}", verdict.summary());
+    let exit = server.stop(Duration::from_secs(30)).await?;
+    let mut passed = verdict.ok && exit.success() && drained.dropped_total() == 0.0;
+    let mut s = String::new();
+    if let Some(n) = note {
+        s.push_str(&format!("> {n}\n\n"));
+    }
+    s.push_str(&report::steps_table(std::slice::from_ref(&row), true));
+    s.push_str(&format!(
+        "\n{}\n\nservice exit on SIGTERM: {exit}; events dropped: {}\n",
+        verdict.summary(),
+        drained.dropped_total()
+    ));
+    if row.failures > 0 {
+        s.push_str(&format!(
+            "\n{} requests failed (unexpected status or no answer)\n",
+            row.failures
+        ));
+        passed = false;
+    }
+    Ok((passed, s, None))
+}
+
+// ---- the full run ----
+
+async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)> {
+    let mut passed = true;
+    let mut verdicts: Vec<(String, Verdict)> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+
+    // 1. The service.
+    eprintln!("== service ramp");
+    let mut server = start_service(ctx).await?;
+    let (mix, note) = webhook_mix(ctx, &server.base_url()).await?;
+    notes.extend(note);
+    let mut load = Load::new(server.base_url(), ctx, mix.clone(), 42);
+    let phase_start_db = ctx.monitor.stats().await.ok();
+    let phase_start_metrics =
+        ServiceMetrics::scrape(&ctx.client, server.admin.context("admin")?).await?;
+    let mut service = ramp(ctx, &mut load, &mut server, "service", ctx.opts.start_rate).await?;
+    let half_rate = match (service.first_saturated, service.best_ok) {
+        (Some(s), _) => s / 2.0,
+        (None, Some(ok)) => ok / 2.0,
+        _ => ctx.opts.start_rate / 2.0,
+    };
+    drain(ctx, &mut server, Duration::from_secs(180)).await?;
+    let half = step(
+        ctx,
+        &mut load,
+        &mut server,
+        format!("service half {half_rate:.0}/s"),
+        half_rate,
+        true,
+    )
+    .await?;
+    service.rows.push(half);
+    let drained = drain(ctx, &mut server, Duration::from_secs(300)).await?;
+    ctx.monitor.execute("CHECKPOINT").await?;
+    let phase_end_db = ctx.monitor.stats().await.ok();
+    let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&load.ledger)).await?;
+    println!("service: {}", verdict.summary());
+    passed &= verdict.ok && drained.dropped_total() == 0.0;
+    verdicts.push(("service ramp".into(), verdict));
+    let phase_events = drained.written_total() - phase_start_metrics.written_total();
+    let phase_pages_per_event = match (phase_start_db, phase_end_db) {
+        (Some(a), Some(b)) if phase_events > 0.0 => {
+            Some((b.page_writes - a.page_writes) as f64 / phase_events)
+        }
+        _ => None,
+    };
+    let statements = top_statements(&ctx.cluster.url()).await;
+    let dump_path = ctx.dir.join("events.bin");
+    let dumped = if ctx.opts.skip_limit {
+        0
+    } else {
+        limit::dump(&ctx.cluster.url(), &dump_path, ctx.opts.limit_max_events).await?
+    };
+
+    // 2. The outage.
+    let mut outage_result = None;
+    if !ctx.opts.skip_outage {
+        eprintln!("== outage");
+        seed::reset(&ctx.cluster.url()).await?;
+        let rate = ctx.opts.outage_rate.unwrap_or_else(|| {
+            (service.best_ok.unwrap_or(ctx.opts.start_rate) * 0.25).clamp(100.0, 2000.0)
+        });
+        let o = outage(ctx, &load.driver, &mut server, mix.clone(), rate).await?;
+        passed &= o.ok;
+        verdicts.push(("outage".into(), o.verdict.clone()));
+        outage_result = Some(o);
+    }
+    let exit = server.stop(Duration::from_secs(60)).await?;
+    if !exit.success() {
+        passed = false;
+        notes.push(format!("the service exited with {exit} on SIGTERM"));
+    }
+
+    // 3. The naive server.
+    let mut naive = PhaseResult::default();
+    if !ctx.opts.skip_naive {
+        eprintln!("== naive ramp");
+        seed::reset(&ctx.cluster.url()).await?;
+        let port = reachly_ingest::pgcluster::free_port()?;
+        let public: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let env = vec![
+            ("DATABASE_URL".to_string(), ctx.cluster.url()),
+            (
+                "REACHLY_TOKEN_KEYS".to_string(),
+                ctx.secrets.token_keys_env.clone(),
+            ),
+        ];
+        let pool = ctx.opts.naive_pool_size.to_string();
+        let listen = public.to_string();
+        let mut nserver = ServerProcess::spawn(ServerSpec {
+            name: "naive-server",
+            program: &ctx.opts.naive_bin,
+            args: &["--listen", &listen, "--pool-size", &pool],
+            env: &env,
+            cpu: ctx.opts.app_cpu,
+            public,
+            admin: None,
+            log: ctx.dir.join("naive.log"),
+        })?;
+        nserver
+            .wait_ready(&ctx.client, Duration::from_secs(30))
+            .await?;
+        let mut nload = Load::new(nserver.base_url(), ctx, mix.without_webhooks(), 4242);
+        naive = ramp(
+            ctx,
+            &mut nload,
+            &mut nserver,
+            "naive",
+            ctx.opts.naive_start_rate,
+        )
+        .await?;
+        let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&nload.ledger)).await?;
+        println!("naive: {}", verdict.summary());
+        passed &= verdict.ok;
+        verdicts.push(("naive ramp".into(), verdict));
+        let _ = nserver.stop(Duration::from_secs(20)).await;
+    }
+
+    // 4. The limit.
+    let mut limit_row: Option<(limit::LimitResult, StepRow)> = None;
+    if !ctx.opts.skip_limit && dumped > 0 {
+        eprintln!("== limit: {dumped} events, one COPY + one UPDATE");
+        seed::reset(&ctx.cluster.url()).await?;
+        let db0 = ctx.monitor.stats().await.ok();
+        let t0 = ctx.cluster.cpu_ticks();
+        let r = limit::load(&ctx.cluster.url(), &dump_path, dumped).await?;
+        ctx.monitor.execute("CHECKPOINT").await?;
+        let db1 = ctx.monitor.stats().await.ok();
+        let t1 = ctx.cluster.cpu_ticks();
+        let secs = r.total.as_secs_f64();
+        let ev = r.events as f64;
+        let d = match (db0, db1) {
+            (Some(a), Some(b)) => Some(b.delta(&a)),
+            _ => None,
+        };
+        let cpu = match (t0, t1) {
+            (Some(a), Some(b)) => Some((b - a) as f64 / ctx.ticks),
+            _ => None,
+        };
+        let wal = d.map(|d| d.wal_lsn as f64 / ev);
+        let ios = d.map(|d| (d.wal_sync + d.page_writes) as f64 / ev);
+        let row = StepRow {
+            phase: format!("limit ({} events)", report::fmt_num(ev)),
+            committed_per_s: r.events_per_second(),
+            db_cpu: cpu.map_or(0.0, |c| 100.0 * c / secs),
+            wal_bytes_per_event: wal,
+            fsyncs_per_event: d.map(|d| d.wal_sync as f64 / ev),
+            page_writes_per_event: d.map(|d| d.page_writes as f64 / ev),
+            db_cpu_us_per_event: cpu.map(|c| 1e6 * c / ev),
+            projection: match (wal, ios, cpu) {
+                (Some(w), Some(i), Some(c)) => Some(Projection::from_costs(w, i, c / ev)),
+                _ => None,
+            },
+            ..Default::default()
+        };
+        println!(
+            "limit: {} events in {:.1} s (COPY {:.1} s, UPDATE {:.1} s, {} messages): {:.0} events/s",
+            r.events,
+            secs,
+            r.copy.as_secs_f64(),
+            r.update.as_secs_f64(),
+            r.messages_updated,
+            r.events_per_second()
+        );
+        limit_row = Some((r, row));
+    }
+
+    // 5. The report.
+    let body = full_report(FullReport {
+        service: &service,
+        naive: &naive,
+        limit: limit_row.as_ref(),
+        outage: outage_result.as_ref(),
+        verdicts: &verdicts,
+        notes: &notes,
+        phase_pages_per_event,
+        statements: &statements,
+    });
+    let chart = chart_data(
+        &service,
+        &naive,
+        limit_row.as_ref().map(|(l, _)| l.events_per_second()),
+    );
+    Ok((passed, body, Some(chart)))
+}
+
+/// What the outage phase found.
+struct OutageResult {
+    md: String,
+    verdict: Verdict,
+    ok: bool,
+    click_p99_before: Option<f64>,
+    click_p99_during: Option<f64>,
+    click_failures_during: u64,
+}
+
+/// The outage phase: the database stopped in the middle of a step.
+async fn outage(
+    ctx: &mut Ctx,
+    driver: &Driver,
+    server: &mut ServerProcess,
+    mix: Mix,
+    rate: f64,
+) -> anyhow::Result<OutageResult> {
+    let before_s = Duration::from_secs(10);
+    let after_s = Duration::from_secs(20);
+    let outage = ctx.opts.outage;
+    let spec = StepSpec {
+        rate,
+        duration: before_s + outage + after_s,
+        segment_starts: vec![Duration::ZERO, before_s, before_s + outage],
+    };
+    let mut workload = Workload::new(ctx.tenants.clone(), ctx.secrets.clone(), mix, 777);
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let admin = server.admin.context("admin listener")?;
+    let client = ctx.client.clone();
+    let peaks = Arc::new(Mutex::new((0f64, 0f64)));
+    let cluster = ctx.cluster.clone();
+    let chaos = async move {
+        let t0 = Instant::now();
+        tokio::time::sleep(before_s).await;
+        let c = cluster.clone();
+        let stopped = tokio::task::spawn_blocking(move || c.stop()).await;
+        let down_at = t0.elapsed();
+        tokio::time::sleep_until((t0 + before_s + outage).into()).await;
+        let c = cluster.clone();
+        let up = tokio::task::spawn_blocking(move || c.start()).await;
+        (stopped, up, down_at)
+    };
+    let sampler = {
+        let peaks = peaks.clone();
+        async move {
+            loop {
+                if let Ok(m) = ServiceMetrics::scrape(&client, admin).await
+                    && let Ok(mut p) = peaks.lock()
+                {
+                    p.0 = p.0.max(m.buffer_events);
+                    p.1 = p.1.max(m.spool_bytes);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let script = async {
+        tokio::select! {
+            r = chaos => r,
+            () = sampler => unreachable!("the sampler never ends"),
+        }
+    };
+    let (result, (stopped, up, down_at)) =
+        tokio::join!(driver.run(&mut workload, &ledger, &spec), script);
+    stopped.context("join")?.context("stopping the database")?;
+    up.context("join")?.context("restarting the database")?;
+    ctx.monitor.forget();
+    let drained = drain(ctx, server, Duration::from_secs(300)).await?;
+    let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&ledger)).await?;
+    println!("outage: {}", verdict.summary());
+    let (peak_buffer, peak_spool) = peaks.lock().map(|p| *p).unwrap_or_default();
+    let names = ["before", "database down", "after restart"];
+    let mut s = format!(
+        "Offered {rate:.0} req/s for {:.0} s; the database was stopped (`pg_ctl stop -m fast`) at {:.1} s and started again {:.0} s after the stop began. Peak buffer {} events, peak spool {} bytes (sampled every 0.5 s); {} events dropped.\n\n\
+         | window | requests | pixel p50 / p99 ms | click p50 / p99 / p99.9 ms | click failures | webhook p99 ms | webhook answers |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        spec.duration.as_secs_f64(),
+        down_at.as_secs_f64(),
+        outage.as_secs_f64(),
+        report::fmt_num(peak_buffer),
+        report::fmt_num(peak_spool),
+        drained.dropped_total(),
+    );
+    let ms = |v: Option<f64>| v.map_or("-".into(), report::fmt_ms);
+    for (i, seg) in result.segments.iter().enumerate() {
+        let px = seg.route(Route::Pixel);
+        let ck = seg.route(Route::Click);
+        let mut wh = seg.route(Route::Sendgrid).clone();
+        wh.merge(seg.route(Route::Mailgun));
+        let answers = wh
+            .statuses
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        s.push_str(&format!(
+            "| {} | {} | {} / {} | {} / {} / {} | {} | {} | {} |\n",
+            names.get(i).unwrap_or(&"?"),
+            seg.requests(),
+            ms(px.ms(0.5)),
+            ms(px.ms(0.99)),
+            ms(ck.ms(0.5)),
+            ms(ck.ms(0.99)),
+            ms(ck.ms(0.999)),
+            ck.bad_status + ck.errors,
+            ms(wh.ms(0.99)),
+            if answers.is_empty() {
+                "-".into()
+            } else {
+                answers
+            },
+        ));
+    }
+    let click_p99_before = result
+        .segments
+        .first()
+        .and_then(|s| s.route(Route::Click).ms(0.99));
+    let click_p99_during = result
+        .segments
+        .get(1)
+        .and_then(|s| s.route(Route::Click).ms(0.99));
+    let click_failures_during = result.segments.get(1).map_or(0, |s| {
+        s.route(Route::Click).bad_status + s.route(Route::Click).errors
+    });
+    s.push_str(&format!(
+        "\nClick p99 before the outage {} ms, during it {} ms; {} click failures during it.\n\n{}\n",
+        ms(click_p99_before),
+        ms(click_p99_during),
+        click_failures_during,
+        verdict.summary()
+    ));
+    Ok(OutageResult {
+        md: s,
+        ok: verdict.ok && drained.dropped_total() == 0.0,
+        verdict,
+        click_p99_before,
+        click_p99_during,
+        click_failures_during,
+    })
+}
+
+async fn top_statements(url: &str) -> Vec<(i64, f64, i64, String)> {
+    let Ok(c) = reachly_ingest::db::connect(url).await else {
+        return Vec::new();
+    };
+    let Ok(rows) = c
+        .query(
+            "SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') \
+             FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY total_exec_time DESC LIMIT 8",
+            &[],
+        )
+        .await
+    else {
+        return Vec::new();
+    };
+    rows.iter()
+        .map(|r| {
+            let q: String = r.get(3);
+            let q: String = q.chars().take(160).collect();
+            (r.get(0), r.get(1), r.get(2), q)
+        })
+        .collect()
+}
+
+struct FullReport<'a> {
+    service: &'a PhaseResult,
+    naive: &'a PhaseResult,
+    limit: Option<&'a (limit::LimitResult, StepRow)>,
+    outage: Option<&'a OutageResult>,
+    verdicts: &'a [(String, Verdict)],
+    notes: &'a [String],
+    phase_pages_per_event: Option<f64>,
+    statements: &'a [(i64, f64, i64, String)],
+}
+
+fn full_report(r: FullReport<'_>) -> String {
+    let mut s = String::new();
+    for n in r.notes.iter().chain(&r.service.notes).chain(&r.naive.notes) {
+        s.push_str(&format!("> {n}\n\n"));
+    }
+    s.push_str("## Service (reachly-ingest serve)\n\n");
+    s.push_str(&report::steps_table(&r.service.rows, true));
+    if !r.naive.rows.is_empty() {
+        s.push_str(
+            "\n## Naive reference (one INSERT + one UPDATE per request, before answering)\n\n",
+        );
+        s.push_str(&report::steps_table(&r.naive.rows, false));
+    }
+    if let Some((lr, row)) = r.limit {
+        s.push_str(&format!(
+            "\n## Limit reference (one COPY into email_events + one set-based UPDATE, no HTTP)\n\n\
+             {} events in {:.1} s (COPY {:.1} s, UPDATE of {} messages {:.1} s): **{} events/s**; database CPU {:.0}%, {} bytes of WAL and {} us of database CPU per event.\n",
+            report::fmt_num(lr.events as f64),
+            lr.total.as_secs_f64(),
+            lr.copy.as_secs_f64(),
+            lr.messages_updated,
+            lr.update.as_secs_f64(),
+            report::fmt_num(row.committed_per_s),
+            row.db_cpu,
+            row.wal_bytes_per_event.map_or("-".into(), |v| format!("{v:.0}")),
+            row.db_cpu_us_per_event.map_or("-".into(), |v| format!("{v:.1}")),
+        ));
+    }
+    if let Some(o) = r.outage {
+        s.push_str("\n## Database outage during a step\n\n");
+        s.push_str(&o.md);
+    }
+
+    // Summary and ratios.
+    s.push_str("\n## Summary\n\n");
+    let svc = r.service.sustained();
+    let svc_peak = r.service.peak();
+    let nv = r.naive.sustained();
+    let lim = r.limit.map(|(l, _)| l.events_per_second());
+    let f = |v: Option<f64>| v.map_or("-".into(), report::fmt_num);
+    s.push_str(&format!(
+        "| | events committed/s |\n| --- | --- |\n\
+         | service, sustained (best step that did not saturate) | {} |\n\
+         | service, peak (any step) | {} |\n\
+         | naive, sustained | {} |\n\
+         | limit (bulk COPY) | {} |\n",
+        f(svc.map(|x| x.0)),
+        f(svc_peak.map(|x| x.0)),
+        f(nv.map(|x| x.0)),
+        f(lim),
+    ));
+    let ratio_naive = match (svc, nv) {
+        (Some(a), Some(b)) if b.0 > 0.0 => Some(a.0 / b.0),
+        _ => None,
+    };
+    let ratio_limit = match (svc, lim) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a.0 / b),
+        _ => None,
+    };
+    s.push_str(&format!(
+        "\nService sustained / naive sustained = **{}**; service sustained / limit = **{}**.\n",
+        ratio_naive.map_or("-".into(), |v| format!("{v:.1}x")),
+        ratio_limit.map_or("-".into(), |v| format!("{:.0}%", v * 100.0)),
+    ));
+
+    // Projection from the service's peak step (the busiest, biggest batches).
+    s.push_str("\n## Projected ceiling on a real B1ms\n\n");
+    if let Some((_, row)) = svc_peak
+        && let (Some(wal), Some(fs), Some(cpu)) = (
+            row.wal_bytes_per_event,
+            row.fsyncs_per_event,
+            row.db_cpu_us_per_event,
+        )
+    {
+        let pages = r
+            .phase_pages_per_event
+            .or(row.page_writes_per_event)
+            .unwrap_or(0.0);
+        let p = Projection::from_costs(wal, fs + pages, cpu * 1e-6);
+        s.push_str(&format!(
+            "From the service's busiest step ({}; {:.0} events per commit) for WAL, fsyncs and CPU, and from the whole service phase, final CHECKPOINT included, for data page writes ({pages:.4} per event):\n\n",
+            row.phase,
+            row.events_per_commit.unwrap_or(0.0),
+        ));
+        s.push_str(&report::projection_table(&p, wal, fs + pages, cpu));
+        s.push_str(
+            "\nWAL term: 10 MiB/s divided by the WAL bytes per committed event (`pg_current_wal_lsn()` difference over the step). \
+             IOPS term: 640 divided by the I/Os per event, counting each WAL fsync (`pg_stat_wal.wal_sync`, at least one per commit, so the batch size divides it) \
+             and each 8 kB data page written (`pg_stat_bgwriter`: checkpoint, background writer and backend writes) as one I/O. \
+             CPU term: one vCore divided by the database CPU-seconds per event (utime+stime of all postgres processes, this machine's core), at 100% while burst credits last and at the 20% baseline after. \
+             The CPU of this machine's core and an Azure vCore differ; the storage tier (P4 for 32 GiB: 120 baseline IOPS, bursting) can bind before the VM's 640.\n",
+        );
+    }
+    s.push_str("\nEach step's own projection is in the tables' last-but-one column.\n");
+
+    // Targets.
+    s.push_str("\n## Targets\n\n| target | result | evidence |\n| --- | --- | --- |\n");
+    let met = |b: bool| if b { "met" } else { "missed" };
+    if let (Some(a), Some(rn)) = (svc, ratio_naive) {
+        s.push_str(&format!(
+            "| sustained events/s >= 10x naive | {} | {} vs {} events/s ({rn:.1}x) |\n",
+            met(rn >= 10.0),
+            report::fmt_num(a.0),
+            f(nv.map(|x| x.0))
+        ));
+    }
+    if let (Some(a), Some(rl)) = (svc, ratio_limit) {
+        s.push_str(&format!(
+            "| sustained events/s >= 70% of limit | {} | {} vs {} events/s ({:.0}%) |\n",
+            met(rl >= 0.7),
+            report::fmt_num(a.0),
+            f(lim),
+            rl * 100.0
+        ));
+    }
+    if let Some(half) = r.service.rows.iter().find(|row| row.phase.contains("half")) {
+        let px = half.p(Route::Pixel, 1);
+        let ck = half.p(Route::Click, 1);
+        let ok = px.is_some_and(|v| v < 10.0) && ck.is_some_and(|v| v < 10.0);
+        s.push_str(&format!(
+            "| pixel and click p99 < 10 ms at 50% of the saturation rate | {} | {}: pixel p99 {} ms, click p99 {} ms |\n",
+            met(ok),
+            half.phase,
+            px.map_or("-".into(), report::fmt_ms),
+            ck.map_or("-".into(), report::fmt_ms)
+        ));
+    }
+    if let Some(o) = r.outage {
+        let (before, during, fails) = (
+            o.click_p99_before,
+            o.click_p99_during,
+            o.click_failures_during,
+        );
+        let ok = fails == 0
+            && matches!((before, during), (Some(b), Some(d)) if d <= (b * 1.5).max(b + 2.0));
+        s.push_str(&format!(
+            "| click p99 unaffected while the database is down | {} | p99 {} ms before, {} ms during; {} failures |\n",
+            met(ok),
+            before.map_or("-".into(), report::fmt_ms),
+            during.map_or("-".into(), report::fmt_ms),
+            fails
+        ));
+    }
+    let all_ok = r.verdicts.iter().all(|(_, v)| v.ok);
+    s.push_str(&format!(
+        "| zero accepted events lost, in every phase | {} | {} |\n",
+        met(all_ok),
+        r.verdicts
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", if v.ok { "PASS" } else { "FAIL" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    if let Some(sat) = r
+        .service
+        .rows
+        .iter()
+        .filter(|row| row.saturated.is_some())
+        .max_by(|a, b| a.offered.total_cmp(&b.offered))
+    {
+        let max_rss = r
+            .service
+            .rows
+            .iter()
+            .map(|row| row.server_hwm_mb)
+            .fold(0.0, f64::max);
+        s.push_str(&format!(
+            "| service RSS < 150 MB at saturation | {} | {:.0} MB at the end of {} (peak {:.0} MB over the phase) |\n",
+            met(max_rss < 150.0),
+            sat.server_rss_mb,
+            sat.phase,
+            max_rss
+        ));
+    }
+
+    s.push_str("\n## Exactly-once checks\n\n");
+    for (name, v) in r.verdicts {
+        s.push_str(&format!("- {name}: {}\n", v.summary()));
+    }
+    if !r.statements.is_empty() {
+        s.push_str("\n## Where the database time went (pg_stat_statements, service phase)\n\n| calls | total ms | rows | statement |\n| --- | --- | --- | --- |\n");
+        for (calls, ms, rows, q) in r.statements {
+            s.push_str(&format!(
+                "| {calls} | {ms:.0} | {rows} | `{}` |\n",
+                q.replace('|', "\\|")
+            ));
+        }
+    }
+    s
+}
+
+/// The chart's series from a run's phases.
+pub fn chart_data(service: &PhaseResult, naive: &PhaseResult, limit: Option<f64>) -> ChartData {
+    let series = |p: &PhaseResult| -> Vec<(f64, f64, f64)> {
+        let mut v: Vec<(f64, f64, f64)> = p
+            .rows
+            .iter()
+            .filter(|r| !r.phase.contains("half"))
+            .filter_map(|r| r.tracking_p99().map(|l| (r.offered, l, r.committed_per_s)))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    };
+    let mut d = ChartData {
+        limit,
+        ..Default::default()
+    };
+    if !service.rows.is_empty() {
+        d.series.push(("reachly-ingest".into(), series(service)));
+    }
+    if !naive.rows.is_empty() {
+        d.series
+            .push(("naive (INSERT + UPDATE per request)".into(), series(naive)));
+    }
+    d
+}

@@ -1,0 +1,268 @@
+//! The server under test as a child process: `reachly-ingest serve` (or the naive server),
+//! started through `taskset` on the application CPU with its output in a log file, probed
+//! until ready, measured from `/proc`, and stopped with SIGTERM (its exit status is part of
+//! the verdict: the service must drain and exit 0). [`ServiceMetrics`] is what a step reads
+//! from the service's Prometheus text on the admin listener.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::driver::{self, HttpClient};
+use crate::pin;
+
+pub struct ServerProcess {
+    pub name: &'static str,
+    child: Child,
+    pub pid: u32,
+    pub public: SocketAddr,
+    /// The admin listener (`/metrics`, `/readyz`); the naive server has none.
+    pub admin: Option<SocketAddr>,
+    pub log: PathBuf,
+}
+
+/// How to start a server.
+pub struct ServerSpec<'a> {
+    pub name: &'static str,
+    pub program: &'a Path,
+    pub args: &'a [&'a str],
+    pub env: &'a [(String, String)],
+    pub cpu: usize,
+    pub public: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `program args...` pinned to `cpu`, with `env` added, output to `log`.
+    pub fn spawn(spec: ServerSpec<'_>) -> anyhow::Result<ServerProcess> {
+        let ServerSpec {
+            name,
+            program,
+            args,
+            env,
+            cpu,
+            public,
+            admin,
+            log,
+        } = spec;
+        if !program.is_file() {
+            bail!(
+                "{} not found at {} (run loadtest/run.sh, which builds it)",
+                name,
+                program.display()
+            );
+        }
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd: Command = pin::pinned_command(cpu, program);
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let pid = child.id();
+        Ok(ServerProcess {
+            name,
+            child,
+            pid,
+            public,
+            admin,
+            log,
+        })
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.public)
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().rev().take(15).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Waits until `/readyz` (admin) or `/healthz` (public, naive server) answers 200.
+    pub async fn wait_ready(
+        &mut self,
+        client: &HttpClient,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let url = match self.admin {
+            Some(a) => format!("http://{a}/readyz"),
+            None => format!("{}/healthz", self.base_url()),
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.exited() {
+                bail!(
+                    "{} exited during start ({st}); log {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    self.log_tail()
+                );
+            }
+            if let Ok((200, _)) = driver::get(client, &url).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not ready after {timeout:?}; log {}:\n{}",
+                    self.name,
+                    self.log.display(),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` (SIGKILL after that). The exit status.
+    pub async fn stop(mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        if let Some(st) = self.exited() {
+            return Ok(st);
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.exited() {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let st = self.child.wait()?;
+                bail!(
+                    "{} did not exit within {timeout:?} of SIGTERM; killed ({st})",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a step reads from the service's `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceMetrics {
+    /// `reachly_events_written_total`, by type.
+    pub written: BTreeMap<String, f64>,
+    pub buffer_events: f64,
+    pub spool_bytes: f64,
+    /// `reachly_events_dropped_total`, by reason.
+    pub dropped: BTreeMap<String, f64>,
+    /// Batches written (`reachly_flush_batch_size_count`) and their events (`_sum`).
+    pub batches: f64,
+    pub batch_events: f64,
+    pub db_errors: f64,
+    pub duplicates: f64,
+    pub dead_lettered: f64,
+    pub spooled: f64,
+    pub replayed: f64,
+}
+
+impl ServiceMetrics {
+    pub fn written_total(&self) -> f64 {
+        self.written.values().fold(0.0, |a, b| a + b)
+    }
+    pub fn dropped_total(&self) -> f64 {
+        self.dropped.values().fold(0.0, |a, b| a + b)
+    }
+
+    /// Parses the Prometheus text exposition.
+    pub fn parse(text: &str) -> ServiceMetrics {
+        let mut m = ServiceMetrics::default();
+        for line in text.lines() {
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(v) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let label = |key: &str| -> String {
+                labels
+                    .split(',')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| k.trim() == key)
+                    .map(|(_, v)| v.trim_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            match name {
+                "reachly_events_written_total" => *m.written.entry(label("type")).or_default() += v,
+                "reachly_events_dropped_total" => {
+                    *m.dropped.entry(label("reason")).or_default() += v
+                }
+                "reachly_buffer_events" => m.buffer_events = v,
+                "reachly_spool_bytes" => m.spool_bytes = v,
+                "reachly_flush_batch_size_count" => m.batches += v,
+                "reachly_flush_batch_size_sum" => m.batch_events += v,
+                "reachly_db_errors_total" => m.db_errors += v,
+                "reachly_events_duplicate_total" => m.duplicates += v,
+                "reachly_events_dead_lettered_total" => m.dead_lettered += v,
+                "reachly_events_spooled_total" => m.spooled += v,
+                "reachly_events_replayed_total" => m.replayed += v,
+                _ => {}
+            }
+        }
+        m
+    }
+
+    pub async fn scrape(client: &HttpClient, admin: SocketAddr) -> anyhow::Result<ServiceMetrics> {
+        let (status, body) = driver::get(client, &format!("http://{admin}/metrics")).await?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Ok(ServiceMetrics::parse(&body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_exposition() {
+        let text = "# HELP x\nreachly_events_written_total{type=\"opened\"} 10\n\
+                    reachly_events_written_total{type=\"clicked\"} 5\n\
+                    reachly_buffer_events 42\nreachly_spool_bytes 0\n\
+                    reachly_flush_batch_size_bucket{le=\"10\"} 1\n\
+                    reachly_flush_batch_size_sum 15\nreachly_flush_batch_size_count 2\n\
+                    reachly_events_dropped_total{reason=\"spool_full\"} 3\n";
+        let m = ServiceMetrics::parse(text);
+        assert_eq!(m.written_total(), 15.0);
+        assert_eq!(m.buffer_events, 42.0);
+        assert_eq!(m.batches, 2.0);
+        assert_eq!(m.batch_events, 15.0);
+        assert_eq!(m.dropped_total(), 3.0);
+    }
+}
