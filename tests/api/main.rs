@@ -5,5 +5,7 @@ mod helpers;
 
 mod admin;
 mod lifecycle;
+mod merge_property;
 mod partitions;
+mod pipeline;
 mod schema;
