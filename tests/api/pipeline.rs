@@ -2,12 +2,10 @@
 //! a database outage, a crash with a torn spool, a drain under load, two instances on one
 //! database, and a sabotaged schema.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use reachly_ingest::event::{BounceClass, Event, EventType, Record, Source};
-use reachly_ingest::pgcluster::free_port;
 use reachly_ingest::token::{self, Purpose};
 use uuid::Uuid;
 
@@ -308,46 +306,6 @@ async fn an_outage_loses_no_acknowledged_event_and_empties_the_spool() {
     pg.stop().await;
 }
 
-fn spawn_serve(
-    url: &str,
-    spool: &std::path::Path,
-    port: u16,
-    admin: u16,
-    extra: &[(&str, &str)],
-) -> Child {
-    let mut c = Command::new(binary());
-    c.arg("serve")
-        .env("DATABASE_URL", url)
-        .env("REACHLY_TOKEN_KEYS", test_token_keys_arg())
-        .env("REACHLY_LISTEN", format!("127.0.0.1:{port}"))
-        .env("REACHLY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("REACHLY_SPOOL_DIR", spool)
-        .env("REACHLY_DB_CONNECT_TIMEOUT_S", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in extra {
-        c.env(k, v);
-    }
-    c.spawn().expect("spawn serve")
-}
-
-async fn wait_ready(admin: u16, path: &str) {
-    let client = http_client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = client
-            .get(format!("http://127.0.0.1:{admin}{path}"))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "service never answered {path}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -375,13 +333,12 @@ async fn after_kill_9_the_intact_spool_is_replayed_and_a_torn_record_is_skipped(
     }
     drop(db);
     let spool = temp_dir("crash-spool");
-    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
-    let mut child = spawn_serve(&pg.url, &spool, port, admin, &[]);
-    wait_ready(admin, "/readyz").await;
+    let service = ServeProcess::spawn(&pg.url, &spool, &[]);
+    service.wait_admin_ok("/readyz").await;
     pg.stop().await;
     let keys = test_token_keys();
     let client = http_client();
-    let base = format!("http://127.0.0.1:{port}");
+    let base = service.url("");
     for m in &messages {
         let t = token::mint(&keys, Purpose::Unsubscribe, m.org, m.message, None).unwrap();
         assert_eq!(
@@ -390,8 +347,7 @@ async fn after_kill_9_the_intact_spool_is_replayed_and_a_torn_record_is_skipped(
             "acknowledged while the database is down"
         );
     }
-    child.kill().expect("kill -9");
-    child.wait().unwrap();
+    service.kill9();
     // The crash tore the last record: cut it short by a few bytes.
     let seg = newest_segment(&spool);
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
@@ -400,8 +356,7 @@ async fn after_kill_9_the_intact_spool_is_replayed_and_a_torn_record_is_skipped(
     drop(f);
 
     pg.start_again().await;
-    let mut child = spawn_serve(&pg.url, &spool, port, admin, &[]);
-    wait_ready(admin, "/healthz").await;
+    let service = ServeProcess::spawn(&pg.url, &spool, &[]);
     let db = connect(&pg.url).await;
     wait_for_count(
         &db,
@@ -410,7 +365,7 @@ async fn after_kill_9_the_intact_spool_is_replayed_and_a_torn_record_is_skipped(
     )
     .await;
     let text = http_client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .get(service.admin_url("/metrics"))
         .send()
         .await
         .unwrap()
@@ -431,8 +386,7 @@ async fn after_kill_9_the_intact_spool_is_replayed_and_a_torn_record_is_skipped(
             .get::<_, i64>(0),
         7
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    service.kill9();
     pg.stop().await;
 }
 
@@ -442,21 +396,18 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
     let db = connect(&url).await;
     let s = seed_tenant(&db).await;
     let spool = temp_dir("drain-spool");
-    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
     // Long flush interval: at SIGTERM most accepted events are still in memory.
-    let mut child = spawn_serve(
+    let service = ServeProcess::spawn(
         &url,
         &spool,
-        port,
-        admin,
         &[
             ("REACHLY_FLUSH_INTERVAL_MS", "5000"),
             ("REACHLY_MIGRATE_ON_START", "false"),
         ],
     );
-    wait_ready(admin, "/readyz").await;
+    service.wait_admin_ok("/readyz").await;
     let open = token::mint(&test_token_keys(), Purpose::Open, s.org, s.message, None).unwrap();
-    let url_pixel = format!("http://127.0.0.1:{port}/o/{open}.gif");
+    let url_pixel = service.url(&format!("/o/{open}.gif"));
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let u = url_pixel.clone();
@@ -474,23 +425,12 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    service.signal("-TERM");
     let mut accepted = 0;
     for t in tasks {
         accepted += t.await.unwrap();
     }
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(service.wait(Duration::from_secs(30)).await, Some(0));
     assert!(accepted > 0);
     let stored: i64 = db
         .query_one("SELECT count(*) FROM email_events", &[])
