@@ -9,3 +9,5 @@ mod merge_property;
 mod partitions;
 mod pipeline;
 mod schema;
+mod webhooks_common;
+mod webhooks_sendgrid;
