@@ -10,4 +10,5 @@ mod partitions;
 mod pipeline;
 mod schema;
 mod webhooks_common;
+mod webhooks_mailgun;
 mod webhooks_sendgrid;
