@@ -11,4 +11,6 @@ mod pipeline;
 mod schema;
 mod webhooks_common;
 mod webhooks_mailgun;
+mod webhooks_postmark;
 mod webhooks_sendgrid;
+mod webhooks_sparkpost;

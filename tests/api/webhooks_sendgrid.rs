@@ -212,6 +212,9 @@ async fn re_deliveries_and_new_sg_event_ids_change_nothing() {
     assert!(w.app.metric("reachly_events_duplicate_total").await >= 33.0);
 }
 
+/// What is wrong, the headers, the body.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+
 #[tokio::test]
 async fn bad_signatures_are_401_and_write_nothing() {
     let (w, key) = sendgrid_world(None).await;
@@ -223,7 +226,7 @@ async fn bad_signatures_are_401_and_write_nothing() {
     let other = Signer256::new();
     let (ots, osig) = other.sign(body.as_bytes(), 0);
     let (sts, ssig) = key.sign(body.as_bytes(), -11 * 60);
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "tampered body",
             vec![(TS, &ts), (SIG, &sig), json],
