@@ -16,6 +16,8 @@ pub mod resend;
 pub mod sendgrid;
 pub mod ses;
 pub mod sparkpost;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -426,6 +428,53 @@ pub fn require_json(req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
     }
 }
 
+/// A non-empty string field of a JSON object, trimmed.
+pub fn json_str<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    v.get(key)
+        .and_then(serde_json::Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// An ESP's event time: seconds since the epoch (a JSON number or a numeric string, as
+/// SendGrid, Mailgun and SparkPost send it) or RFC 3339 text (Postmark, SparkPost samples).
+pub fn json_time(v: &serde_json::Value) -> Option<DateTime<Utc>> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64().and_then(unix_time),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            match s.parse::<f64>() {
+                Ok(secs) => unix_time(secs),
+                Err(_) => rfc3339(s),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Copies scalar fields of an ESP event into `metadata` (`(field, our name)` pairs), text made
+/// storable: bounded and NUL-free, since one NUL in a JSONB value fails the whole COPY.
+pub fn keep_fields(
+    metadata: &mut serde_json::Map<String, serde_json::Value>,
+    event: Option<&serde_json::Value>,
+    fields: &[(&str, &str)],
+) {
+    use serde_json::Value;
+    let Some(event) = event else { return };
+    for (from, to) in fields {
+        match event.get(*from) {
+            Some(Value::String(s)) if !s.trim().is_empty() => {
+                let text = crate::event::pg_text(s.trim(), crate::event::MAX_TEXT_BYTES);
+                metadata.insert((*to).to_owned(), Value::String(text));
+            }
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => {
+                metadata.insert((*to).to_owned(), v.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +513,37 @@ mod tests {
         assert!(basic_auth_ok(&h, "u:p"));
         assert!(!basic_auth_ok(&h, "u:q"));
         assert!(!basic_auth_ok(&HeaderMap::new(), "u:p"));
+    }
+
+    #[test]
+    fn esp_times_and_kept_fields_are_read_leniently_and_stored_safely() {
+        use serde_json::json;
+        let at = json_time(&json!(1_700_000_000)).unwrap();
+        assert_eq!(at.timestamp(), 1_700_000_000);
+        assert_eq!(json_time(&json!("1700000000")), Some(at));
+        assert_eq!(json_time(&json!("2023-11-14T22:13:20Z")), Some(at));
+        assert_eq!(json_time(&json!("2023-11-14T22:13:20.000+00:00")), Some(at));
+        for bad in [
+            json!("soon"),
+            json!(null),
+            json!(-1),
+            json!("NaN"),
+            json!({}),
+        ] {
+            assert_eq!(json_time(&bad), None, "{bad}");
+        }
+        let mut meta = serde_json::Map::new();
+        let ev = json!({"a": " x\u{0}y ", "n": 5, "b": true, "o": {"k": 1}, "e": ""});
+        keep_fields(
+            &mut meta,
+            Some(&ev),
+            &[("a", "A"), ("n", "N"), ("b", "B"), ("o", "O"), ("e", "E")],
+        );
+        assert_eq!(meta["A"], "x\u{FFFD}y");
+        assert_eq!(meta["N"], 5);
+        assert_eq!(meta["B"], true);
+        assert!(!meta.contains_key("O") && !meta.contains_key("E"));
+        assert_eq!(json_str(&ev, "e"), None);
     }
 
     #[test]

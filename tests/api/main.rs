@@ -9,3 +9,8 @@ mod merge_property;
 mod partitions;
 mod pipeline;
 mod schema;
+mod webhooks_common;
+mod webhooks_mailgun;
+mod webhooks_postmark;
+mod webhooks_sendgrid;
+mod webhooks_sparkpost;
