@@ -80,8 +80,24 @@ impl App {
             }
         }
         let pool = db::pool(&config.db)?;
-        if let Ok(client) = pool.get().await {
+        let mut partitions_ready = false;
+        if let Ok(mut client) = pool.get().await {
             db::check_schema(&client).await?;
+            let p = &config.partitions;
+            match db::partitions::maintain(
+                &mut client,
+                chrono::Utc::now().date_naive(),
+                p.premake_days,
+                p.retention_days,
+            )
+            .await
+            {
+                Ok(r) => partitions_ready = !r.skipped,
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "partition maintenance at start failed; retrying in the background"
+                ),
+            }
         }
         let pipeline = Pipeline::start(&config.pipeline, pool.clone(), metrics.clone())?;
         let https: Arc<dyn HttpsGet> = match opts.https_get {
@@ -110,6 +126,7 @@ impl App {
             state.config.partitions.clone(),
             metrics.clone(),
             stop_background.clone(),
+            partitions_ready,
         )));
         let upkeep_metrics = metrics.clone();
         let upkeep_stop = stop_background.clone();

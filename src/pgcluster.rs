@@ -192,6 +192,21 @@ impl PgCluster {
         cmd.output().map(|o| o.status.success()).unwrap_or(false)
     }
 
+    /// A shell command line that stops this cluster (for watchdogs that outlive us).
+    pub fn stop_command_line(&self, mode: &str) -> String {
+        let pg_ctl = self.bin_dir.join("pg_ctl");
+        let base = format!(
+            "'{}' -D '{}' -m {mode} stop",
+            pg_ctl.display(),
+            self.data_dir.display()
+        );
+        if self.as_postgres_user {
+            format!("runuser -u postgres -- {base}")
+        } else {
+            base
+        }
+    }
+
     /// libpq-style connection string for `dbname`.
     pub fn url(&self, dbname: &str) -> String {
         format!(

@@ -4,6 +4,12 @@
 //! When a day's partition is made and the default partition already holds rows of that day,
 //! they are moved into it in the same transaction.
 //!
+//! Why the first round runs before the writers start: `ATTACH PARTITION` races with
+//! statements already planned against the old partition list (an insert routed to the
+//! default partition fails with 23514; a reader can momentarily miss rows being moved).
+//! With the day's partitions made before the first event, and days made a week ahead, only
+//! far-dated events ever meet that window, and the writer's split-and-retry absorbs it.
+//!
 //! Several instances may run this at once: a session advisory lock elects one; the others
 //! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
 //! never queues an exclusive lock in front of the writers for long; it retries next round.
@@ -163,15 +169,20 @@ async fn create_partition(client: &mut Client, day: NaiveDate) -> anyhow::Result
     Ok(moved)
 }
 
-/// Runs maintenance now and then every `cfg.interval` until `stop` fires.
+/// Runs maintenance every `cfg.interval` until `stop` fires; at once too unless
+/// `already_done` (the app runs the first round itself, before any event is written).
 pub async fn run_periodically(
     pool: deadpool_postgres::Pool,
     cfg: PartitionConfig,
     metrics: Metrics,
     stop: tokio_util::sync::CancellationToken,
+    already_done: bool,
 ) {
     let mut tick = tokio::time::interval(cfg.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    if already_done {
+        tick.tick().await;
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,

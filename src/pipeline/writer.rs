@@ -58,10 +58,13 @@ pub enum WriteError {
 }
 
 /// SQLSTATE classes caused by a row's content: splitting the batch isolates the row.
+/// "violates partition constraint" (23514) is the exception: it is a race with a partition
+/// being attached (see `db::partitions`), so the batch is retried, not split.
 fn is_row_error(e: &tokio_postgres::Error) -> Option<String> {
     let db = e.as_db_error()?;
     let code = db.code().code();
-    (code.starts_with("22") || code.starts_with("23") || code.starts_with("54"))
+    let row_class = code.starts_with("22") || code.starts_with("23") || code.starts_with("54");
+    (row_class && !db.message().contains("partition constraint"))
         .then(|| format!("rejected_by_database: {code} {}", db.message()))
 }
 

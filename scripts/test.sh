@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, integration tests (real PostgreSQL, real sockets, the
+# real binary), the headless-browser test and the benches compiled in test mode.
+# It brings its own throwaway PostgreSQL cluster; set REACHLY_TEST_DATABASE_URL to use an
+# existing server instead. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The mail-client test drives Debian's headless Chromium; install it when missing and we
+# can (root with apt). Otherwise that test fails with a message saying what to install.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing chromium for the headless mail-client test..." >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "scripts/test.sh: could not install chromium; the browser test will say what is missing" >&2
+fi
+
+cargo test --locked --all-targets "$@"

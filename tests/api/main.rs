@@ -1,0 +1,11 @@
+//! Integration tests: one binary, so one throwaway PostgreSQL serves them all (see
+//! `helpers`). Each test gets its own database and its own app on port 0.
+
+mod helpers;
+
+mod admin;
+mod lifecycle;
+mod merge_property;
+mod partitions;
+mod pipeline;
+mod schema;

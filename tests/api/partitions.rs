@@ -1,0 +1,124 @@
+//! Partition maintenance against a real database: premade days, expiry, the default
+//! partition for far-off events, moving a day's rows out of it, and two instances at once.
+
+use chrono::{Days, NaiveDate, Utc};
+use reachly_ingest::db::partitions::{maintain, partition_name};
+
+use crate::helpers::*;
+
+async fn partitions(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+         WHERE i.inhparent = 'public.email_events'::regclass ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn maintenance_makes_the_premade_days_and_drops_expired_ones() {
+    let url = fresh_database().await;
+    let mut db = connect(&url).await;
+    let long_ago = NaiveDate::from_ymd_opt(2024, 1, 10).unwrap();
+    let r = maintain(&mut db, long_ago, 2, 400).await.unwrap();
+    assert_eq!(
+        r.created,
+        vec![
+            "email_events_p20240109",
+            "email_events_p20240110",
+            "email_events_p20240111",
+            "email_events_p20240112"
+        ]
+    );
+    let today = Utc::now().date_naive();
+    let r = maintain(&mut db, today, 7, 30).await.unwrap();
+    assert_eq!(
+        r.created.len(),
+        9,
+        "yesterday, today and 7 ahead: {:?}",
+        r.created
+    );
+    assert_eq!(
+        r.dropped.len(),
+        4,
+        "the 2024 partitions are past 30 days: {:?}",
+        r.dropped
+    );
+    let names = partitions(&db).await;
+    assert!(names.contains(&partition_name(today)));
+    assert!(names.contains(&partition_name(
+        today.checked_add_days(Days::new(7)).unwrap()
+    )));
+    assert!(!names.contains(&"email_events_p20240110".to_string()));
+    assert!(names.contains(&"email_events_default".to_string()));
+    let again = maintain(&mut db, today, 7, 30).await.unwrap();
+    assert!(
+        again.created.is_empty() && again.dropped.is_empty(),
+        "a second run changes nothing: {again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_far_future_event_lands_in_the_default_partition_and_moves_when_its_day_is_made() {
+    let app = spawn_app().await;
+    let s = app.seed().await;
+    app.db
+        .execute(
+            "INSERT INTO email_events (organization_id, message_id, event_type, created_at) \
+             VALUES ($1, $2, 'delivered', '2031-06-15 12:00:00+00')",
+            &[&s.org, &s.message],
+        )
+        .await
+        .expect("an event far in the future is accepted");
+    let in_default: i64 = app.count("SELECT count(*) FROM email_events_default").await;
+    assert_eq!(in_default, 1);
+    let mut db = connect(&app.db_url).await;
+    // The app runs its own maintenance at start; wait for its advisory lock to be free.
+    let r = loop {
+        let r = maintain(
+            &mut db,
+            NaiveDate::from_ymd_opt(2031, 6, 14).unwrap(),
+            1,
+            400,
+        )
+        .await
+        .unwrap();
+        if !r.skipped {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(r.created.contains(&"email_events_p20310615".to_string()));
+    assert_eq!(r.moved_rows, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_events_default").await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_events_p20310615")
+            .await,
+        1
+    );
+    assert_eq!(app.count("SELECT count(*) FROM email_events").await, 1);
+}
+
+#[tokio::test]
+async fn two_instances_maintaining_at_once_agree() {
+    let url = fresh_database().await;
+    let mut a = connect(&url).await;
+    let mut b = connect(&url).await;
+    let day = NaiveDate::from_ymd_opt(2030, 3, 1).unwrap();
+    let (ra, rb) = tokio::join!(maintain(&mut a, day, 5, 400), maintain(&mut b, day, 5, 400));
+    let (ra, rb) = (ra.expect("a"), rb.expect("b"));
+    let made = ra.created.len() + rb.created.len();
+    assert_eq!(made, 7, "each day made exactly once: {ra:?} {rb:?}");
+    assert!(
+        partitions(&a)
+            .await
+            .contains(&"email_events_p20300306".to_string())
+    );
+}
