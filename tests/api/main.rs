@@ -9,3 +9,6 @@ mod merge_property;
 mod partitions;
 mod pipeline;
 mod schema;
+mod webhooks_mandrill;
+mod webhooks_resend;
+mod webhooks_ses;
