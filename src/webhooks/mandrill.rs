@@ -608,8 +608,13 @@ mod tests {
     fn the_signature_covers_the_configured_url_and_every_sorted_parameter() {
         let key = random_key();
         let p = provider(&key);
-        // Two parameters, posted in reverse order: signed sorted.
-        let params = [("mandrill_events", "[]"), ("b_extra", "x y&z")];
+        // Three parameters, posted in an order that is neither sorted nor reverse-sorted:
+        // signed sorted by key, values decoded.
+        let params = [
+            ("mandrill_events", "[]"),
+            ("a_first", "x y&z"),
+            ("z_last", "%41"),
+        ];
         let mut r = Req::unsigned(&form(&params));
         r.headers.insert(
             "x-mandrill-signature",
