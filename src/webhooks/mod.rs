@@ -272,7 +272,7 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
     if let Err(e) = provider.after_verify(&wreq).await {
         return e.response();
     }
-    let records = match provider.parse(
+    let mut records = match provider.parse(
         &wreq,
         &ParseContext {
             machine: &state.machine,
@@ -284,6 +284,7 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
             return e.response();
         }
     };
+    apply_ip_mode(&mut records, cfg.tracking.ip_mode);
     let n = records.len();
     match state.ingest.submit_durable(records).await {
         Ok(()) => text(StatusCode::OK, "ok\n"),
@@ -293,6 +294,20 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cannot store events now ({why}); retry later\n"),
             )
+        }
+    }
+}
+
+/// `REACHLY_IP_MODE` for the addresses ESPs report (opens, clicks), as for our own hits:
+/// truncated, kept or dropped; anything that is not an IP address is dropped.
+fn apply_ip_mode(records: &mut [Record], mode: crate::config::IpMode) {
+    for r in records {
+        if let Record::Event(e) = r {
+            e.ip_address = e
+                .ip_address
+                .take()
+                .and_then(|ip| ip.trim().parse().ok())
+                .and_then(|ip| http::stored_ip(ip, mode));
         }
     }
 }
@@ -544,6 +559,40 @@ mod tests {
         assert_eq!(meta["B"], true);
         assert!(!meta.contains_key("O") && !meta.contains_key("E"));
         assert_eq!(json_str(&ev, "e"), None);
+    }
+
+    #[test]
+    fn esp_reported_ips_follow_the_ip_mode() {
+        use crate::config::IpMode;
+        let with_ip = |ip: &str| {
+            let mut e = Event::new(Uuid::nil(), EventType::Opened, Utc::now(), Source::Mandrill);
+            e.ip_address = Some(ip.to_owned());
+            Record::Event(e)
+        };
+        let ip_of = |r: &Record| match r {
+            Record::Event(e) => e.ip_address.clone(),
+            Record::DeadLetter(_) => None,
+        };
+        let mut recs = vec![
+            with_ip("192.0.2.77"),
+            with_ip("2001:db8:abcd:12::1"),
+            with_ip("nope"),
+        ];
+        apply_ip_mode(&mut recs, IpMode::Truncate);
+        let got: Vec<Option<String>> = recs.iter().map(ip_of).collect();
+        assert_eq!(
+            got,
+            [
+                Some("192.0.2.0".into()),
+                Some("2001:db8:abcd::".into()),
+                None
+            ]
+        );
+        let mut recs = vec![with_ip(" 192.0.2.77 ")];
+        apply_ip_mode(&mut recs, IpMode::Full);
+        assert_eq!(ip_of(&recs[0]).as_deref(), Some("192.0.2.77"));
+        apply_ip_mode(&mut recs, IpMode::None);
+        assert_eq!(ip_of(&recs[0]), None);
     }
 
     #[test]
