@@ -1,15 +1,857 @@
-//! mailgun webhook: not implemented yet (issue 5). Until it is, the provider is never
-//! registered, so `/webhooks/mailgun` answers 404 like an unconfigured provider.
+//! Mailgun HTTP webhooks, `POST /webhooks/mailgun`. This module owns verifying Mailgun's
+//! signature (HMAC-SHA256 with the webhook signing key over `timestamp + token`, hex, sent in
+//! the JSON body as `signature.{timestamp, token, signature}`), refusing stale and replayed
+//! signatures, and mapping the one event of each request (`event-data`) to SPEC.md's events.
+//!
+//! Sources:
+//! - payloads: <https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/webhook-payloads>
+//! - signature: <https://documentation.mailgun.com/docs/mailgun/user-manual/webhooks/securing-webhooks>
+//! - failure reasons (`old`, `suppress-*`): <https://documentation.mailgun.com/docs/mailgun/user-manual/tracking-messages/>
+//!
+//! | Mailgun `event` | SPEC type |
+//! | --- | --- |
+//! | `accepted` | sent |
+//! | `delivered` | delivered |
+//! | `opened` / `clicked` | opened / clicked (`url` → `link_url`; `client-info.bot` set → machine `mailgun_bot:<bot>`) |
+//! | `complained` | complained |
+//! | `unsubscribed` | unsubscribed |
+//! | `failed`, `severity` = `temporary` | deferred (Mailgun keeps retrying; nothing bounced yet) |
+//! | `failed`, permanent, `reason` = `suppress-bounce`/`-unsubscribe`/`-complaint` | dropped (never attempted: the address is on a Mailgun suppression list) |
+//! | `failed`, permanent, `reason` = `old` or `delivery-status.bounce-type` = `soft` | bounced, soft (retries expired; the address itself was not refused) |
+//! | `failed`, any other permanent failure | bounced, hard |
+//! | `rejected` | dropped |
+//! | anything else (`stored`, list events, ...) | dead letter `unknown_event_type` |
+//!
+//! Choices: a signature whose timestamp is more than [`TIMESTAMP_TOLERANCE_SECS`]
+//! (15 minutes) from the arrival time either way is refused (401). Mailgun's signature
+//! covers `timestamp + token` only, not the event, so each token is remembered (bounded, in
+//! memory, per process) with a digest of the body it came with: the same token with the same
+//! body is a re-delivery and is accepted idempotently (the event id keys it, so no second
+//! row); the same token with another body is refused (401). Events are keyed on Mailgun's
+//! `event-data.id` (the token when it is missing).
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
-use super::{HttpsGet, Provider};
-use crate::config::WebhookArgs;
+use chrono::{DateTime, Utc};
+use hmac::{KeyInit, Mac};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::{
+    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
+    correlate, dead_letter, esp_event, header_message_id, id_key, json_str, json_time, keep_fields,
+    require_json,
+};
+use crate::config::{Secret, WebhookArgs};
+use crate::event::{BounceClass, EventType, Record, Source};
+
+/// How far the signature's timestamp may be from the arrival time, either way.
+pub const TIMESTAMP_TOLERANCE_SECS: i64 = 15 * 60;
+/// Tokens remembered at most (about 100 bytes each).
+pub const REPLAY_CACHE_CAPACITY: usize = 100_000;
+
+const SOURCE: Source = Source::Mailgun;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// The Mailgun provider: the signing key and the tokens seen recently.
+pub struct Mailgun {
+    key: Secret,
+    seen: Mutex<ReplayCache>,
+}
 
 /// The provider if its secret is configured.
 pub fn from_config(
-    _cfg: &WebhookArgs,
+    cfg: &WebhookArgs,
     _https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
-    Ok(None)
+    let Some(key) = &cfg.mailgun_signing_key else {
+        return Ok(None);
+    };
+    if key.expose().trim().is_empty() {
+        return Err("REACHLY_MAILGUN_SIGNING_KEY must not be blank".into());
+    }
+    Ok(Some(Arc::new(Mailgun {
+        key: key.clone(),
+        seen: Mutex::new(ReplayCache::new(REPLAY_CACHE_CAPACITY)),
+    })))
+}
+
+/// Recently seen signature tokens and the digest of the body each came with. Bounded: tokens
+/// whose timestamp has left the window are forgotten first (they are refused as stale
+/// anyway), then the oldest.
+struct ReplayCache {
+    by_token: HashMap<String, [u8; 32]>,
+    order: VecDeque<(i64, String)>,
+    capacity: usize,
+}
+
+impl ReplayCache {
+    fn new(capacity: usize) -> ReplayCache {
+        ReplayCache {
+            by_token: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn admit(
+        &mut self,
+        token: &str,
+        signed_at: i64,
+        body: [u8; 32],
+        now: i64,
+    ) -> Result<(), WebhookError> {
+        while let Some((at, _)) = self.order.front() {
+            if now - *at <= TIMESTAMP_TOLERANCE_SECS {
+                break;
+            }
+            self.forget_oldest();
+        }
+        match self.by_token.get(token) {
+            Some(digest) if *digest == body => Ok(()),
+            Some(_) => Err(WebhookError::Unauthorized(
+                "signature token replayed with another body",
+            )),
+            None => {
+                while self.order.len() >= self.capacity {
+                    self.forget_oldest();
+                }
+                self.by_token.insert(token.to_owned(), body);
+                self.order.push_back((signed_at, token.to_owned()));
+                Ok(())
+            }
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some((_, old)) = self.order.pop_front() {
+            self.by_token.remove(&old);
+        }
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, WebhookError> {
+    serde_json::from_slice(body)
+        .map_err(|e| WebhookError::BadRequest(format!("body is not JSON: {e}")))
+}
+
+impl Mailgun {
+    /// HMAC-SHA256(key, timestamp + token) against the hex `given`, in constant time.
+    fn signature_ok(&self, timestamp: &str, token: &str, given_hex: &str) -> bool {
+        let Ok(given) = hex::decode(given_hex.trim()) else {
+            return false;
+        };
+        let Ok(mut mac) = <HmacSha256 as KeyInit>::new_from_slice(self.key.expose().as_bytes())
+        else {
+            return false;
+        };
+        mac.update(timestamp.as_bytes());
+        mac.update(token.as_bytes());
+        mac.verify_slice(&given).is_ok()
+    }
+
+    fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
+        require_json(req)?;
+        let body = parse_body(req.body)?;
+        let sig = body
+            .get("signature")
+            .filter(|s| s.is_object())
+            .ok_or(WebhookError::Unauthorized("missing signature object"))?;
+        // The exact values Mailgun signed (the timestamp may come as a string or a number).
+        let timestamp = match sig.get("timestamp") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err(WebhookError::Unauthorized("missing signature timestamp")),
+        };
+        let token = sig
+            .get("token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or(WebhookError::Unauthorized("missing signature token"))?;
+        let signed_at: i64 = timestamp
+            .trim()
+            .parse()
+            .map_err(|_| WebhookError::Unauthorized("signature timestamp is not a number"))?;
+        let now = req.received_at.timestamp();
+        if (now - signed_at).abs() > TIMESTAMP_TOLERANCE_SECS {
+            return Err(WebhookError::Unauthorized("stale signature timestamp"));
+        }
+        let signature =
+            json_str(sig, "signature").ok_or(WebhookError::Unauthorized("missing signature"))?;
+        // A subaccount's events also carry `parent-signature`, made with the primary
+        // account's key: either may match the configured key.
+        let parent = json_str(sig, "parent-signature");
+        let ok = self.signature_ok(&timestamp, token, signature)
+            | parent.is_some_and(|p| self.signature_ok(&timestamp, token, p));
+        if !ok {
+            return Err(WebhookError::Unauthorized("signature mismatch"));
+        }
+        let digest: [u8; 32] = Sha256::digest(req.body).into();
+        let mut seen = self
+            .seen
+            .lock()
+            .map_err(|_| WebhookError::Unavailable("replay cache unavailable".into()))?;
+        seen.admit(token, signed_at, digest, now)
+    }
+}
+
+impl Provider for Mailgun {
+    fn source(&self) -> Source {
+        SOURCE
+    }
+
+    fn verify<'a>(
+        &'a self,
+        req: &'a WebhookRequest<'a>,
+    ) -> BoxFuture<'a, Result<(), WebhookError>> {
+        Box::pin(async move { self.check(req) })
+    }
+
+    fn parse(
+        &self,
+        req: &WebhookRequest<'_>,
+        ctx: &ParseContext<'_>,
+    ) -> Result<Vec<Record>, WebhookError> {
+        require_json(req)?;
+        let body = parse_body(req.body)?;
+        let data = body
+            .get("event-data")
+            .filter(|d| d.is_object())
+            .ok_or_else(|| WebhookError::BadRequest("no event-data object".into()))?;
+        let token = body
+            .get("signature")
+            .and_then(|s| s.get("token"))
+            .and_then(Value::as_str);
+        Ok(vec![map_event(data, token, req.received_at, ctx)])
+    }
+}
+
+/// Mailgun's event (with `severity`, `reason` and the bounce type of failures) to a SPEC type.
+fn map_type(data: &Value) -> Option<(EventType, Option<BounceClass>)> {
+    let kind = json_str(data, "event")?.to_ascii_lowercase();
+    let t = match kind.as_str() {
+        "accepted" => (EventType::Sent, None),
+        "delivered" => (EventType::Delivered, None),
+        "opened" => (EventType::Opened, None),
+        "clicked" => (EventType::Clicked, None),
+        "complained" => (EventType::Complained, None),
+        "unsubscribed" => (EventType::Unsubscribed, None),
+        "rejected" => (EventType::Dropped, None),
+        "failed" => {
+            let severity = json_str(data, "severity").map(str::to_ascii_lowercase);
+            let reason = json_str(data, "reason").unwrap_or("").to_ascii_lowercase();
+            let bounce_type = data
+                .get("delivery-status")
+                .and_then(|d| json_str(d, "bounce-type"))
+                .map(str::to_ascii_lowercase);
+            if severity.as_deref() == Some("temporary") {
+                (EventType::Deferred, None)
+            } else if reason.starts_with("suppress-") {
+                (EventType::Dropped, None)
+            } else if reason == "old" || bounce_type.as_deref() == Some("soft") {
+                (EventType::Bounced, Some(BounceClass::Soft))
+            } else {
+                (EventType::Bounced, Some(BounceClass::Hard))
+            }
+        }
+        _ => return None,
+    };
+    Some(t)
+}
+
+/// The failure text: "code message" from `delivery-status`, else the reject reason.
+fn diagnostic(data: &Value) -> Option<String> {
+    if let Some(ds) = data.get("delivery-status") {
+        let text = json_str(ds, "message").or(json_str(ds, "description"));
+        let code = ds.get("code").and_then(|c| match c {
+            Value::Number(n) => Some(n.to_string()),
+            Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_owned()),
+            _ => None,
+        });
+        match (code, text) {
+            (Some(c), Some(t)) => return Some(format!("{c} {t}")),
+            (None, Some(t)) => return Some(t.to_owned()),
+            (Some(c), None) => return Some(format!("SMTP {c}")),
+            (None, None) => {}
+        }
+    }
+    data.get("reject")
+        .and_then(|r| json_str(r, "reason").or(json_str(r, "description")))
+        .or(json_str(data, "reason"))
+        .map(str::to_owned)
+}
+
+/// `X-Reachly-Message-Id` from the echoed `message.headers` object (names any case).
+fn header_id(data: &Value) -> Option<&str> {
+    let headers = data.get("message")?.get("headers")?.as_object()?;
+    header_message_id(
+        headers
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k.as_str(), v))),
+    )
+}
+
+/// One `event-data` to a record. Never fails: what cannot be mapped is a dead letter.
+fn map_event(
+    data: &Value,
+    token: Option<&str>,
+    received_at: DateTime<Utc>,
+    ctx: &ParseContext<'_>,
+) -> Record {
+    let raw = data.to_string();
+    let kind = json_str(data, "event");
+    let key = match json_str(data, "id").or(token) {
+        Some(id) => id_key(SOURCE, id),
+        None => content_key(SOURCE, &["dead_letter", &raw]),
+    };
+    let Some((event_type, bounce_class)) = map_type(data) else {
+        return dead_letter(SOURCE, "unknown_event_type", &raw, Some(key), kind);
+    };
+    // `user-variables` is an object of the `v:` variables, or `[]` when there are none.
+    let vars = data.get("user-variables").filter(|v| v.is_object());
+    let message_raw = vars
+        .and_then(|v| json_str(v, "reachly_message_id"))
+        .or_else(|| header_id(data));
+    let org_raw = vars.and_then(|v| json_str(v, "reachly_organization_id"));
+    let (message_id, organization_id) = match correlate(message_raw, org_raw) {
+        Ok(ids) => ids,
+        Err(reason) => return dead_letter(SOURCE, reason, &raw, Some(key), kind),
+    };
+    let occurred_at = data
+        .get("timestamp")
+        .and_then(json_time)
+        .unwrap_or(received_at);
+    let mut e = esp_event(
+        SOURCE,
+        message_id,
+        organization_id,
+        event_type,
+        occurred_at,
+        key,
+    );
+    e.bounce_class = bounce_class;
+
+    let mut metadata = Map::new();
+    keep_fields(
+        &mut metadata,
+        Some(data),
+        &[
+            ("id", "mailgun_event_id"),
+            ("reason", "reason"),
+            ("severity", "severity"),
+            ("recipient-domain", "recipient_domain"),
+        ],
+    );
+    keep_fields(
+        &mut metadata,
+        data.get("message").and_then(|m| m.get("headers")),
+        &[("message-id", "esp_message_id")],
+    );
+    keep_fields(
+        &mut metadata,
+        data.get("delivery-status"),
+        &[
+            ("code", "delivery_code"),
+            ("enhanced-code", "enhanced_code"),
+            ("message", "smtp_response"),
+            ("description", "description"),
+            ("bounce-type", "bounce_type"),
+            ("mx-host", "mx_host"),
+            ("attempt-no", "attempt"),
+            ("retry-seconds", "retry_seconds"),
+        ],
+    );
+    let client = data.get("client-info");
+    keep_fields(
+        &mut metadata,
+        client,
+        &[
+            ("client-name", "client_name"),
+            ("device-type", "device_type"),
+            ("bot", "bot"),
+        ],
+    );
+    keep_fields(
+        &mut metadata,
+        data.get("geolocation"),
+        &[("country", "country")],
+    );
+
+    match event_type {
+        EventType::Opened | EventType::Clicked | EventType::Unsubscribed => {
+            // Stored as Mailgun reports it: REACHLY_IP_MODE governs what our own endpoints
+            // observe, not what an ESP reports.
+            e.ip_address = json_str(data, "ip").map(str::to_owned);
+            e.user_agent = client
+                .and_then(|c| json_str(c, "user-agent"))
+                .map(str::to_owned);
+            if event_type == EventType::Clicked {
+                e.link_url = json_str(data, "url").map(str::to_owned);
+            }
+            if event_type != EventType::Unsubscribed {
+                e.machine_reason = match client.and_then(|c| json_str(c, "bot")) {
+                    Some(bot) => Some(format!("mailgun_bot:{bot}")),
+                    None => ctx.machine.classify_reported(e.user_agent.as_deref()),
+                };
+            }
+        }
+        EventType::Bounced | EventType::Deferred | EventType::Dropped => {
+            e.error_message =
+                Some(diagnostic(data).unwrap_or_else(|| kind.unwrap_or("failed").to_owned()));
+        }
+        _ => {}
+    }
+    e.metadata = metadata;
+    Record::Event(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+    use crate::webhooks::testing::*;
+
+    const KEY: &str = "key-3ax6xnjp29jd6fds4gc373sgvjxteol0";
+
+    fn provider() -> Arc<dyn Provider> {
+        let mut cfg = no_secrets();
+        cfg.mailgun_signing_key = Some(Secret::new(KEY));
+        from_config(&cfg, &no_network())
+            .expect("valid")
+            .expect("configured")
+    }
+
+    fn hmac_hex(key: &str, timestamp: &str, token: &str) -> String {
+        let mut mac =
+            <HmacSha256 as KeyInit>::new_from_slice(key.as_bytes()).expect("any key length");
+        mac.update(timestamp.as_bytes());
+        mac.update(token.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The fixture with its documented signature replaced by one made now with `key`.
+    fn signed_with(key: &str, path: &str, token: &str, at: DateTime<Utc>) -> TestRequest {
+        let mut doc: Value = serde_json::from_slice(&fixture(path)).expect("fixture is JSON");
+        let ts = at.timestamp().to_string();
+        doc["signature"] = serde_json::json!({
+            "timestamp": ts, "token": token, "signature": hmac_hex(key, &ts, token)
+        });
+        TestRequest::post("mailgun", serde_json::to_vec(&doc).expect("serializable")).at(at)
+    }
+
+    fn signed(path: &str, token: &str) -> TestRequest {
+        signed_with(KEY, path, token, Utc::now())
+    }
+
+    fn token(n: u32) -> String {
+        format!("{n:050}")
+    }
+
+    async fn one_event(p: &dyn Provider, path: &str, tok: &str) -> Event {
+        let records = run(p, &signed(path, tok)).await.expect("accepted");
+        assert_eq!(records.len(), 1);
+        let ev = events(&records);
+        assert_eq!(ev.len(), 1, "{path}: {records:?}");
+        ev[0].clone()
+    }
+
+    fn check(e: &Event, typ: EventType, msg: &str, at: &str, id: &str) {
+        assert_eq!(e.event_type, typ, "{e:?}");
+        assert_eq!(e.message_id.to_string(), msg);
+        assert_eq!(
+            e.claimed_organization_id.map(|o| o.to_string()).as_deref(),
+            Some(ORG)
+        );
+        // Mailgun's fractional seconds go through an f64: equal to the microsecond.
+        let off = (e.occurred_at - t(at)).num_nanoseconds().map(i64::abs);
+        assert!(
+            off.is_some_and(|ns| ns < 1_000),
+            "{} vs {at}",
+            e.occurred_at
+        );
+        assert_eq!(e.dedup_key.as_deref(), Some(id_key(SOURCE, id).as_str()));
+        assert_eq!(e.source, Source::Mailgun);
+        assert_eq!(e.metadata["mailgun_event_id"], id);
+    }
+
+    #[tokio::test]
+    async fn documented_events_map_to_exactly_these_records() {
+        let p = provider();
+        let e = one_event(&*p, "mailgun/accepted.json", &token(1)).await;
+        check(
+            &e,
+            EventType::Sent,
+            M_ENGAGED,
+            "2026-02-03T19:26:38.372891Z",
+            "CCXMjJ7nQi2N3BPigGOdgQ",
+        );
+        assert_eq!(
+            e.metadata["esp_message_id"],
+            "20260203192638.000be97f99f8cea1@sample.mailgun.com"
+        );
+
+        let e = one_event(&*p, "mailgun/delivered.json", &token(2)).await;
+        check(
+            &e,
+            EventType::Delivered,
+            M_ENGAGED,
+            "2026-02-03T19:20:31.658528Z",
+            "MXcc2gEpS-eN8HfkOnmK2w",
+        );
+        assert_eq!(e.metadata["delivery_code"], 250);
+        assert!(e.error_message.is_none());
+
+        let e = one_event(&*p, "mailgun/opened.json", &token(3)).await;
+        check(
+            &e,
+            EventType::Opened,
+            M_ENGAGED,
+            "2026-02-05T21:31:14.554933Z",
+            "q7DMpbLFRKW1QuiLC9XV4Q",
+        );
+        assert_eq!(e.ip_address.as_deref(), Some("38.142.208.162"));
+        assert!(
+            e.user_agent
+                .as_deref()
+                .is_some_and(|u| u.contains("Chrome/144"))
+        );
+        assert_eq!(e.machine_reason, None);
+
+        let e = one_event(&*p, "mailgun/clicked.json", &token(4)).await;
+        check(
+            &e,
+            EventType::Clicked,
+            M_ENGAGED,
+            "2026-02-05T21:31:58.664868Z",
+            "A9dLUrCXQjK92TlnW3zkIA",
+        );
+        assert_eq!(e.link_url.as_deref(), Some("https://sample.mailgun.com"));
+        assert_eq!(e.ip_address.as_deref(), Some("9.169.124.21"));
+
+        let e = one_event(&*p, "mailgun/failed-permanent.json", &token(5)).await;
+        check(
+            &e,
+            EventType::Bounced,
+            M_HARD,
+            "2026-02-12T17:42:55.592369Z",
+            "2kFItcrLQuKTdp-Ia2Xr7w",
+        );
+        assert_eq!(e.bounce_class, Some(BounceClass::Hard));
+        assert!(
+            e.error_message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("550 5.5.0 Requested action not taken"))
+        );
+        assert_eq!(e.metadata["bounce_type"], "hard");
+        assert_eq!(e.metadata["severity"], "permanent");
+
+        let e = one_event(&*p, "mailgun/failed-temporary.json", &token(6)).await;
+        check(
+            &e,
+            EventType::Deferred,
+            M_SOFT,
+            "2026-02-12T18:01:07.428860Z",
+            "YusK9KhoTwe2C00iRxsEqQ",
+        );
+        assert!(e.error_message.as_deref().is_some_and(|m| {
+            m.starts_with("421 Your IP (161.38.194.10) is temporary blacklisted")
+        }));
+        assert_eq!(e.bounce_class, None);
+        assert_eq!(e.metadata["retry_seconds"], 600);
+
+        let e = one_event(&*p, "mailgun/unsubscribed.json", &token(7)).await;
+        check(
+            &e,
+            EventType::Unsubscribed,
+            M_UNSUB,
+            "2026-02-05T21:31:30.465629Z",
+            "89QcW8YuSv6lhSeN3n4qnA",
+        );
+        assert_eq!(e.machine_reason, None);
+
+        let e = one_event(&*p, "mailgun/complained.json", &token(8)).await;
+        check(
+            &e,
+            EventType::Complained,
+            M_COMPLAINT,
+            "2026-02-12T18:26:12.268415Z",
+            "rIVDlyk8SY-mJauQoYmNFA",
+        );
+
+        // The documented example as is (`user-variables: []`): a dead letter, keyed by id.
+        let records = run(
+            &*p,
+            &signed("mailgun/delivered-uncorrelated.json", &token(9)),
+        )
+        .await
+        .expect("accepted");
+        let dl = dead_letters(&records);
+        assert_eq!(records.len(), 1);
+        assert_eq!(dl[0].reason, "no_message_id");
+        assert_eq!(dl[0].event_type.as_deref(), Some("delivered"));
+        assert_eq!(
+            dl[0].dedup_key.as_deref(),
+            Some(id_key(SOURCE, "MXcc2gEpS-eN8HfkOnmK2w").as_str())
+        );
+        let doc: Value =
+            serde_json::from_slice(&fixture("mailgun/delivered-uncorrelated.json")).expect("json");
+        assert_eq!(dl[0].payload, doc["event-data"].to_string());
+    }
+
+    #[test]
+    fn failure_variants_and_other_events_map_as_documented() {
+        let machine = crate::machine::MachineDetector::default();
+        let ctx = ParseContext { machine: &machine };
+        let base = |extra: Value| {
+            let mut d = serde_json::json!({
+                "event": "failed", "id": "x", "timestamp": 1770918175.5,
+                "user-variables": {"reachly_message_id": M_HARD}
+            });
+            if let (Some(d), Some(x)) = (d.as_object_mut(), extra.as_object()) {
+                for (k, v) in x {
+                    d.insert(k.clone(), v.clone());
+                }
+            }
+            d
+        };
+        let map = |d: Value| match map_event(&d, None, Utc::now(), &ctx) {
+            Record::Event(e) => (e.event_type, e.bounce_class, e.error_message),
+            Record::DeadLetter(dl) => panic!("dead letter {dl:?}"),
+        };
+        let suppressed = base(
+            serde_json::json!({"severity": "permanent", "reason": "suppress-bounce",
+            "delivery-status": {"code": 605, "description": "Not delivering to previously bounced address", "message": ""}}),
+        );
+        assert_eq!(
+            map(suppressed),
+            (
+                EventType::Dropped,
+                None,
+                Some("605 Not delivering to previously bounced address".into())
+            )
+        );
+        let expired = base(serde_json::json!({"severity": "permanent", "reason": "old"}));
+        assert_eq!(map(expired).1, Some(BounceClass::Soft));
+        let soft = base(
+            serde_json::json!({"severity": "permanent", "reason": "bounce",
+            "delivery-status": {"bounce-type": "soft"}}),
+        );
+        assert_eq!(map(soft).1, Some(BounceClass::Soft));
+        let no_severity = base(serde_json::json!({}));
+        assert_eq!(
+            map(no_severity),
+            (
+                EventType::Bounced,
+                Some(BounceClass::Hard),
+                Some("failed".into())
+            )
+        );
+        let rejected = base(serde_json::json!({"event": "rejected",
+            "reject": {"reason": "Sandbox subdomains are for test purposes only"}}));
+        assert_eq!(
+            map(rejected),
+            (
+                EventType::Dropped,
+                None,
+                Some("Sandbox subdomains are for test purposes only".into())
+            )
+        );
+        // A bot-flagged open is machine traffic; the header echo correlates.
+        let bot = serde_json::json!({"event": "opened", "id": "o", "timestamp": 1770918175,
+            "client-info": {"bot": "apple", "user-agent": "Mozilla/5.0"},
+            "message": {"headers": {"X-Reachly-Message-Id": M_ENGAGED}}});
+        match map_event(&bot, None, Utc::now(), &ctx) {
+            Record::Event(e) => {
+                assert_eq!(e.machine_reason.as_deref(), Some("mailgun_bot:apple"));
+                assert_eq!(e.message_id.to_string(), M_ENGAGED);
+                assert_eq!(e.claimed_organization_id, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Unknown events are dead letters keyed by their id (or the token).
+        let stored = serde_json::json!({"event": "stored", "timestamp": 1770918175});
+        match map_event(&stored, Some("tok"), Utc::now(), &ctx) {
+            Record::DeadLetter(d) => {
+                assert_eq!(d.reason, "unknown_event_type");
+                assert_eq!(d.dedup_key.as_deref(), Some(id_key(SOURCE, "tok").as_str()));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_key_tampered_signature_missing_parts_and_stale_time_are_unauthorized() {
+        let p = provider();
+        let path = "mailgun/delivered.json";
+        let unauthorized = |r: Result<Vec<Record>, WebhookError>| {
+            assert!(matches!(r, Err(WebhookError::Unauthorized(_))), "{r:?}");
+        };
+        // Wrong key.
+        unauthorized(run(&*p, &signed_with("key-other", path, &token(20), Utc::now())).await);
+        // Signed fields changed after signing: timestamp, token, signature.
+        for field in ["timestamp", "token", "signature"] {
+            let req = signed(path, &token(21));
+            let mut doc: Value = serde_json::from_slice(&req.body).expect("json");
+            let v = doc["signature"][field].as_str().expect("string").to_owned();
+            let changed = if field == "timestamp" {
+                (v.parse::<i64>().expect("number") - 1).to_string()
+            } else {
+                format!("{}0", &v[..v.len() - 1])
+            };
+            doc["signature"][field] = Value::from(changed);
+            let body = serde_json::to_vec(&doc).expect("json");
+            unauthorized(run(&*p, &TestRequest::post("mailgun", body).at(req.received_at)).await);
+        }
+        // Missing signature object, or any part of it.
+        for field in ["signature", "timestamp", "token"] {
+            let req = signed(path, &token(22));
+            let mut doc: Value = serde_json::from_slice(&req.body).expect("json");
+            if field == "signature" {
+                doc.as_object_mut().expect("object").remove("signature");
+            } else {
+                doc["signature"]
+                    .as_object_mut()
+                    .expect("object")
+                    .remove(field);
+            }
+            let body = serde_json::to_vec(&doc).expect("json");
+            unauthorized(run(&*p, &TestRequest::post("mailgun", body)).await);
+        }
+        let garbage = signed(path, &token(23));
+        let mut doc: Value = serde_json::from_slice(&garbage.body).expect("json");
+        doc["signature"]["signature"] = Value::from("zz-not-hex");
+        unauthorized(
+            run(
+                &*p,
+                &TestRequest::post("mailgun", serde_json::to_vec(&doc).expect("json")),
+            )
+            .await,
+        );
+
+        // Correctly signed 16 minutes before (or after) arrival: stale.
+        for skew in [-16, 16] {
+            let signed_at = Utc::now() + chrono::TimeDelta::minutes(skew);
+            let mut req = signed_with(KEY, path, &token(24), signed_at);
+            req.received_at = Utc::now();
+            assert_eq!(
+                run(&*p, &req).await.err(),
+                Some(WebhookError::Unauthorized("stale signature timestamp"))
+            );
+        }
+        // Fourteen minutes old is inside the window.
+        let signed_at = Utc::now() - chrono::TimeDelta::minutes(14);
+        let mut req = signed_with(KEY, path, &token(25), signed_at);
+        req.received_at = Utc::now();
+        assert!(run(&*p, &req).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_subaccount_event_verifies_with_the_parent_signature() {
+        let p = provider();
+        let req = signed_with(
+            "key-of-the-subaccount",
+            "mailgun/delivered.json",
+            &token(30),
+            Utc::now(),
+        );
+        let mut doc: Value = serde_json::from_slice(&req.body).expect("json");
+        let ts = doc["signature"]["timestamp"]
+            .as_str()
+            .expect("ts")
+            .to_owned();
+        doc["signature"]["parent-signature"] = Value::from(hmac_hex(KEY, &ts, &token(30)));
+        let body = serde_json::to_vec(&doc).expect("json");
+        assert!(run(&*p, &TestRequest::post("mailgun", body)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_replayed_token_is_idempotent_for_the_same_body_and_refused_for_another() {
+        let p = provider();
+        let first = signed("mailgun/failed-permanent.json", &token(40));
+        let a = run(&*p, &first).await.expect("accepted");
+        // The very same request again (a re-delivery): accepted, and the same key, so the
+        // writer stores nothing new.
+        let b = run(&*p, &first).await.expect("re-delivery accepted");
+        assert_eq!(events(&a)[0].dedup_key, events(&b)[0].dedup_key);
+        // Mailgun does not sign the event: a captured signature with an edited event is
+        // refused because its token was already used with another body.
+        let mut doc: Value = serde_json::from_slice(&first.body).expect("json");
+        doc["event-data"]["user-variables"]["reachly_message_id"] = Value::from(M_ENGAGED);
+        doc["event-data"]["event"] = Value::from("delivered");
+        let forged = TestRequest::post("mailgun", serde_json::to_vec(&doc).expect("json"))
+            .at(first.received_at);
+        assert_eq!(
+            run(&*p, &forged).await.err(),
+            Some(WebhookError::Unauthorized(
+                "signature token replayed with another body"
+            ))
+        );
+    }
+
+    #[test]
+    fn the_replay_cache_is_bounded_and_forgets_stale_tokens_first() {
+        let mut c = ReplayCache::new(3);
+        let now = 1_000_000;
+        for (i, tok) in ["a", "b", "c"].into_iter().enumerate() {
+            assert!(c.admit(tok, now, [i as u8; 32], now).is_ok());
+        }
+        // Full: admitting a fourth forgets the oldest.
+        assert!(c.admit("d", now, [9; 32], now).is_ok());
+        assert_eq!(c.order.len(), 3);
+        assert!(!c.by_token.contains_key("a"));
+        assert!(c.admit("b", now, [0; 32], now).is_err());
+        // Once their timestamps leave the window, tokens are forgotten.
+        let later = now + TIMESTAMP_TOLERANCE_SECS + 1;
+        assert!(c.admit("e", later, [1; 32], later).is_ok());
+        assert_eq!(c.order.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_and_content_types_get_the_right_error() {
+        let p = provider();
+        for body in [&b""[..], b"{", b"not json"] {
+            assert!(
+                matches!(
+                    run(&*p, &TestRequest::post("mailgun", body.to_vec())).await,
+                    Err(WebhookError::BadRequest(_))
+                ),
+                "{body:?}"
+            );
+        }
+        // JSON without a signature cannot be authenticated.
+        assert!(matches!(
+            run(&*p, &TestRequest::post("mailgun", b"[]".to_vec())).await,
+            Err(WebhookError::Unauthorized(_))
+        ));
+        // Signed, but no event-data.
+        let ts = Utc::now().timestamp().to_string();
+        let body = serde_json::json!({"signature": {"timestamp": ts, "token": token(50),
+            "signature": hmac_hex(KEY, &ts, &token(50))}});
+        assert!(matches!(
+            run(&*p, &TestRequest::post("mailgun", body.to_string())).await,
+            Err(WebhookError::BadRequest(_))
+        ));
+        // Mailgun's legacy form-encoded webhooks are not accepted.
+        let form = signed("mailgun/delivered.json", &token(51))
+            .header("content-type", "application/x-www-form-urlencoded");
+        assert!(matches!(
+            run(&*p, &form).await,
+            Err(WebhookError::UnsupportedMediaType(_))
+        ));
+    }
+
+    #[test]
+    fn from_config_is_absent_without_a_key_and_refuses_a_blank_one() {
+        assert!(
+            from_config(&no_secrets(), &no_network())
+                .expect("ok")
+                .is_none()
+        );
+        let mut cfg = no_secrets();
+        cfg.mailgun_signing_key = Some(Secret::new("   "));
+        let err = from_config(&cfg, &no_network()).err().expect("refused");
+        assert!(err.contains("REACHLY_MAILGUN_SIGNING_KEY"), "{err}");
+    }
 }

@@ -16,6 +16,8 @@ pub mod resend;
 pub mod sendgrid;
 pub mod ses;
 pub mod sparkpost;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -270,7 +272,7 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
     if let Err(e) = provider.after_verify(&wreq).await {
         return e.response();
     }
-    let records = match provider.parse(
+    let mut records = match provider.parse(
         &wreq,
         &ParseContext {
             machine: &state.machine,
@@ -282,6 +284,7 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
             return e.response();
         }
     };
+    apply_ip_mode(&mut records, cfg.tracking.ip_mode);
     let n = records.len();
     match state.ingest.submit_durable(records).await {
         Ok(()) => text(StatusCode::OK, "ok\n"),
@@ -291,6 +294,20 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("cannot store events now ({why}); retry later\n"),
             )
+        }
+    }
+}
+
+/// `REACHLY_IP_MODE` for the addresses ESPs report (opens, clicks), as for our own hits:
+/// truncated, kept or dropped; anything that is not an IP address is dropped.
+fn apply_ip_mode(records: &mut [Record], mode: crate::config::IpMode) {
+    for r in records {
+        if let Record::Event(e) = r {
+            e.ip_address = e
+                .ip_address
+                .take()
+                .and_then(|ip| ip.trim().parse().ok())
+                .and_then(|ip| http::stored_ip(ip, mode));
         }
     }
 }
@@ -426,6 +443,53 @@ pub fn require_json(req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
     }
 }
 
+/// A non-empty string field of a JSON object, trimmed.
+pub fn json_str<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    v.get(key)
+        .and_then(serde_json::Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// An ESP's event time: seconds since the epoch (a JSON number or a numeric string, as
+/// SendGrid, Mailgun and SparkPost send it) or RFC 3339 text (Postmark, SparkPost samples).
+pub fn json_time(v: &serde_json::Value) -> Option<DateTime<Utc>> {
+    match v {
+        serde_json::Value::Number(n) => n.as_f64().and_then(unix_time),
+        serde_json::Value::String(s) => {
+            let s = s.trim();
+            match s.parse::<f64>() {
+                Ok(secs) => unix_time(secs),
+                Err(_) => rfc3339(s),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Copies scalar fields of an ESP event into `metadata` (`(field, our name)` pairs), text made
+/// storable: bounded and NUL-free, since one NUL in a JSONB value fails the whole COPY.
+pub fn keep_fields(
+    metadata: &mut serde_json::Map<String, serde_json::Value>,
+    event: Option<&serde_json::Value>,
+    fields: &[(&str, &str)],
+) {
+    use serde_json::Value;
+    let Some(event) = event else { return };
+    for (from, to) in fields {
+        match event.get(*from) {
+            Some(Value::String(s)) if !s.trim().is_empty() => {
+                let text = crate::event::pg_text(s.trim(), crate::event::MAX_TEXT_BYTES);
+                metadata.insert((*to).to_owned(), Value::String(text));
+            }
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => {
+                metadata.insert((*to).to_owned(), v.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,6 +528,71 @@ mod tests {
         assert!(basic_auth_ok(&h, "u:p"));
         assert!(!basic_auth_ok(&h, "u:q"));
         assert!(!basic_auth_ok(&HeaderMap::new(), "u:p"));
+    }
+
+    #[test]
+    fn esp_times_and_kept_fields_are_read_leniently_and_stored_safely() {
+        use serde_json::json;
+        let at = json_time(&json!(1_700_000_000)).unwrap();
+        assert_eq!(at.timestamp(), 1_700_000_000);
+        assert_eq!(json_time(&json!("1700000000")), Some(at));
+        assert_eq!(json_time(&json!("2023-11-14T22:13:20Z")), Some(at));
+        assert_eq!(json_time(&json!("2023-11-14T22:13:20.000+00:00")), Some(at));
+        for bad in [
+            json!("soon"),
+            json!(null),
+            json!(-1),
+            json!("NaN"),
+            json!({}),
+        ] {
+            assert_eq!(json_time(&bad), None, "{bad}");
+        }
+        let mut meta = serde_json::Map::new();
+        let ev = json!({"a": " x\u{0}y ", "n": 5, "b": true, "o": {"k": 1}, "e": ""});
+        keep_fields(
+            &mut meta,
+            Some(&ev),
+            &[("a", "A"), ("n", "N"), ("b", "B"), ("o", "O"), ("e", "E")],
+        );
+        assert_eq!(meta["A"], "x\u{FFFD}y");
+        assert_eq!(meta["N"], 5);
+        assert_eq!(meta["B"], true);
+        assert!(!meta.contains_key("O") && !meta.contains_key("E"));
+        assert_eq!(json_str(&ev, "e"), None);
+    }
+
+    #[test]
+    fn esp_reported_ips_follow_the_ip_mode() {
+        use crate::config::IpMode;
+        let with_ip = |ip: &str| {
+            let mut e = Event::new(Uuid::nil(), EventType::Opened, Utc::now(), Source::Mandrill);
+            e.ip_address = Some(ip.to_owned());
+            Record::Event(e)
+        };
+        let ip_of = |r: &Record| match r {
+            Record::Event(e) => e.ip_address.clone(),
+            Record::DeadLetter(_) => None,
+        };
+        let mut recs = vec![
+            with_ip("192.0.2.77"),
+            with_ip("2001:db8:abcd:12::1"),
+            with_ip("nope"),
+        ];
+        apply_ip_mode(&mut recs, IpMode::Truncate);
+        let got: Vec<Option<String>> = recs.iter().map(ip_of).collect();
+        assert_eq!(
+            got,
+            [
+                Some("192.0.2.0".into()),
+                Some("2001:db8:abcd::".into()),
+                None
+            ]
+        );
+        let mut recs = vec![with_ip(" 192.0.2.77 ")];
+        apply_ip_mode(&mut recs, IpMode::Full);
+        assert_eq!(ip_of(&recs[0]).as_deref(), Some("192.0.2.77"));
+        apply_ip_mode(&mut recs, IpMode::None);
+        assert_eq!(ip_of(&recs[0]), None);
     }
 
     #[test]

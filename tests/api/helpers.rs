@@ -609,3 +609,144 @@ pub async fn message_row(db: &tokio_postgres::Client, id: Uuid) -> MessageRow {
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_reachly-ingest")
 }
+
+/// `reachly-ingest serve` as a child process on ports of its own choosing (port 0), found
+/// from its JSON log line `serving`; its stderr is drained (and kept for failure messages).
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ServeProcess {
+    pub fn spawn(db_url: &str, spool: &Path, extra_env: &[(&str, &str)]) -> ServeProcess {
+        use std::io::BufRead as _;
+        let mut c = Command::new(binary());
+        c.arg("serve")
+            .env("DATABASE_URL", db_url)
+            .env("REACHLY_TOKEN_KEYS", test_token_keys_arg())
+            .env("REACHLY_LISTEN", "127.0.0.1:0")
+            .env("REACHLY_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("REACHLY_SPOOL_DIR", spool)
+            .env("REACHLY_DB_CONNECT_TIMEOUT_S", "1")
+            .env("REACHLY_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().expect("spawn reachly-ingest serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && v["fields"]["message"] == "serving"
+                {
+                    let addr = |k: &str| {
+                        v["fields"][k]
+                            .as_str()
+                            .and_then(|s| s.parse::<SocketAddr>().ok())
+                    };
+                    if let (Some(p), Some(a)) = (addr("public"), addr("admin")) {
+                        let _ = tx.send((p, a));
+                    }
+                }
+                sink.lock().map(|mut l| l.push(line)).ok();
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok((public, admin)) => ServeProcess {
+                child,
+                public,
+                admin,
+                log,
+            },
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "serve did not start; its log:\n{}",
+                    log.lock().map(|l| l.join("\n")).unwrap_or_default()
+                );
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.public)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success(), "kill {sig} failed");
+    }
+
+    /// Waits for exit (at most `within`), returning the exit code.
+    pub async fn wait(mut self, within: Duration) -> Option<i32> {
+        let log = self.log.clone();
+        let status = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + within;
+            loop {
+                if let Some(s) = self.child.try_wait().expect("try_wait") {
+                    return Some(s);
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        })
+        .await
+        .expect("join");
+        match status {
+            Some(s) => s.code(),
+            None => panic!(
+                "serve did not exit within {within:?}; log:\n{}",
+                log.lock().map(|l| l.join("\n")).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Waits until `path` on the admin listener answers 200.
+    pub async fn wait_admin_ok(&self, path: &str) {
+        let client = http_client();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let last = match client
+                .get(self.admin_url(path))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+            {
+                Ok(r) if r.status() == 200 => return,
+                Ok(r) => format!("{}", r.status()),
+                Err(e) => format!("{e}"),
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path} never answered 200 (last: {last})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+}

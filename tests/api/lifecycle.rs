@@ -6,7 +6,6 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use reachly_ingest::pgcluster::free_port;
 use reachly_ingest::token::Purpose;
 
 use crate::helpers::*;
@@ -35,14 +34,17 @@ fn signal(child: &Child, sig: &str) {
 
 async fn wait_http_ok(url: &str) {
     let client = http_client();
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(r) = client.get(url).send().await
-            && r.status() == 200
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{url} never answered 200");
+        let last = match client.get(url).timeout(Duration::from_secs(5)).send().await {
+            Ok(r) if r.status() == 200 => return,
+            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => format!("{e:?}"),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{url} never answered 200; last: {last}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -152,21 +154,13 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
         None,
     )
     .unwrap();
-    let (port, admin) = (free_port().unwrap(), free_port().unwrap());
-    let spool = temp_dir("sigterm-spool");
-    let mut child = Command::new(binary())
-        .arg("serve")
-        .env("DATABASE_URL", &url)
-        .env("REACHLY_TOKEN_KEYS", test_token_keys_arg())
-        .env("REACHLY_LISTEN", format!("127.0.0.1:{port}"))
-        .env("REACHLY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("REACHLY_SPOOL_DIR", &spool)
-        .env("REACHLY_MIGRATE_ON_START", "false")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    wait_http_ok(&format!("http://127.0.0.1:{admin}/healthz")).await;
+    let service = ServeProcess::spawn(
+        &url,
+        &temp_dir("sigterm-spool"),
+        &[("REACHLY_MIGRATE_ON_START", "false")],
+    );
+    service.wait_admin_ok("/healthz").await;
+    let port = service.public.port();
 
     let body = "List-Unsubscribe=One-Click";
     let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -179,7 +173,7 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
     .unwrap();
     conn.flush().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    signal(&child, "-TERM");
+    service.signal("-TERM");
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
@@ -191,8 +185,7 @@ async fn sigterm_finishes_the_request_in_flight_and_exits_0() {
         .unwrap();
     conn.read_to_string(&mut response).expect("read response");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let status = wait_exit(&mut child, Duration::from_secs(20));
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(service.wait(Duration::from_secs(20)).await, Some(0));
     assert_eq!(
         message_row(&db, s.message).await.status.as_deref(),
         Some("unsubscribed")

@@ -5,5 +5,15 @@ mod helpers;
 
 mod admin;
 mod lifecycle;
+mod merge_property;
 mod partitions;
+mod pipeline;
 mod schema;
+mod webhooks_common;
+mod webhooks_mailgun;
+mod webhooks_mandrill;
+mod webhooks_postmark;
+mod webhooks_resend;
+mod webhooks_sendgrid;
+mod webhooks_ses;
+mod webhooks_sparkpost;

@@ -1,0 +1,247 @@
+//! Mailgun webhooks end to end: each documented event signed with a test key and posted over
+//! a real socket into a real PostgreSQL; re-deliveries; refusals writing nothing.
+
+use hmac::{KeyInit, Mac};
+use reachly_ingest::config::Secret;
+use serde_json::Value;
+use sha2::Sha256;
+
+use crate::webhooks_common::*;
+
+const KEY: &str = "key-0123456789abcdef-test";
+
+const FIXTURES: [&str; 9] = [
+    "mailgun/accepted.json",
+    "mailgun/delivered.json",
+    "mailgun/opened.json",
+    "mailgun/clicked.json",
+    "mailgun/failed-permanent.json",
+    "mailgun/failed-temporary.json",
+    "mailgun/unsubscribed.json",
+    "mailgun/complained.json",
+    "mailgun/delivered-uncorrelated.json",
+];
+
+fn hmac_hex(key: &str, timestamp: &str, token: &str) -> String {
+    let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(key.as_bytes()).expect("key");
+    mac.update(timestamp.as_bytes());
+    mac.update(token.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn fresh_token() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), "0123456789abcdefff")
+}
+
+/// The body with a signature made with `key`, `skew_secs` from now, for `token`.
+fn sign(body: &str, key: &str, token: &str, skew_secs: i64) -> String {
+    let mut doc: Value = serde_json::from_str(body).expect("json");
+    let ts = (chrono::Utc::now().timestamp() + skew_secs).to_string();
+    doc["signature"] = serde_json::json!({
+        "timestamp": ts, "token": token, "signature": hmac_hex(key, &ts, token)
+    });
+    serde_json::to_string(&doc).expect("json")
+}
+
+async fn mailgun_world(max_bytes: Option<usize>) -> World {
+    world(move |a| {
+        a.webhooks.mailgun_signing_key = Some(Secret::new(KEY));
+        if let Some(n) = max_bytes {
+            a.webhooks.webhook_max_bytes = n;
+        }
+    })
+    .await
+}
+
+async fn post(w: &World, body: String) -> reqwest::Response {
+    w.app
+        .post_webhook("mailgun", &[("content-type", "application/json")], body)
+        .await
+}
+
+async fn post_all(w: &World) -> Vec<String> {
+    let mut sent = Vec::new();
+    for f in FIXTURES {
+        let body = sign(&w.fixture(f), KEY, &fresh_token(), 0);
+        assert_eq!(post(w, body.clone()).await.status(), 200, "{f}");
+        sent.push(body);
+    }
+    sent
+}
+
+#[tokio::test]
+async fn documented_events_are_stored_as_exactly_these_rows() {
+    let w = mailgun_world(None).await;
+    post_all(&w).await;
+
+    let ev = w.app.events(w.msgs[ENGAGED].message).await;
+    assert_eq!(
+        w.types(ENGAGED).await,
+        ["clicked", "delivered", "opened", "sent"]
+    );
+    for e in &ev {
+        assert_eq!(e.provider, "mailgun");
+        assert_eq!(e.organization_id, w.org());
+    }
+    let of = |t: &str| {
+        ev.iter()
+            .find(|e| e.event_type == t)
+            .expect("event of that type")
+    };
+    assert_eq!(
+        of("sent").dedup_key.as_deref(),
+        Some("mailgun:id:CCXMjJ7nQi2N3BPigGOdgQ")
+    );
+    assert_eq!(
+        of("clicked").link_url.as_deref(),
+        Some("https://sample.mailgun.com")
+    );
+    assert_eq!(of("opened").ip_address.as_deref(), Some("38.142.208.162"));
+    let m = w.app.message(w.msgs[ENGAGED].message).await;
+    assert_eq!(m.status.as_deref(), Some("clicked"));
+    same_instant(m.sent_at, "2026-02-03T19:26:38.372891Z");
+    same_instant(m.delivered_at, "2026-02-03T19:20:31.658528Z");
+    same_instant(m.opened_at, "2026-02-05T21:31:14.554933Z");
+    same_instant(m.clicked_at, "2026-02-05T21:31:58.664868Z");
+    assert_eq!(w.contact(ENGAGED).await, "active");
+
+    assert_eq!(w.types(HARD).await, ["bounced"]);
+    let hard = &w.app.events(w.msgs[HARD].message).await[0];
+    assert_eq!(hard.metadata["bounce_class"], "hard");
+    assert_eq!(hard.metadata["delivery_code"], 550);
+    let m = w.app.message(w.msgs[HARD].message).await;
+    assert_eq!(m.status.as_deref(), Some("bounced"));
+    assert!(
+        m.error_message
+            .as_deref()
+            .is_some_and(|e| e.starts_with("550 5.5.0 Requested action not taken"))
+    );
+    assert_eq!(w.contact(HARD).await, "bounced");
+
+    assert_eq!(w.types(SOFT).await, ["deferred"]);
+    let m = w.app.message(w.msgs[SOFT].message).await;
+    assert_eq!(m.status.as_deref(), Some("sent"));
+    assert!(
+        m.error_message
+            .as_deref()
+            .is_some_and(|e| e.starts_with("421 "))
+    );
+    assert_eq!(w.contact(SOFT).await, "active");
+
+    assert_eq!(w.types(COMPLAINT).await, ["complained"]);
+    assert_eq!(w.contact(COMPLAINT).await, "unsubscribed");
+    assert_eq!(w.types(UNSUB).await, ["unsubscribed"]);
+    assert_eq!(
+        w.app.message(w.msgs[UNSUB].message).await.status.as_deref(),
+        Some("unsubscribed")
+    );
+    assert_eq!(w.contact(UNSUB).await, "unsubscribed");
+    assert!(w.types(DROPPED).await.is_empty());
+
+    assert_eq!(total_events(&w.app).await, 8);
+    let dl = dead_letters(&w.app).await;
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].reason, "no_message_id");
+    assert_eq!(dl[0].event_type.as_deref(), Some("delivered"));
+    assert_eq!(
+        dl[0].dedup_key.as_deref(),
+        Some("mailgun:id:MXcc2gEpS-eN8HfkOnmK2w")
+    );
+    let raw: Value = serde_json::from_str(&dl[0].payload).expect("json");
+    assert_eq!(raw["id"], "MXcc2gEpS-eN8HfkOnmK2w");
+}
+
+#[tokio::test]
+async fn re_deliveries_change_nothing() {
+    let w = mailgun_world(None).await;
+    let sent = post_all(&w).await;
+    let before = snapshot(&w.app).await;
+    assert_eq!(before.events.len(), 8);
+    assert_eq!(before.dead_letters.len(), 1);
+    // The same requests again (same tokens), twice...
+    for _ in 0..2 {
+        for body in &sent {
+            assert_eq!(post(&w, body.clone()).await.status(), 200);
+        }
+    }
+    // ...and re-signed with new tokens, as a later retry would be.
+    for f in FIXTURES {
+        let body = sign(&w.fixture(f), KEY, &fresh_token(), 0);
+        assert_eq!(post(&w, body).await.status(), 200, "{f}");
+    }
+    assert_eq!(snapshot(&w.app).await, before);
+}
+
+#[tokio::test]
+async fn bad_signatures_stale_times_and_replays_are_401_and_write_nothing() {
+    let w = mailgun_world(None).await;
+    let body = w.fixture("mailgun/failed-permanent.json");
+    let good = sign(&body, KEY, &fresh_token(), 0);
+
+    let mut tampered: Value = serde_json::from_str(&good).expect("json");
+    let ts = tampered["signature"]["timestamp"]
+        .as_str()
+        .expect("ts")
+        .to_owned();
+    tampered["signature"]["timestamp"] =
+        Value::from((ts.parse::<i64>().expect("n") + 1).to_string());
+    let mut no_signature: Value = serde_json::from_str(&good).expect("json");
+    no_signature
+        .as_object_mut()
+        .expect("object")
+        .remove("signature");
+    let cases = [
+        ("tampered signed field", tampered.to_string()),
+        ("wrong key", sign(&body, "key-wrong", &fresh_token(), 0)),
+        ("missing signature", no_signature.to_string()),
+        (
+            "stale timestamp",
+            sign(&body, KEY, &fresh_token(), -16 * 60),
+        ),
+    ];
+    for (what, b) in &cases {
+        assert_eq!(post(&w, b.clone()).await.status(), 401, "{what}");
+    }
+    assert_eq!(total_events(&w.app).await, 0);
+    assert_eq!(total_dead_letters(&w.app).await, 0);
+
+    // A captured signature reused with an edited event: its token is known, the body is not.
+    assert_eq!(post(&w, good.clone()).await.status(), 200);
+    let before = snapshot(&w.app).await;
+    let mut forged: Value = serde_json::from_str(&good).expect("json");
+    forged["event-data"]["id"] = Value::from("forged-id");
+    forged["event-data"]["event"] = Value::from("complained");
+    assert_eq!(post(&w, forged.to_string()).await.status(), 401);
+    assert_eq!(snapshot(&w.app).await, before);
+    assert_eq!(
+        w.app
+            .metric(r#"reachly_webhook_auth_failures_total{provider="mailgun"}"#)
+            .await,
+        (cases.len() + 1) as f64
+    );
+}
+
+#[tokio::test]
+async fn malformed_empty_wrongly_typed_and_oversized_bodies_are_4xx_and_write_nothing() {
+    let w = mailgun_world(Some(16 * 1024)).await;
+    assert_eq!(post(&w, "{\"signature\": ".into()).await.status(), 400);
+    assert_eq!(post(&w, String::new()).await.status(), 400);
+    // Signed, but no event-data.
+    let signed_empty = sign("{}", KEY, &fresh_token(), 0);
+    assert_eq!(post(&w, signed_empty).await.status(), 400);
+    let form = w
+        .app
+        .post_webhook(
+            "mailgun",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "event=delivered&timestamp=1&token=x&signature=y",
+        )
+        .await;
+    assert_eq!(form.status(), 415);
+    let mut big: Value = serde_json::from_str(&w.fixture("mailgun/delivered.json")).expect("json");
+    big["event-data"]["padding"] = Value::from("x".repeat(20 * 1024));
+    let big = sign(&big.to_string(), KEY, &fresh_token(), 0);
+    assert_eq!(post(&w, big).await.status(), 413);
+    assert_eq!(total_events(&w.app).await, 0);
+    assert_eq!(total_dead_letters(&w.app).await, 0);
+}
