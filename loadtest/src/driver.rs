@@ -2,7 +2,8 @@
 //! `start + i / rate`), whatever the server does, and each latency is measured from the
 //! scheduled time to the end of the response body. A slow server therefore shows up as
 //! queueing in the latencies (no coordinated omission), and as an achieved rate below the
-//! offered one. Requests go over pooled HTTP/1.1 keep-alive connections (hyper's client);
+//! offered one. (A request sent up to a millisecond early, as the timer's resolution allows,
+//! is measured from when it was sent.) Requests go over pooled HTTP/1.1 keep-alive connections (hyper's client);
 //! at most `max_in_flight` are outstanding, later ones wait for a slot (and that wait counts
 //! in their latency); each request, wait included, is bounded by a timeout.
 //!
@@ -28,6 +29,9 @@ use tokio::task::JoinSet;
 use crate::workload::{Expect, Prepared, Route, Workload};
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// How early the scheduler may wake before a request's time (the timer's resolution).
+const TIMER_SLACK: Duration = Duration::from_millis(1);
 
 /// Bound on one request, including the wait for a connection slot.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -352,12 +356,18 @@ impl Driver {
                 break;
             }
             let due = start + offset;
+            // The timer ticks in whole milliseconds and rounds up: sleeping until `due` would
+            // add up to a millisecond to every latency. Wake up to a millisecond early instead,
+            // and measure such a request from when it was really sent.
+            if due > Instant::now() + TIMER_SLACK {
+                tokio::time::sleep_until((due - TIMER_SLACK).into()).await;
+            }
             let now = Instant::now();
-            if due > now {
-                tokio::time::sleep_until(due.into()).await;
-            } else {
+            if now > due {
                 max_lag = max_lag.max(now - due);
             }
+            // Late (queued behind the schedule): from the scheduled time; early: from now.
+            let sent_from = now.min(due);
             let prepared = workload.next_request();
             let segment = spec
                 .segment_starts
@@ -381,7 +391,7 @@ impl Driver {
                     _ => None,
                 };
                 let done = Instant::now();
-                let micros = done.saturating_duration_since(due).as_micros() as u64;
+                let micros = done.saturating_duration_since(sent_from).as_micros() as u64;
                 if let Ok(mut l) = ledger.lock() {
                     l.record(&prepared, status);
                 }

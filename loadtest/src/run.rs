@@ -707,6 +707,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     let (mix, note) = webhook_mix(ctx, &server.base_url()).await?;
     notes.extend(note);
     let mut load = Load::new(server.base_url(), ctx, mix.clone(), 42);
+    if ctx.cluster.preload_stats {
+        ctx.monitor.execute("SELECT pg_stat_statements_reset()").await?;
+    }
     let phase_start_db = ctx.monitor.stats().await.ok();
     let phase_start_metrics =
         ServiceMetrics::scrape(&ctx.client, server.admin.context("admin")?).await?;
