@@ -115,6 +115,10 @@ struct Cli {
     /// Most events loaded by the limit reference.
     #[arg(long, default_value_t = 1_000_000)]
     limit_max_events: u64,
+    /// Run exactly these rates (comma-separated req/s) instead of the ramp and the
+    /// half-rate step (for experiments).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
     #[arg(long)]
     skip_outage: bool,
     #[arg(long)]
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
         outage: Duration::from_secs(cli.outage_seconds),
         outage_rate: cli.outage_rate,
         limit_max_events: cli.limit_max_events,
+        rates: cli.rates,
         skip_outage: cli.skip_outage,
         skip_naive: cli.skip_naive,
         skip_limit: cli.skip_limit,

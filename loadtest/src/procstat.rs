@@ -47,6 +47,44 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(f.get(UTIME)? + f.get(STIME)?)
 }
 
+/// `(busy, total)` clock ticks of one CPU since boot, from `/proc/stat` (busy = all but
+/// idle and iowait): whatever ran there, our processes, other tenants' and the kernel's.
+pub fn cpu_busy(cpu: usize) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let name = format!("cpu{cpu}");
+    let line = s
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest fields are inside user/nice).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Median latency of `n` 8 kB writes each followed by `fdatasync`, in a file under `dir`:
+/// what a WAL flush costs on this disk.
+pub fn fdatasync_micros(dir: &Path, n: usize) -> Option<f64> {
+    use std::io::Write as _;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).ok()?;
+    let block = [0x5au8; 8192];
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        f.write_all(&block).ok()?;
+        f.sync_data().ok()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = std::fs::remove_file(&path);
+    times.sort_by(f64::total_cmp);
+    times.get(times.len() / 2).copied()
+}
+
 /// `(VmRSS, VmHWM)` in bytes.
 pub fn memory(pid: u32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

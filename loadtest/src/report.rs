@@ -100,6 +100,9 @@ pub struct StepRow {
     pub page_writes_per_event: Option<f64>,
     pub db_cpu_us_per_event: Option<f64>,
     pub commits_per_s: f64,
+    /// Busy share (%) of the database's CPU and of the application's CPU, whoever used it.
+    pub db_core_busy: f64,
+    pub app_core_busy: f64,
     pub saturated: Option<String>,
     pub projection: Option<Projection>,
 }
@@ -151,14 +154,13 @@ impl StepRow {
             opt(self.fsyncs_per_event, 4),
             opt(self.db_cpu_us_per_event, 1),
         );
-        if let Some(p) = &self.projection {
-            let _ = write!(
-                s,
-                " | B1ms ceiling {:.0} ev/s burst, {:.0} baseline",
-                p.burst(),
-                p.baseline()
-            );
-        }
+        let _ = write!(
+            s,
+            " | core busy: db {:.0}% app {:.0}% | pages {}/ev",
+            self.db_core_busy,
+            self.app_core_busy,
+            opt(self.page_writes_per_event, 4)
+        );
         if let Some(why) = &self.saturated {
             let _ = write!(s, " | SATURATED: {why}");
         }
@@ -193,6 +195,23 @@ pub fn fmt_num(v: f64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Sets every row's projection from its own WAL, fsync and CPU costs and the phase's data
+/// page writes per event (a step rarely contains a whole checkpoint cycle, so the phase's
+/// average, final CHECKPOINT included, stands for the steady state).
+pub fn apply_phase_pages(rows: &mut [StepRow], pages_per_event: Option<f64>) {
+    for row in rows {
+        let pages = pages_per_event.or(row.page_writes_per_event).unwrap_or(0.0);
+        row.projection = match (
+            row.wal_bytes_per_event,
+            row.fsyncs_per_event,
+            row.db_cpu_us_per_event,
+        ) {
+            (Some(w), Some(f), Some(c)) => Some(Projection::from_costs(w, f + pages, c * 1e-6)),
+            _ => None,
+        };
+    }
 }
 
 /// The saturation rule of a step.
@@ -261,8 +280,8 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
     if service_columns {
         s.push_str(" ev/commit | buffer end | spool end (B) |");
     }
-    s.push_str(" server CPU | server RSS MB | gen CPU | DB CPU | WAL B/ev | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated |\n|");
-    let cols = 3 + routes.len() + 1 + if service_columns { 3 } else { 0 } + 10;
+    s.push_str(" app core busy (server + generator) | server RSS MB | DB CPU (db core busy) | WAL B/ev | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated |\n|");
+    let cols = 3 + routes.len() + 1 + if service_columns { 3 } else { 0 } + 9;
     for _ in 0..cols {
         s.push_str(" --- |");
     }
@@ -297,11 +316,13 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
         }
         let _ = writeln!(
             s,
-            " {:.0}% | {:.0} | {:.0}% | {:.0}% | {} | {} | {} | {} | {} | {} |",
+            " {:.0}% ({:.0}% + {:.0}%) | {:.0} | {:.0}% ({:.0}%) | {} | {} | {} | {} | {} | {} |",
+            row.app_core_busy,
             row.server_cpu,
-            row.server_rss_mb,
             row.generator_cpu,
+            row.server_rss_mb,
             row.db_cpu,
+            row.db_core_busy,
             opt(row.wal_bytes_per_event, 0),
             opt(row.fsyncs_per_event, 4),
             opt(row.page_writes_per_event, 4),

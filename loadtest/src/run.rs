@@ -75,6 +75,8 @@ pub struct Options {
     pub outage: Duration,
     pub outage_rate: Option<f64>,
     pub limit_max_events: u64,
+    /// Run exactly these rates instead of the ramp (experiments).
+    pub rates: Vec<f64>,
     pub skip_outage: bool,
     pub skip_naive: bool,
     pub skip_limit: bool,
@@ -91,6 +93,9 @@ struct Probe {
     db: Option<DbStats>,
     metrics: Option<ServiceMetrics>,
     rss: (u64, u64),
+    /// (busy, total) ticks of the database's CPU and of the application's CPU.
+    db_cpu_busy: (u64, u64),
+    app_cpu_busy: (u64, u64),
 }
 
 struct Ctx {
@@ -102,6 +107,8 @@ struct Ctx {
     ticks: f64,
     dir: PathBuf,
     client: crate::driver::HttpClient,
+    /// Median 8 kB write + fdatasync on the work directory's disk.
+    fsync_us: Option<f64>,
 }
 
 /// What a phase produced.
@@ -180,6 +187,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         .arg(&dir)
         .status();
     eprintln!("work dir {} (removed at exit unless --keep)", dir.display());
+    let fsync_us = procstat::fdatasync_micros(&dir, 200);
     let cluster = {
         let (dir, cpu, extra, keep) = (
             dir.clone(),
@@ -226,6 +234,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         ticks: procstat::clock_ticks_per_second(),
         dir: dir.clone(),
         client: crate::driver::http_client(),
+        fsync_us,
         opts,
     };
 
@@ -276,7 +285,7 @@ fn header(
         "# reachly-ingest load test ({mode})\n\n\
          - date: {date} UTC; run time {took:.0} s\n\
          - machine: {cpus} CPUs ({cpu_model}), Linux {kernel}; load average before {lb}, after {la}\n\
-         - PostgreSQL {pg_version} on CPU {dbcpu} (taskset); service and load generator on CPU {appcpu}\n\
+         - PostgreSQL {pg_version} on CPU {dbcpu} (taskset); service and load generator on CPU {appcpu}; an 8 kB write + fdatasync takes {fsync} on this disk (median of 200)\n\
          - seed: {orgs} organizations, {contacts} contacts, {campaigns} campaigns, {messages} messages\n\
          - mix: {mix}\n\
          - service: REACHLY_DB_POOL_SIZE={pool}, REACHLY_WRITERS={writers}, REACHLY_FLUSH_MAX_EVENTS={fme}, REACHLY_FLUSH_INTERVAL_MS={fi}, REACHLY_BUFFER_MAX_EVENTS={bme}\n\
@@ -301,6 +310,7 @@ fn header(
             .collect::<Vec<_>>()
             .join(" "),
         dbcpu = o.db_cpu,
+        fsync = ctx.fsync_us.map_or("?".into(), |us| format!("{us:.0} us")),
         appcpu = o.app_cpu,
         orgs = ctx.tenants.orgs.len(),
         contacts = ctx.tenants.contacts,
@@ -364,7 +374,18 @@ async fn probe(ctx: &mut Ctx, server: &ServerProcess) -> Probe {
         db,
         metrics,
         rss: procstat::memory(server.pid).unwrap_or((0, 0)),
+        db_cpu_busy: procstat::cpu_busy(ctx.opts.db_cpu).unwrap_or((0, 0)),
+        app_cpu_busy: procstat::cpu_busy(ctx.opts.app_cpu).unwrap_or((0, 0)),
     }
+}
+
+/// Share (%) of a CPU's time that was busy between two `/proc/stat` readings.
+fn busy(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    if total == 0 {
+        return 0.0;
+    }
+    100.0 * after.0.saturating_sub(before.0) as f64 / total as f64
 }
 
 fn row_from(
@@ -435,6 +456,8 @@ fn row_from(
         page_writes_per_event: pages,
         db_cpu_us_per_event: cpu_per_event.map(|s| s * 1e6),
         commits_per_s: db.map_or(0.0, |d| d.xact_commit as f64 / secs),
+        db_core_busy: busy(before.db_cpu_busy, after.db_cpu_busy),
+        app_core_busy: busy(before.app_cpu_busy, after.app_cpu_busy),
         saturated: None,
         projection,
     }
@@ -455,10 +478,18 @@ async fn step(
         duration: ctx.opts.step,
         segment_starts: vec![],
     };
-    let result = load
-        .driver
-        .run(&mut load.workload, &load.ledger, &spec)
-        .await;
+    // The buffer and spool when the schedule ends (not after the stragglers are answered).
+    let at_end = async {
+        tokio::time::sleep(spec.duration).await;
+        match server.admin {
+            Some(a) => ServiceMetrics::scrape(&ctx.client, a).await.ok(),
+            None => None,
+        }
+    };
+    let (result, end_metrics) = tokio::join!(
+        load.driver.run(&mut load.workload, &load.ledger, &spec),
+        at_end
+    );
     let after = probe(ctx, server).await;
     if let Some(st) = server.exited() {
         bail!(
@@ -468,6 +499,10 @@ async fn step(
         );
     }
     let mut row = row_from(ctx, label, &before, &after, &result);
+    if let Some(m) = end_metrics {
+        row.buffer_end = Some(m.buffer_events);
+        row.spool_end = Some(m.spool_bytes);
+    }
     if judge {
         let accepted = row.acked_per_s * (after.at - before.at).as_secs_f64();
         row.saturated = ctx.opts.rule.judge(
@@ -530,6 +565,20 @@ async fn ramp(
     start: f64,
 ) -> anyhow::Result<PhaseResult> {
     let mut phase = PhaseResult::default();
+    if !ctx.opts.rates.is_empty() {
+        for rate in ctx.opts.rates.clone() {
+            drain(ctx, server, Duration::from_secs(180)).await?;
+            let row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
+            if row.saturated.is_some() {
+                phase.first_saturated =
+                    Some(phase.first_saturated.map_or(rate, |r: f64| r.min(rate)));
+            } else {
+                phase.best_ok = Some(phase.best_ok.map_or(rate, |r: f64| r.max(rate)));
+            }
+            phase.rows.push(row);
+        }
+        return Ok(phase);
+    }
     let mut rate = start;
     loop {
         drain(ctx, server, Duration::from_secs(180)).await?;
@@ -708,7 +757,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     notes.extend(note);
     let mut load = Load::new(server.base_url(), ctx, mix.clone(), 42);
     if ctx.cluster.preload_stats {
-        ctx.monitor.execute("SELECT pg_stat_statements_reset()").await?;
+        ctx.monitor
+            .execute("SELECT pg_stat_statements_reset()")
+            .await?;
     }
     let phase_start_db = ctx.monitor.stats().await.ok();
     let phase_start_metrics =
@@ -719,17 +770,19 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         (None, Some(ok)) => ok / 2.0,
         _ => ctx.opts.start_rate / 2.0,
     };
-    drain(ctx, &mut server, Duration::from_secs(180)).await?;
-    let half = step(
-        ctx,
-        &mut load,
-        &mut server,
-        format!("service half {half_rate:.0}/s"),
-        half_rate,
-        true,
-    )
-    .await?;
-    service.rows.push(half);
+    if ctx.opts.rates.is_empty() {
+        drain(ctx, &mut server, Duration::from_secs(180)).await?;
+        let half = step(
+            ctx,
+            &mut load,
+            &mut server,
+            format!("service half {half_rate:.0}/s"),
+            half_rate,
+            true,
+        )
+        .await?;
+        service.rows.push(half);
+    }
     let drained = drain(ctx, &mut server, Duration::from_secs(300)).await?;
     ctx.monitor.execute("CHECKPOINT").await?;
     let phase_end_db = ctx.monitor.stats().await.ok();
@@ -744,6 +797,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         }
         _ => None,
     };
+    report::apply_phase_pages(&mut service.rows, phase_pages_per_event);
     let statements = top_statements(&ctx.cluster.url()).await;
     let dump_path = ctx.dir.join("events.bin");
     let dumped = if ctx.opts.skip_limit {
@@ -773,6 +827,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
 
     // 3. The naive server.
     let mut naive = PhaseResult::default();
+    let mut naive_pages_per_event = None;
     if !ctx.opts.skip_naive {
         eprintln!("== naive ramp");
         seed::reset(&ctx.cluster.url()).await?;
@@ -801,6 +856,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             .wait_ready(&ctx.client, Duration::from_secs(30))
             .await?;
         let mut nload = Load::new(nserver.base_url(), ctx, mix.without_webhooks(), 4242);
+        let naive_db0 = ctx.monitor.stats().await.ok();
         naive = ramp(
             ctx,
             &mut nload,
@@ -809,9 +865,19 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             ctx.opts.naive_start_rate,
         )
         .await?;
+        ctx.monitor.execute("CHECKPOINT").await?;
+        let naive_db1 = ctx.monitor.stats().await.ok();
         let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&nload.ledger)).await?;
         println!("naive: {}", verdict.summary());
         passed &= verdict.ok;
+        let pages = match (naive_db0, naive_db1) {
+            (Some(a), Some(b)) if verdict.stored_tracking_rows > 0 => {
+                Some((b.page_writes - a.page_writes) as f64 / verdict.stored_tracking_rows as f64)
+            }
+            _ => None,
+        };
+        report::apply_phase_pages(&mut naive.rows, pages);
+        naive_pages_per_event = pages;
         verdicts.push(("naive ramp".into(), verdict));
         let _ = nserver.stop(Duration::from_secs(20)).await;
     }
@@ -874,6 +940,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         verdicts: &verdicts,
         notes: &notes,
         phase_pages_per_event,
+        naive_pages_per_event,
         statements: &statements,
     });
     let chart = chart_data(
@@ -1025,13 +1092,18 @@ async fn outage(
     })
 }
 
-async fn top_statements(url: &str) -> Vec<(i64, f64, i64, String)> {
+/// A row of pg_stat_statements: calls, total ms, rows, blocks dirtied, blocks written, WAL
+/// bytes, the statement's start.
+type Statement = (i64, f64, i64, i64, i64, i64, String);
+
+async fn top_statements(url: &str) -> Vec<Statement> {
     let Ok(c) = reachly_ingest::db::connect(url).await else {
         return Vec::new();
     };
     let Ok(rows) = c
         .query(
-            "SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') \
+            "SELECT calls, total_exec_time, rows, shared_blks_dirtied, shared_blks_written, wal_bytes::int8, \
+                    regexp_replace(query, '\\s+', ' ', 'g') \
              FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              ORDER BY total_exec_time DESC LIMIT 8",
             &[],
@@ -1042,9 +1114,17 @@ async fn top_statements(url: &str) -> Vec<(i64, f64, i64, String)> {
     };
     rows.iter()
         .map(|r| {
-            let q: String = r.get(3);
-            let q: String = q.chars().take(160).collect();
-            (r.get(0), r.get(1), r.get(2), q)
+            let q: String = r.get(6);
+            let q: String = q.chars().take(140).collect();
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                q,
+            )
         })
         .collect()
 }
@@ -1057,7 +1137,8 @@ struct FullReport<'a> {
     verdicts: &'a [(String, Verdict)],
     notes: &'a [String],
     phase_pages_per_event: Option<f64>,
-    statements: &'a [(i64, f64, i64, String)],
+    naive_pages_per_event: Option<f64>,
+    statements: &'a [Statement],
 }
 
 fn full_report(r: FullReport<'_>) -> String {
@@ -1100,30 +1181,73 @@ fn full_report(r: FullReport<'_>) -> String {
     let nv = r.naive.sustained();
     let lim = r.limit.map(|(l, _)| l.events_per_second());
     let f = |v: Option<f64>| v.map_or("-".into(), report::fmt_num);
-    s.push_str(&format!(
-        "| | events committed/s |\n| --- | --- |\n\
-         | service, sustained (best step that did not saturate) | {} |\n\
-         | service, peak (any step) | {} |\n\
-         | naive, sustained | {} |\n\
-         | limit (bulk COPY) | {} |\n",
-        f(svc.map(|x| x.0)),
-        f(svc_peak.map(|x| x.0)),
-        f(nv.map(|x| x.0)),
-        f(lim),
-    ));
-    let ratio_naive = match (svc, nv) {
-        (Some(a), Some(b)) if b.0 > 0.0 => Some(a.0 / b.0),
+    let capacity = |row: &StepRow| {
+        row.db_cpu_us_per_event
+            .filter(|c| *c > 0.0)
+            .map(|c| 1e6 / c)
+    };
+    let ceiling = |row: &StepRow| {
+        row.projection.map_or("-".into(), |p| {
+            format!(
+                "{} / {}",
+                report::fmt_num(p.burst()),
+                report::fmt_num(p.baseline())
+            )
+        })
+    };
+    s.push_str(
+        "| | step | events committed/s here | DB CPU us/event | events/s one database core could take (1e6 / us) | B1ms ceiling, burst / baseline |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    let mut line = |name: &str, x: Option<(f64, &StepRow)>| {
+        if let Some((v, row)) = x {
+            s.push_str(&format!(
+                "| {name} | {} | {} | {} | {} | {} |\n",
+                row.phase,
+                report::fmt_num(v),
+                row.db_cpu_us_per_event
+                    .map_or("-".into(), |c| format!("{c:.1}")),
+                f(capacity(row)),
+                ceiling(row)
+            ));
+        }
+    };
+    line("service, sustained (best step that did not saturate)", svc);
+    line("service, peak (any step)", svc_peak);
+    line("naive, sustained", nv);
+    if let Some((_, row)) = r.limit {
+        line(
+            "limit (bulk COPY, one transaction)",
+            Some((row.committed_per_s, row)),
+        );
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
         _ => None,
     };
-    let ratio_limit = match (svc, lim) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a.0 / b),
-        _ => None,
-    };
+    let ratio_naive = ratio(svc.map(|x| x.0), nv.map(|x| x.0));
+    let ratio_limit = ratio(svc.map(|x| x.0), lim);
+    let cap_svc = svc_peak.and_then(|x| capacity(x.1));
+    let cap_naive = nv.and_then(|x| capacity(x.1));
+    let cap_limit = r.limit.and_then(|(_, row)| capacity(row));
+    let b1ms =
+        |x: Option<(f64, &StepRow)>| x.and_then(|(_, row)| row.projection.map(|p| p.burst()));
+    let x = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}x"));
+    let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.0}%", v * 100.0));
     s.push_str(&format!(
-        "\nService sustained / naive sustained = **{}**; service sustained / limit = **{}**.\n",
-        ratio_naive.map_or("-".into(), |v| format!("{v:.1}x")),
-        ratio_limit.map_or("-".into(), |v| format!("{:.0}%", v * 100.0)),
+        "\n| ratio | measured here | by database CPU per event (what one database core could take) | projected on a B1ms (burst) |\n| --- | --- | --- | --- |\n\
+         | service / naive | **{}** | {} | {} |\n\
+         | service / limit | **{}** | {} | {} |\n",
+        x(ratio_naive),
+        x(ratio(cap_svc, cap_naive)),
+        x(ratio(b1ms(svc_peak), b1ms(nv))),
+        pct(ratio_limit),
+        pct(ratio(cap_svc, cap_limit)),
+        pct(ratio(b1ms(svc_peak), r.limit.and_then(|(_, row)| row.projection.map(|p| p.burst())))),
     ));
+    s.push_str(
+        "\n\"Measured here\" is bounded by whatever saturated first on this machine (see the core-busy columns: the service shares its core with the load generator). \
+         The middle column divides the events one database core could take at each one's measured database CPU cost, which is what a 1-vCore database would see.\n",
+    );
 
     // Projection from the service's peak step (the busiest, biggest batches).
     s.push_str("\n## Projected ceiling on a real B1ms\n\n");
@@ -1145,15 +1269,34 @@ fn full_report(r: FullReport<'_>) -> String {
             row.events_per_commit.unwrap_or(0.0),
         ));
         s.push_str(&report::projection_table(&p, wal, fs + pages, cpu));
+        let no_pages = Projection::from_costs(wal, fs, cpu * 1e-6);
+        s.push_str(&format!(
+            "\nCounting every 8 kB data page written as its own I/O is the pessimistic end: the kernel merges adjacent writes and Azure counts an I/O of up to 256 KiB as one. \
+             With the WAL fsyncs alone as I/Os (the optimistic end) the ceiling is {} events/s bursting, {} at baseline.\n",
+            report::fmt_num(no_pages.burst()),
+            report::fmt_num(no_pages.baseline()),
+        ));
+        if let (Some((_, nrow)), Some(np)) = (nv, nv.and_then(|(_, row)| row.projection)) {
+            s.push_str(&format!(
+                "\nThe naive server, from its best step ({}): {} fsyncs and {} page writes per event (phase average), {:.1} us of database CPU per event: ceiling {} events/s bursting, {} at baseline ({} binds).\n",
+                nrow.phase,
+                nrow.fsyncs_per_event.map_or("-".into(), |v| format!("{v:.3}")),
+                r.naive_pages_per_event.map_or("-".into(), |v| format!("{v:.4}")),
+                nrow.db_cpu_us_per_event.unwrap_or(0.0),
+                report::fmt_num(np.burst()),
+                report::fmt_num(np.baseline()),
+                np.binding(),
+            ));
+        }
         s.push_str(
             "\nWAL term: 10 MiB/s divided by the WAL bytes per committed event (`pg_current_wal_lsn()` difference over the step). \
              IOPS term: 640 divided by the I/Os per event, counting each WAL fsync (`pg_stat_wal.wal_sync`, at least one per commit, so the batch size divides it) \
              and each 8 kB data page written (`pg_stat_bgwriter`: checkpoint, background writer and backend writes) as one I/O. \
-             CPU term: one vCore divided by the database CPU-seconds per event (utime+stime of all postgres processes, this machine's core), at 100% while burst credits last and at the 20% baseline after. \
-             The CPU of this machine's core and an Azure vCore differ; the storage tier (P4 for 32 GiB: 120 baseline IOPS, bursting) can bind before the VM's 640.\n",
+             CPU term: one vCore divided by the database CPU-seconds per event (utime+stime of all postgres processes, on this machine's core), at 100% while burst credits last and at the 20% baseline after. \
+             This machine's core and an Azure vCore differ in speed; the storage tier's own IOPS can bind before the VM's 640 on the smallest disk.\n",
         );
     }
-    s.push_str("\nEach step's own projection is in the tables' last-but-one column.\n");
+    s.push_str("\nEach step's own projection (its WAL, fsync and CPU costs with its phase's page writes) is in the tables' last-but-one column.\n\n");
 
     // Targets.
     s.push_str("\n## Targets\n\n| target | result | evidence |\n| --- | --- | --- |\n");
@@ -1240,10 +1383,11 @@ fn full_report(r: FullReport<'_>) -> String {
         s.push_str(&format!("- {name}: {}\n", v.summary()));
     }
     if !r.statements.is_empty() {
-        s.push_str("\n## Where the database time went (pg_stat_statements, service phase)\n\n| calls | total ms | rows | statement |\n| --- | --- | --- | --- |\n");
-        for (calls, ms, rows, q) in r.statements {
+        s.push_str("\n## Where the database time went (pg_stat_statements, service phase)\n\n| calls | total ms | rows | blocks dirtied | blocks written | WAL bytes | statement |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+        for (calls, ms, rows, dirtied, written, wal, q) in r.statements {
             s.push_str(&format!(
-                "| {calls} | {ms:.0} | {rows} | `{}` |\n",
+                "| {calls} | {ms:.0} | {rows} | {dirtied} | {written} | {} | `{}` |\n",
+                report::fmt_num(*wal as f64),
                 q.replace('|', "\\|")
             ));
         }
