@@ -4,8 +4,10 @@
 //! queueing in the latencies (no coordinated omission), and as an achieved rate below the
 //! offered one. (A request sent up to a millisecond early, as the timer's resolution allows,
 //! is measured from when it was sent.) Requests go over pooled HTTP/1.1 keep-alive connections (hyper's client);
-//! at most `max_in_flight` are outstanding, later ones wait for a slot (and that wait counts
-//! in their latency); each request, wait included, is bounded by a timeout.
+//! at most `max_in_flight` pixel and click requests and `webhook_max_in_flight` webhook
+//! requests are outstanding (two pools: a webhook waits for the commit, and must not hold up
+//! the mail clients), later ones wait for a slot (and that wait counts in their latency);
+//! each request, wait included, is bounded by a timeout.
 //!
 //! Every outcome also goes to the phase's [`Ledger`]: which tracking requests were accepted
 //! (their row must be stored exactly once), which had tampered tokens (no row), which are
@@ -315,7 +317,10 @@ impl StepResult {
 pub struct Driver {
     pub client: HttpClient,
     pub base: String,
+    /// Outstanding pixel and click requests at most.
     pub max_in_flight: usize,
+    /// Outstanding webhook requests at most (ESPs post with bounded concurrency).
+    pub webhook_max_in_flight: usize,
 }
 
 struct Shared {
@@ -324,11 +329,12 @@ struct Shared {
 }
 
 impl Driver {
-    pub fn new(base: String, max_in_flight: usize) -> Driver {
+    pub fn new(base: String, max_in_flight: usize, webhook_max_in_flight: usize) -> Driver {
         Driver {
             client: http_client(),
             base,
             max_in_flight,
+            webhook_max_in_flight,
         }
     }
 
@@ -345,7 +351,10 @@ impl Driver {
             segments: vec![SegmentStats::default(); n_segments],
             last_answer: start,
         }));
-        let slots = Arc::new(Semaphore::new(self.max_in_flight));
+        // Two pools of slots: mail clients (pixels, clicks) and ESPs (webhooks) are different
+        // clients, and webhooks wait for the commit: they must not hold up the mail clients.
+        let tracking = Arc::new(Semaphore::new(self.max_in_flight));
+        let webhooks = Arc::new(Semaphore::new(self.webhook_max_in_flight));
         let mut tasks = JoinSet::new();
         let mut i: u64 = 0;
         let mut peak_in_flight = 0usize;
@@ -378,7 +387,10 @@ impl Driver {
                 .min(n_segments - 1);
             let client = self.client.clone();
             let base = self.base.clone();
-            let slots = slots.clone();
+            let slots = match prepared.route {
+                Route::Pixel | Route::Click => tracking.clone(),
+                Route::Sendgrid | Route::Mailgun => webhooks.clone(),
+            };
             let shared = shared.clone();
             let ledger = ledger.clone();
             tasks.spawn(async move {

@@ -100,9 +100,12 @@ struct Cli {
     /// Connections of the naive server's pool (a B1ms allows 50, 35 for users).
     #[arg(long, default_value_t = 16)]
     naive_pool_size: usize,
-    /// Requests outstanding at once (connections of the load generator).
+    /// Pixel and click requests outstanding at once (mail clients' connections).
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// Webhook requests outstanding at once (ESPs' connections).
+    #[arg(long, default_value_t = 256)]
+    webhook_max_in_flight: usize,
     /// A step saturates when the tracking p99 exceeds this (ms).
     #[arg(long, default_value_t = 100.0)]
     p99_bound_ms: f64,
@@ -185,6 +188,7 @@ fn main() -> ExitCode {
         buffer_max_events: cli.buffer_max_events,
         naive_pool_size: cli.naive_pool_size,
         max_in_flight: cli.max_in_flight,
+        webhook_max_in_flight: cli.webhook_max_in_flight,
         rule: SaturationRule {
             min_achieved: 0.95,
             max_p99_ms: cli.p99_bound_ms,

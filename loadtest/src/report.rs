@@ -161,6 +161,14 @@ impl StepRow {
             self.app_core_busy,
             opt(self.page_writes_per_event, 4)
         );
+        if let Some(p) = &self.projection {
+            let _ = write!(
+                s,
+                " | B1ms ceiling (this step's counters) {} ev/s burst, {} baseline",
+                fmt_num(p.burst()),
+                fmt_num(p.baseline())
+            );
+        }
         if let Some(why) = &self.saturated {
             let _ = write!(s, " | SATURATED: {why}");
         }

@@ -71,6 +71,7 @@ pub struct Options {
     pub buffer_max_events: usize,
     pub naive_pool_size: usize,
     pub max_in_flight: usize,
+    pub webhook_max_in_flight: usize,
     pub rule: SaturationRule,
     pub outage: Duration,
     pub outage_rate: Option<f64>,
@@ -289,7 +290,7 @@ fn header(
          - seed: {orgs} organizations, {contacts} contacts, {campaigns} campaigns, {messages} messages\n\
          - mix: {mix}\n\
          - service: REACHLY_DB_POOL_SIZE={pool}, REACHLY_WRITERS={writers}, REACHLY_FLUSH_MAX_EVENTS={fme}, REACHLY_FLUSH_INTERVAL_MS={fi}, REACHLY_BUFFER_MAX_EVENTS={bme}\n\
-         - open loop: latency from the scheduled send time; at most {mif} requests in flight; steps of {step} s; a step saturates when achieved < {minach:.0}% of offered, or tracking p99 > {p99} ms, or the service's buffer grows / spools\n\n\
+         - open loop: latency from the scheduled send time; at most {mif} pixel/click and {wmif} webhook requests in flight; steps of {step} s; a step saturates when achieved < {minach:.0}% of offered, or tracking p99 > {p99} ms, or the service's buffer grows / spools\n\n\
          <details><summary>PostgreSQL settings in force (B1ms shape)</summary>\n\n| setting | value |\n| --- | --- |\n",
         mode = match o.mode {
             Mode::Full => "full",
@@ -323,6 +324,7 @@ fn header(
         fi = o.flush_interval_ms,
         bme = o.buffer_max_events,
         mif = o.max_in_flight,
+        wmif = o.webhook_max_in_flight,
         step = o.step.as_secs(),
         minach = o.rule.min_achieved * 100.0,
         p99 = o.rule.max_p99_ms,
@@ -353,7 +355,7 @@ struct Load {
 impl Load {
     fn new(base: String, ctx: &Ctx, mix: Mix, seed: u64) -> Load {
         Load {
-            driver: Driver::new(base, ctx.opts.max_in_flight),
+            driver: Driver::new(base, ctx.opts.max_in_flight, ctx.opts.webhook_max_in_flight),
             workload: Workload::new(ctx.tenants.clone(), ctx.secrets.clone(), mix, seed),
             ledger: Arc::new(Mutex::new(Ledger::default())),
         }
@@ -761,6 +763,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             .execute("SELECT pg_stat_statements_reset()")
             .await?;
     }
+    // Per-table counters of this phase only (pg_stat_wal and pg_stat_bgwriter are shared
+    // statistics, not reset by this).
+    ctx.monitor.execute("SELECT pg_stat_reset()").await?;
     let phase_start_db = ctx.monitor.stats().await.ok();
     let phase_start_metrics =
         ServiceMetrics::scrape(&ctx.client, server.admin.context("admin")?).await?;
@@ -799,6 +804,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     };
     report::apply_phase_pages(&mut service.rows, phase_pages_per_event);
     let statements = top_statements(&ctx.cluster.url()).await;
+    let tables = table_stats(&ctx.cluster.url()).await;
     let dump_path = ctx.dir.join("events.bin");
     let dumped = if ctx.opts.skip_limit {
         0
@@ -942,6 +948,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         phase_pages_per_event,
         naive_pages_per_event,
         statements: &statements,
+        tables: &tables,
     });
     let chart = chart_data(
         &service,
@@ -1092,6 +1099,52 @@ async fn outage(
     })
 }
 
+/// Rows inserted and updated (HOT or not) and sizes of the tables the service writes, as a
+/// Markdown table (empty on error).
+async fn table_stats(url: &str) -> String {
+    let Ok(c) = reachly_ingest::db::connect(url).await else {
+        return String::new();
+    };
+    let Ok(rows) = c
+        .query(
+            "SELECT CASE WHEN relname LIKE 'email_events%' THEN 'email_events (all partitions)' ELSE relname::text END, \
+                    sum(n_tup_ins)::int8, sum(n_tup_upd)::int8, sum(n_tup_hot_upd)::int8, \
+                    sum(pg_table_size(relid))::int8, sum(pg_indexes_size(relid))::int8, \
+                    max((SELECT count(*) FROM pg_index i WHERE i.indrelid = relid))::int8 \
+             FROM pg_stat_user_tables \
+             WHERE schemaname = 'public' AND (relname LIKE 'email_events%' OR relname IN ('campaign_messages', 'contacts')) \
+             GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+    else {
+        return String::new();
+    };
+    let mut s = String::from(
+        "| table | rows inserted | rows updated | of which HOT | heap MB | indexes MB | indexes |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        let (name, ins, upd, hot, heap, idx, n): (String, i64, i64, i64, i64, i64, i64) = (
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            r.get(5),
+            r.get(6),
+        );
+        s.push_str(&format!(
+            "| {name} | {} | {} | {} | {:.0} | {:.0} | {n} |\n",
+            report::fmt_num(ins as f64),
+            report::fmt_num(upd as f64),
+            report::fmt_num(hot as f64),
+            heap as f64 / 1048576.0,
+            idx as f64 / 1048576.0,
+        ));
+    }
+    s
+}
+
 /// A row of pg_stat_statements: calls, total ms, rows, blocks dirtied, blocks written, WAL
 /// bytes, the statement's start.
 type Statement = (i64, f64, i64, i64, i64, i64, String);
@@ -1129,6 +1182,32 @@ async fn top_statements(url: &str) -> Vec<Statement> {
         .collect()
 }
 
+/// How much of each core went to something other than the measured processes (other
+/// tenants of the machine, kernel threads, interrupts), on average over the steps.
+fn unaccounted_note(rows: &[StepRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let n = rows.len() as f64;
+    let db = rows
+        .iter()
+        .map(|r| (r.db_core_busy - r.db_cpu).max(0.0))
+        .sum::<f64>()
+        / n;
+    let app = rows
+        .iter()
+        .map(|r| (r.app_core_busy - r.server_cpu - r.generator_cpu).max(0.0))
+        .sum::<f64>()
+        / n;
+    let max_app = rows
+        .iter()
+        .map(|r| (r.app_core_busy - r.server_cpu - r.generator_cpu).max(0.0))
+        .fold(0.0, f64::max);
+    format!(
+        "\nCPU not accounted to the measured processes (other tenants of this machine, kernel threads, interrupts), mean over the steps: {db:.0}% of the database core, {app:.0}% of the application core (at most {max_app:.0}%).\n"
+    )
+}
+
 struct FullReport<'a> {
     service: &'a PhaseResult,
     naive: &'a PhaseResult,
@@ -1139,6 +1218,7 @@ struct FullReport<'a> {
     phase_pages_per_event: Option<f64>,
     naive_pages_per_event: Option<f64>,
     statements: &'a [Statement],
+    tables: &'a str,
 }
 
 fn full_report(r: FullReport<'_>) -> String {
@@ -1148,11 +1228,13 @@ fn full_report(r: FullReport<'_>) -> String {
     }
     s.push_str("## Service (reachly-ingest serve)\n\n");
     s.push_str(&report::steps_table(&r.service.rows, true));
+    s.push_str(&unaccounted_note(&r.service.rows));
     if !r.naive.rows.is_empty() {
         s.push_str(
             "\n## Naive reference (one INSERT + one UPDATE per request, before answering)\n\n",
         );
         s.push_str(&report::steps_table(&r.naive.rows, false));
+        s.push_str(&unaccounted_note(&r.naive.rows));
     }
     if let Some((lr, row)) = r.limit {
         s.push_str(&format!(
@@ -1381,6 +1463,13 @@ fn full_report(r: FullReport<'_>) -> String {
     s.push_str("\n## Exactly-once checks\n\n");
     for (name, v) in r.verdicts {
         s.push_str(&format!("- {name}: {}\n", v.summary()));
+    }
+    if !r.tables.is_empty() {
+        s.push_str("\n## Tables after the service phase\n\n");
+        s.push_str(r.tables);
+        s.push_str(
+            "\nAn update is HOT (no index entry added) only when no indexed column changes and the page has room; `campaign_messages.status` is in `idx_messages_status` and `contacts.status` in `idx_contacts_status`, so those updates add an entry to every index of the table.\n",
+        );
     }
     if !r.statements.is_empty() {
         s.push_str("\n## Where the database time went (pg_stat_statements, service phase)\n\n| calls | total ms | rows | blocks dirtied | blocks written | WAL bytes | statement |\n| --- | --- | --- | --- | --- | --- | --- |\n");
