@@ -401,6 +401,13 @@ pub fn chart(data: &ChartData, path: &std::path::Path) -> anyhow::Result<()> {
         .flat_map(|(_, p)| p.iter().map(|x| x.0))
         .fold(100.0f64, f64::max)
         * 1.3;
+    let min_x = data
+        .series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.0))
+        .fold(f64::INFINITY, f64::min)
+        .min(max_x / 2.0)
+        * 0.7;
     let max_lat = data
         .series
         .iter()
@@ -435,11 +442,19 @@ pub fn chart(data: &ChartData, path: &std::path::Path) -> anyhow::Result<()> {
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((50f64..max_x).log_scale(), (0.05f64..max_lat).log_scale())
+        .build_cartesian_2d((min_x..max_x).log_scale(), (0.05f64..max_lat).log_scale())
         .map_err(err)?;
     c.configure_mesh()
         .x_desc("offered requests/s")
         .y_desc("p99 ms (pixel and click)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| {
+            if *v >= 1.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v}")
+            }
+        })
         .draw()
         .map_err(err)?;
     for (i, (label, pts)) in data.series.iter().enumerate() {
@@ -469,11 +484,13 @@ pub fn chart(data: &ChartData, path: &std::path::Path) -> anyhow::Result<()> {
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((50f64..max_x).log_scale(), 0f64..max_ev)
+        .build_cartesian_2d((min_x..max_x).log_scale(), 0f64..max_ev)
         .map_err(err)?;
     c.configure_mesh()
         .x_desc("offered requests/s")
         .y_desc("events committed/s")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()
         .map_err(err)?;
     for (i, (label, pts)) in data.series.iter().enumerate() {
@@ -491,7 +508,7 @@ pub fn chart(data: &ChartData, path: &std::path::Path) -> anyhow::Result<()> {
     if let Some(l) = data.limit {
         let col = RGBColor(90, 90, 90);
         c.draw_series(LineSeries::new(
-            vec![(50.0, l), (max_x, l)],
+            vec![(min_x, l), (max_x, l)],
             col.stroke_width(2),
         ))
         .map_err(err)?
@@ -548,5 +565,31 @@ mod tests {
         row.achieved = 999.0;
         row.buffer_end = Some(50_000.0);
         assert!(rule.judge(&row, Some(0.0), 20_000.0).is_some());
+    }
+}
+
+#[cfg(all(test, feature = "chart"))]
+mod chart_tests {
+    use super::*;
+
+    #[test]
+    fn the_chart_renders_when_the_font_is_there() {
+        let data = ChartData {
+            series: vec![
+                ("a".into(), vec![(500.0, 1.0, 700.0), (1000.0, 2.0, 1400.0)]),
+                ("b".into(), vec![(250.0, 5.0, 240.0), (500.0, 900.0, 450.0)]),
+            ],
+            limit: Some(5000.0),
+        };
+        let path = std::env::temp_dir().join(format!("reachly-chart-{}.png", std::process::id()));
+        match chart(&data, &path) {
+            Ok(()) => {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(bytes.starts_with(b"\x89PNG"));
+                let _ = std::fs::remove_file(&path);
+            }
+            // No DejaVu font on this machine: the error says what to install.
+            Err(e) => assert!(format!("{e:#}").contains("fonts-dejavu-core"), "{e:#}"),
+        }
     }
 }
