@@ -104,10 +104,39 @@ pub struct StepRow {
     pub db_core_busy: f64,
     pub app_core_busy: f64,
     pub saturated: Option<String>,
+    /// Set when something else on the machine took a large share of a core during the step.
+    pub contended: Option<String>,
     pub projection: Option<Projection>,
 }
 
+/// Share of a core used by something other than the measured processes above which a step
+/// is marked as contended.
+pub const CONTENDED_PCT: f64 = 20.0;
+
 impl StepRow {
+    /// CPU (%) of the database core and of the application core not used by the measured
+    /// processes: other tenants of the machine, kernel threads, interrupts.
+    pub fn unaccounted(&self) -> (f64, f64) {
+        (
+            (self.db_core_busy - self.db_cpu).max(0.0),
+            (self.app_core_busy - self.server_cpu - self.generator_cpu).max(0.0),
+        )
+    }
+
+    /// Marks the step as contended when something else took a large share of a core.
+    pub fn mark_contention(&mut self) {
+        let (db, app) = self.unaccounted();
+        let mut parts = Vec::new();
+        if db > CONTENDED_PCT {
+            parts.push(format!("{db:.0}% of the database core"));
+        }
+        if app > CONTENDED_PCT {
+            parts.push(format!("{app:.0}% of the application core"));
+        }
+        self.contended = (!parts.is_empty())
+            .then(|| format!("contended: other processes used {}", parts.join(" and ")));
+    }
+
     pub fn p(&self, r: Route, q: usize) -> Option<f64> {
         self.latency[r.index()][q]
     }
@@ -168,6 +197,9 @@ impl StepRow {
                 fmt_num(p.burst()),
                 fmt_num(p.baseline())
             );
+        }
+        if let Some(c) = &self.contended {
+            let _ = write!(s, " | {c}");
         }
         if let Some(why) = &self.saturated {
             let _ = write!(s, " | SATURATED: {why}");
@@ -288,7 +320,7 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
     if service_columns {
         s.push_str(" ev/commit | buffer end | spool end (B) |");
     }
-    s.push_str(" app core busy (server + generator) | server RSS MB | DB CPU (db core busy) | WAL B/ev | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated |\n|");
+    s.push_str(" app core busy (server + generator) | server RSS MB | DB CPU (db core busy) | WAL B/ev | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated (and contention) |\n|");
     let cols = 3 + routes.len() + 1 + if service_columns { 3 } else { 0 } + 9;
     for _ in 0..cols {
         s.push_str(" --- |");
@@ -340,7 +372,12 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
                 fmt_num(p.burst()),
                 fmt_num(p.baseline())
             )),
-            row.saturated.as_deref().unwrap_or("no"),
+            match (&row.saturated, &row.contended) {
+                (Some(w), Some(c)) => format!("{w}; {c}"),
+                (Some(w), None) => w.clone(),
+                (None, Some(c)) => format!("no ({c})"),
+                (None, None) => "no".into(),
+            },
         );
     }
     s

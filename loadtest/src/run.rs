@@ -461,6 +461,7 @@ fn row_from(
         db_core_busy: busy(before.db_cpu_busy, after.db_cpu_busy),
         app_core_busy: busy(before.app_cpu_busy, after.app_cpu_busy),
         saturated: None,
+        contended: None,
         projection,
     }
 }
@@ -523,6 +524,7 @@ async fn step(
             });
         }
     }
+    row.mark_contention();
     println!("{}", row.console());
     Ok(row)
 }
@@ -558,6 +560,32 @@ async fn drain(
     }
 }
 
+/// A judged step at `rate`, pushed to `phase`; a step that saturated while other processes
+/// took a large share of a core is run once more after a pause (both rows are kept), and the
+/// second one decides. Whether it saturated.
+async fn judged_step(
+    ctx: &mut Ctx,
+    load: &mut Load,
+    server: &mut ServerProcess,
+    phase: &mut PhaseResult,
+    name: &str,
+    rate: f64,
+) -> anyhow::Result<bool> {
+    drain(ctx, server, Duration::from_secs(180)).await?;
+    let mut row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
+    if row.saturated.is_some() && row.contended.is_some() {
+        row.phase.push_str(" (contended; repeated)");
+        phase.rows.push(row);
+        eprintln!("the step saturated while contended: repeating it in 10 s");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        drain(ctx, server, Duration::from_secs(180)).await?;
+        row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
+    }
+    let saturated = row.saturated.is_some();
+    phase.rows.push(row);
+    Ok(saturated)
+}
+
 /// Steps the rate up until a step saturates, then narrows the knee.
 async fn ramp(
     ctx: &mut Ctx,
@@ -569,25 +597,18 @@ async fn ramp(
     let mut phase = PhaseResult::default();
     if !ctx.opts.rates.is_empty() {
         for rate in ctx.opts.rates.clone() {
-            drain(ctx, server, Duration::from_secs(180)).await?;
-            let row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
-            if row.saturated.is_some() {
+            if judged_step(ctx, load, server, &mut phase, name, rate).await? {
                 phase.first_saturated =
                     Some(phase.first_saturated.map_or(rate, |r: f64| r.min(rate)));
             } else {
                 phase.best_ok = Some(phase.best_ok.map_or(rate, |r: f64| r.max(rate)));
             }
-            phase.rows.push(row);
         }
         return Ok(phase);
     }
     let mut rate = start;
     loop {
-        drain(ctx, server, Duration::from_secs(180)).await?;
-        let row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
-        let saturated = row.saturated.is_some();
-        phase.rows.push(row);
-        if saturated {
+        if judged_step(ctx, load, server, &mut phase, name, rate).await? {
             phase.first_saturated = Some(rate);
             break;
         }
@@ -606,14 +627,11 @@ async fn ramp(
             if mid <= lo || mid >= hi {
                 break;
             }
-            drain(ctx, server, Duration::from_secs(180)).await?;
-            let row = step(ctx, load, server, format!("{name} {mid:.0}/s"), mid, true).await?;
-            if row.saturated.is_some() {
+            if judged_step(ctx, load, server, &mut phase, name, mid).await? {
                 hi = mid;
             } else {
                 lo = mid;
             }
-            phase.rows.push(row);
         }
         phase.best_ok = Some(lo);
         phase.first_saturated = Some(hi);
@@ -1189,22 +1207,13 @@ fn unaccounted_note(rows: &[StepRow]) -> String {
         return String::new();
     }
     let n = rows.len() as f64;
-    let db = rows
-        .iter()
-        .map(|r| (r.db_core_busy - r.db_cpu).max(0.0))
-        .sum::<f64>()
-        / n;
-    let app = rows
-        .iter()
-        .map(|r| (r.app_core_busy - r.server_cpu - r.generator_cpu).max(0.0))
-        .sum::<f64>()
-        / n;
-    let max_app = rows
-        .iter()
-        .map(|r| (r.app_core_busy - r.server_cpu - r.generator_cpu).max(0.0))
-        .fold(0.0, f64::max);
+    let db = rows.iter().map(|r| r.unaccounted().0).sum::<f64>() / n;
+    let app = rows.iter().map(|r| r.unaccounted().1).sum::<f64>() / n;
+    let contended = rows.iter().filter(|r| r.contended.is_some()).count();
     format!(
-        "\nCPU not accounted to the measured processes (other tenants of this machine, kernel threads, interrupts), mean over the steps: {db:.0}% of the database core, {app:.0}% of the application core (at most {max_app:.0}%).\n"
+        "\nCPU not accounted to the measured processes (other tenants of this machine, kernel threads, interrupts), mean over the steps: {db:.0}% of the database core, {app:.0}% of the application core; {contended} of {} steps contended (over {:.0}% of a core).\n",
+        rows.len(),
+        report::CONTENDED_PCT
     )
 }
 
