@@ -4,6 +4,7 @@
 //! (kept in `./.reachly/token-keys`), prints working sample URLs, and serves. Ctrl-C drains
 //! the service and stops the cluster; a second run reuses both. Also `reachly-ingest token`.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -210,47 +211,62 @@ fn print_banner(
     .map_err(anyhow::Error::msg)?;
     let unsub = token::mint(keys, Purpose::Unsubscribe, DEMO_ORG, demo_message(1), None)
         .map_err(anyhow::Error::msg)?;
-    println!();
-    println!("reachly-ingest dev is running.");
-    println!("  database:     {url}");
-    println!(
+    // One write, errors ignored: a closed stdout (`dev | head`) must not stop the service.
+    let mut out = String::new();
+    out.push('\n');
+    let _ = writeln!(out, "reachly-ingest dev is running.");
+    let _ = writeln!(out, "  database:     {url}");
+    let _ = writeln!(
+        out,
         "  demo tenant:  organization {DEMO_ORG}, campaign {DEMO_CAMPAIGN}, messages {} .. {}",
         demo_message(0),
         demo_message(2)
     );
-    println!();
-    println!(
+    out.push('\n');
+    let _ = writeln!(
+        out,
         "  open pixel:   {}",
         tracking_url(base, Purpose::Open, &open)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  click:        {}",
         tracking_url(base, Purpose::Click, &click)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  unsubscribe:  {}",
         tracking_url(base, Purpose::Unsubscribe, &unsub)
     );
-    println!();
-    println!(
+    out.push('\n');
+    let _ = writeln!(
+        out,
         "  try:  curl -s -A 'Mozilla/5.0' -o /dev/null -w '%{{http_code}}\\n' '{}'",
         tracking_url(base, Purpose::Open, &open)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "        curl -s -A 'Mozilla/5.0' -o /dev/null -w '%{{http_code}} %{{redirect_url}}\\n' '{}'",
         tracking_url(base, Purpose::Click, &click)
     );
-    println!(
+    let _ = writeln!(
+        out,
         "        psql '{url}' -c 'SELECT event_type, created_at, metadata FROM email_events ORDER BY created_at'"
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  (curl's own User-Agent is recorded as machine traffic, which moves no status; -A sets a browser's)"
     );
-    println!(
+    let _ = writeln!(
+        out,
         "  metrics:      http://{admin}/metrics   health: http://{admin}/healthz   ready: http://{admin}/readyz"
     );
-    println!("  Ctrl-C drains the service and stops the private database.");
-    println!();
+    let _ = writeln!(
+        out,
+        "  Ctrl-C drains the service and stops the private database."
+    );
+    out.push('\n');
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
     Ok(())
 }
 

@@ -189,7 +189,28 @@ impl Event {
             m.entry("error")
                 .or_insert_with(|| Value::from(err.as_str()));
         }
-        Value::Object(m)
+        let mut v = Value::Object(m);
+        strip_nul(&mut v);
+        v
+    }
+}
+
+/// PostgreSQL's jsonb refuses `\u0000` in strings (and keys); one such value would fail
+/// the whole COPY, so NULs become U+FFFD everywhere in the tree.
+fn strip_nul(v: &mut Value) {
+    match v {
+        Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
+        Value::Array(a) => a.iter_mut().for_each(strip_nul),
+        Value::Object(o) => {
+            if o.keys().any(|k| k.contains('\0')) {
+                *o = std::mem::take(o)
+                    .into_iter()
+                    .map(|(k, v)| (k.replace('\0', "\u{FFFD}"), v))
+                    .collect();
+            }
+            o.values_mut().for_each(strip_nul);
+        }
+        _ => {}
     }
 }
 
@@ -328,6 +349,20 @@ mod tests {
         assert_eq!(m["bounce_class"], "hard");
         assert_eq!(m["machine"], true);
         assert_eq!(m["machine_reason"], "head");
+    }
+
+    #[test]
+    fn metadata_never_carries_a_nul_postgres_would_refuse() {
+        let mut e = Event::new(Uuid::nil(), EventType::Bounced, Utc::now(), Source::Mailgun);
+        e.metadata
+            .insert("a\0b".into(), serde_json::json!({"x": ["ok", "bad\0"]}));
+        e.error_message = Some("550\0".into());
+        let text = e.metadata_json().to_string();
+        assert!(!text.contains("\\u0000"), "{text}");
+        assert!(
+            text.contains("a\u{FFFD}b") && text.contains("bad\u{FFFD}"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The `reachly-ingest` binary: parse flags and environment, then run one subcommand.
 //! Invalid configuration is one line on stderr and exit code 64, before anything binds.
 
+use std::io::Write as _;
+
 use clap::Parser as _;
 use reachly_ingest::config::{Cli, Command, Config, EXIT_CONFIG};
 use reachly_ingest::{App, AppOptions, init_tracing};
@@ -40,12 +42,12 @@ async fn main() -> anyhow::Result<()> {
                 .database_url
                 .unwrap_or_else(|| config_error("DATABASE_URL is required"));
             let applied = reachly_ingest::db::migrate::run(url.expose()).await?;
-            println!("migrations applied: {applied}");
+            let _ = writeln!(std::io::stdout(), "migrations applied: {applied}");
             Ok(())
         }
         Command::Token(args) => match reachly_ingest::dev::token_command(&args) {
             Ok(out) => {
-                println!("{out}");
+                let _ = writeln!(std::io::stdout(), "{out}");
                 Ok(())
             }
             Err(e) => config_error(e),

@@ -381,8 +381,8 @@ fn map_event(
 
     match event_type {
         EventType::Opened | EventType::Clicked | EventType::Unsubscribed => {
-            // Stored as Mailgun reports it: REACHLY_IP_MODE governs what our own endpoints
-            // observe, not what an ESP reports.
+            // As Mailgun reports it; the webhook handler then applies REACHLY_IP_MODE
+            // (`apply_ip_mode`), as for our own endpoints.
             e.ip_address = json_str(data, "ip").map(str::to_owned);
             e.user_agent = client
                 .and_then(|c| json_str(c, "user-agent"))

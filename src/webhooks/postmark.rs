@@ -321,8 +321,8 @@ fn map_record(rec: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -
 
     match kind.event_type {
         EventType::Opened | EventType::Clicked => {
-            // Stored as Postmark reports it: REACHLY_IP_MODE governs what our own endpoints
-            // observe, not what an ESP reports.
+            // As Postmark reports it; the webhook handler then applies REACHLY_IP_MODE
+            // (`apply_ip_mode`), as for our own endpoints.
             e.ip_address = rec
                 .get("Geo")
                 .and_then(|g| json_str(g, "IP"))

@@ -273,8 +273,8 @@ fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> 
 
     match event_type {
         EventType::Opened | EventType::Clicked | EventType::Unsubscribed => {
-            // The recipient's address and client as SendGrid saw them, stored as given:
-            // REACHLY_IP_MODE governs what our own endpoints observe, not what an ESP reports.
+            // The recipient's address and client as SendGrid saw them; the webhook handler
+            // then applies REACHLY_IP_MODE (`apply_ip_mode`), as for our own endpoints.
             e.ip_address = json_str(ev, "ip").map(str::to_owned);
             e.user_agent = json_str(ev, "useragent").map(str::to_owned);
             if event_type == EventType::Clicked {

@@ -255,8 +255,8 @@ fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> 
 
     match event_type {
         EventType::Opened | EventType::Clicked | EventType::Unsubscribed => {
-            // Stored as SparkPost reports it: REACHLY_IP_MODE governs what our own endpoints
-            // observe, not what an ESP reports. (On message events `ip_address` is the
+            // As SparkPost reports it; the webhook handler then applies REACHLY_IP_MODE
+            // (`apply_ip_mode`), as for our own endpoints. (On message events `ip_address` is the
             // receiving server's, so it is not copied there.)
             e.ip_address = json_str(ev, "ip_address").map(str::to_owned);
             e.user_agent = json_str(ev, "user_agent").map(str::to_owned);

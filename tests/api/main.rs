@@ -9,6 +9,7 @@ mod merge_property;
 mod partitions;
 mod pipeline;
 mod schema;
+mod tracking;
 mod webhooks_common;
 mod webhooks_mailgun;
 mod webhooks_mandrill;

@@ -18,6 +18,9 @@ const SEED_TABLES: [&str; 11] = [
     "email_events",
 ];
 
+/// Seed indexes dropped on purpose by `V3__write_amplification.sql`, with measurements.
+const DROPPED_SEED_INDEXES: [&str; 2] = ["idx_messages_status", "idx_events_org_id"];
+
 const SEED_INDEXES: [&str; 21] = [
     "idx_org_members_org_id",
     "idx_org_members_user_id",
@@ -131,6 +134,11 @@ async fn the_schema_has_every_seed_table_index_and_policy() {
         .get(0);
     assert_eq!(users, 1, "auth.users");
     for i in SEED_INDEXES {
+        let expected = if DROPPED_SEED_INDEXES.contains(&i) {
+            0
+        } else {
+            1
+        };
         let n: i64 = db
             .query_one(
                 "SELECT count(*) FROM pg_class WHERE relname = $1 AND relkind IN ('i', 'I')",
@@ -139,7 +147,7 @@ async fn the_schema_has_every_seed_table_index_and_policy() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(n, 1, "index {i} missing");
+        assert_eq!(n, expected, "index {i}: present {n}, expected {expected}");
     }
     for t in TENANT_TABLES {
         let row = db

@@ -96,7 +96,7 @@ async fn documented_events_are_stored_as_exactly_these_rows() {
         of("clicked").link_url.as_deref(),
         Some("https://sample.mailgun.com")
     );
-    assert_eq!(of("opened").ip_address.as_deref(), Some("38.142.208.162"));
+    assert_eq!(of("opened").ip_address.as_deref(), Some("38.142.208.0"));
     let m = w.app.message(w.msgs[ENGAGED].message).await;
     assert_eq!(m.status.as_deref(), Some("clicked"));
     same_instant(m.sent_at, "2026-02-03T19:26:38.372891Z");

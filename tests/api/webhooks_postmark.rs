@@ -79,8 +79,8 @@ async fn documented_records_are_stored_as_exactly_these_rows() {
         of("clicked").link_url.as_deref(),
         Some("https://example.com")
     );
-    assert_eq!(of("clicked").ip_address.as_deref(), Some("8.8.8.8"));
-    assert_eq!(of("opened").ip_address.as_deref(), Some("188.2.95.4"));
+    assert_eq!(of("clicked").ip_address.as_deref(), Some("8.8.8.0"));
+    assert_eq!(of("opened").ip_address.as_deref(), Some("188.2.95.0"));
     assert_eq!(of("opened").metadata["first_open"], true);
     let m = w.app.message(w.msgs[ENGAGED].message).await;
     assert_eq!(m.status.as_deref(), Some("clicked"));

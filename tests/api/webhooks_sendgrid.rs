@@ -97,7 +97,7 @@ async fn documented_events_are_stored_as_exactly_these_rows() {
         of("clicked").link_url.as_deref(),
         Some("http://example.com/blog/news.html")
     );
-    assert_eq!(of("clicked").ip_address.as_deref(), Some("255.255.255.255"));
+    assert_eq!(of("clicked").ip_address.as_deref(), Some("255.255.255.0"));
     let open = of("opened");
     same_instant(Some(open.created_at), ts);
     assert_eq!(open.metadata["sg_event_id"], "FOTFFO0ecsBE-zxFXfs6WA==");
