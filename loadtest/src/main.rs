@@ -122,6 +122,10 @@ struct Cli {
     /// half-rate step (for experiments).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// Before each step, wait at most this many seconds for both cores to be quiet (other
+    /// work on a shared machine); 0 disables it.
+    #[arg(long, default_value_t = 180)]
+    quiet_wait: u64,
     #[arg(long)]
     skip_outage: bool,
     #[arg(long)]
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
         outage_rate: cli.outage_rate,
         limit_max_events: cli.limit_max_events,
         rates: cli.rates,
+        quiet_wait: Duration::from_secs(cli.quiet_wait),
         skip_outage: cli.skip_outage,
         skip_naive: cli.skip_naive,
         skip_limit: cli.skip_limit,
@@ -214,7 +219,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let outcome = match rt.block_on(run::run(opts)) {
+    // Ctrl-C or SIGTERM: stop the run; the server processes are stopped as they are dropped
+    // and the cluster by its watchdog.
+    let outcome = match rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run::run(opts) => r,
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+        }
+    }) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("reachly-loadtest: {e:#}");

@@ -78,6 +78,8 @@ pub struct Options {
     pub limit_max_events: u64,
     /// Run exactly these rates instead of the ramp (experiments).
     pub rates: Vec<f64>,
+    /// Longest wait for a quiet machine before a step.
+    pub quiet_wait: Duration,
     pub skip_outage: bool,
     pub skip_naive: bool,
     pub skip_limit: bool,
@@ -110,6 +112,8 @@ struct Ctx {
     client: crate::driver::HttpClient,
     /// Median 8 kB write + fdatasync on the work directory's disk.
     fsync_us: Option<f64>,
+    /// Time spent waiting for the machine to be quiet before steps.
+    quiet_waited: Duration,
 }
 
 /// What a phase produced.
@@ -236,6 +240,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         dir: dir.clone(),
         client: crate::driver::http_client(),
         fsync_us,
+        quiet_waited: Duration::ZERO,
         opts,
     };
 
@@ -290,6 +295,7 @@ fn header(
          - seed: {orgs} organizations, {contacts} contacts, {campaigns} campaigns, {messages} messages\n\
          - mix: {mix}\n\
          - service: REACHLY_DB_POOL_SIZE={pool}, REACHLY_WRITERS={writers}, REACHLY_FLUSH_MAX_EVENTS={fme}, REACHLY_FLUSH_INTERVAL_MS={fi}, REACHLY_BUFFER_MAX_EVENTS={bme}\n\
+         - before each step the run waited for both cores to be at most {cpct:.0}% busy (at most {qw} s): {waited:.0} s in all\n\
          - open loop: latency from the scheduled send time; at most {mif} pixel/click and {wmif} webhook requests in flight; steps of {step} s; a step saturates when achieved < {minach:.0}% of offered, or tracking p99 > {p99} ms, or the service's buffer grows / spools\n\n\
          <details><summary>PostgreSQL settings in force (B1ms shape)</summary>\n\n| setting | value |\n| --- | --- |\n",
         mode = match o.mode {
@@ -325,6 +331,9 @@ fn header(
         bme = o.buffer_max_events,
         mif = o.max_in_flight,
         wmif = o.webhook_max_in_flight,
+        cpct = report::CONTENDED_PCT,
+        qw = o.quiet_wait.as_secs(),
+        waited = ctx.quiet_waited.as_secs_f64(),
         step = o.step.as_secs(),
         minach = o.rule.min_achieved * 100.0,
         p99 = o.rule.max_p99_ms,
@@ -560,6 +569,49 @@ async fn drain(
     }
 }
 
+/// Before a step, while this test is idle: waits (at most `--quiet-wait`) until neither core
+/// is more than [`report::CONTENDED_PCT`] busy over two seconds, so that other work on a
+/// shared machine does not land in the measurement. Returns how long it waited.
+async fn wait_quiet(ctx: &mut Ctx) -> Duration {
+    let max = ctx.opts.quiet_wait;
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let a = (
+            procstat::cpu_busy(ctx.opts.db_cpu),
+            procstat::cpu_busy(ctx.opts.app_cpu),
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let b = (
+            procstat::cpu_busy(ctx.opts.db_cpu),
+            procstat::cpu_busy(ctx.opts.app_cpu),
+        );
+        let pct = |x: Option<(u64, u64)>, y: Option<(u64, u64)>| match (x, y) {
+            (Some(x), Some(y)) => busy(x, y),
+            _ => 0.0,
+        };
+        let (db, app) = (pct(a.0, b.0), pct(a.1, b.1));
+        let waited = started.elapsed();
+        if (db <= report::CONTENDED_PCT && app <= report::CONTENDED_PCT) || waited >= max {
+            if said {
+                eprintln!(
+                    "... waited {:.0} s (cores now {db:.0}% / {app:.0}% busy)",
+                    waited.as_secs_f64()
+                );
+            }
+            ctx.quiet_waited += waited;
+            return waited;
+        }
+        if !said {
+            eprintln!(
+                "the machine is busy (database core {db:.0}%, application core {app:.0}%): waiting up to {} s before the next step",
+                max.as_secs()
+            );
+            said = true;
+        }
+    }
+}
+
 /// A judged step at `rate`, pushed to `phase`; a step that saturated while other processes
 /// took a large share of a core is run once more after a pause (both rows are kept), and the
 /// second one decides. Whether it saturated.
@@ -572,6 +624,7 @@ async fn judged_step(
     rate: f64,
 ) -> anyhow::Result<bool> {
     drain(ctx, server, Duration::from_secs(180)).await?;
+    wait_quiet(ctx).await;
     let mut row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
     if row.saturated.is_some() && row.contended.is_some() {
         row.phase.push_str(" (contended; repeated)");
@@ -579,6 +632,7 @@ async fn judged_step(
         eprintln!("the step saturated while contended: repeating it in 10 s");
         tokio::time::sleep(Duration::from_secs(10)).await;
         drain(ctx, server, Duration::from_secs(180)).await?;
+        wait_quiet(ctx).await;
         row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
     }
     let saturated = row.saturated.is_some();
@@ -795,6 +849,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     };
     if ctx.opts.rates.is_empty() {
         drain(ctx, &mut server, Duration::from_secs(180)).await?;
+        wait_quiet(ctx).await;
         let half = step(
             ctx,
             &mut load,
@@ -838,6 +893,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         let rate = ctx.opts.outage_rate.unwrap_or_else(|| {
             (service.best_ok.unwrap_or(ctx.opts.start_rate) * 0.25).clamp(100.0, 2000.0)
         });
+        wait_quiet(ctx).await;
         let o = outage(ctx, &load.driver, &mut server, mix.clone(), rate).await?;
         passed &= o.ok;
         verdicts.push(("outage".into(), o.verdict.clone()));
@@ -911,6 +967,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     if !ctx.opts.skip_limit && dumped > 0 {
         eprintln!("== limit: {dumped} events, one COPY + one UPDATE");
         seed::reset(&ctx.cluster.url()).await?;
+        wait_quiet(ctx).await;
         let db0 = ctx.monitor.stats().await.ok();
         let t0 = ctx.cluster.cpu_ticks();
         let r = limit::load(&ctx.cluster.url(), &dump_path, dumped).await?;

@@ -70,6 +70,17 @@ impl ServerProcess {
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
         let pid = child.id();
+        // If this process dies without stopping the server (a signal, a crash), stop it.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -TERM {pid} 2>/dev/null",
+                me = std::process::id()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
         Ok(ServerProcess {
             name,
             child,
