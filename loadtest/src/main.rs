@@ -103,8 +103,9 @@ struct Cli {
     /// Pixel and click requests outstanding at once (mail clients' connections).
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
-    /// Webhook requests outstanding at once (ESPs' connections).
-    #[arg(long, default_value_t = 256)]
+    /// Webhook requests outstanding at once (ESPs' connections; a webhook is answered only
+    /// after its commit, ~0.2-0.5 s, so an ESP posting 1,000 req/s keeps hundreds open).
+    #[arg(long, default_value_t = 1024)]
     webhook_max_in_flight: usize,
     /// A step saturates when the tracking p99 exceeds this (ms).
     #[arg(long, default_value_t = 100.0)]

@@ -1534,7 +1534,7 @@ fn full_report(r: FullReport<'_>) -> String {
         s.push_str("\n## Tables after the service phase\n\n");
         s.push_str(r.tables);
         s.push_str(
-            "\nAn update is HOT (no index entry added) only when no indexed column changes and the page has room; `campaign_messages.status` is in `idx_messages_status` and `contacts.status` in `idx_contacts_status`, so those updates add an entry to every index of the table.\n",
+            "\nAn update is HOT (no index entry added) only when no indexed column changes and the page has room; any other update adds an entry to every index of the table (`contacts.status` is in `idx_contacts_status`).\n",
         );
     }
     if !r.statements.is_empty() {
