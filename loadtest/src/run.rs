@@ -1556,7 +1556,7 @@ pub fn chart_data(service: &PhaseResult, naive: &PhaseResult, limit: Option<f64>
         let mut v: Vec<(f64, f64, f64)> = p
             .rows
             .iter()
-            .filter(|r| !r.phase.contains("half"))
+            .filter(|r| !r.phase.contains("half") && !r.phase.contains("repeated"))
             .filter_map(|r| r.tracking_p99().map(|l| (r.offered, l, r.committed_per_s)))
             .collect();
         v.sort_by(|a, b| a.0.total_cmp(&b.0));
