@@ -56,11 +56,14 @@ pub struct Metrics {
     hot: Arc<HotHandles>,
 }
 
+/// (route name, HTTP status).
+type RouteStatus = (&'static str, u16);
+
 /// Handles of the per-request metrics, registered once per label set: registering builds
 /// a key with owned label strings, which would otherwise be allocated on every request.
 #[derive(Default)]
 struct HotHandles {
-    http: RwLock<HashMap<(&'static str, u16), (Counter, Histogram)>>,
+    http: RwLock<HashMap<RouteStatus, (Counter, Histogram)>>,
     received: RwLock<HashMap<(&'static str, &'static str), Counter>>,
 }
 
