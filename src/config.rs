@@ -109,6 +109,17 @@ pub struct DbArgs {
     /// Seconds to wait for a pooled connection or a new one.
     #[arg(long, env = "REACHLY_DB_CONNECT_TIMEOUT_S", default_value_t = 5)]
     pub db_connect_timeout_s: u64,
+    /// Extra CA certificates (PEM) trusted for the database's TLS certificate, beside the
+    /// system store; `sslmode` in DATABASE_URL decides whether TLS is used.
+    #[arg(long, env = "REACHLY_DB_CA_FILE")]
+    pub db_ca_file: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// The TLS connector these arguments ask for; the error is one config line.
+    pub fn tls(&self) -> Result<crate::db::tls::Tls, String> {
+        crate::db::tls::connector(self.db_ca_file.as_deref()).map_err(|e| format!("{e:#}"))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -364,12 +375,24 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DbConfig {
     pub url: Secret,
+    pub tls: crate::db::tls::Tls,
     pub pool_size: usize,
     pub connect_timeout: Duration,
     pub migrate_on_start: bool,
+}
+
+impl fmt::Debug for DbConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbConfig")
+            .field("url", &self.url)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -411,6 +434,7 @@ pub struct TrackingConfig {
 impl Config {
     /// Builds the typed config; the error is one line for `main` to print (exit 64).
     pub fn from_args(args: ServeArgs) -> Result<Config, String> {
+        let tls = args.db.tls()?;
         let url = args.db.database_url.ok_or(
             "DATABASE_URL is required (or run `reachly-ingest dev` for a private local database)",
         )?;
@@ -441,6 +465,7 @@ impl Config {
             admin_listen: args.server.admin_listen,
             db: DbConfig {
                 url,
+                tls,
                 pool_size: args.db.db_pool_size.get(),
                 connect_timeout: Duration::from_secs(args.db.db_connect_timeout_s.max(1)),
                 migrate_on_start: args.server.migrate_on_start,

@@ -118,15 +118,28 @@ fn start_shared_cluster() -> anyhow::Result<String> {
 /// Starts a throwaway cluster in `dir`, and a watchdog that stops it and removes `dir` once
 /// this test process is gone (whatever way it ends).
 fn start_cluster_in(dir: &Path) -> anyhow::Result<PgCluster> {
+    start_cluster_with(dir, |_| Ok(()), &[])
+}
+
+/// Like `start_cluster_in`, running `prepare(data_dir)` after initdb (to add files) and
+/// passing extra server settings.
+pub fn start_cluster_with(
+    dir: &Path,
+    prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<PgCluster> {
     let c = PgCluster::new(dir.join("data"), pgcluster::free_port()?)?;
     c.init(true)?;
-    c.start(&[
+    prepare(&c.data_dir)?;
+    let mut settings = vec![
         ("fsync", "off"),
         ("synchronous_commit", "off"),
         ("full_page_writes", "off"),
         ("max_connections", "300"),
         ("shared_buffers", "64MB"),
-    ])?;
+    ];
+    settings.extend_from_slice(extra);
+    c.start(&settings)?;
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
         pid = std::process::id(),
