@@ -502,12 +502,6 @@ impl Config {
             log_format: args.log.log_format,
         })
     }
-
-    /// A config for tests and tools: defaults everywhere, the given database.
-    pub fn for_database(url: &str) -> Config {
-        let args = ServeArgs::from_argv(["serve", "--database-url", url]);
-        Config::from_args(args).expect("default config is valid")
-    }
 }
 
 impl ServeArgs {
