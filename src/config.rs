@@ -109,8 +109,9 @@ pub struct DbArgs {
     /// Seconds to wait for a pooled connection or a new one.
     #[arg(long, env = "REACHLY_DB_CONNECT_TIMEOUT_S", default_value_t = 5)]
     pub db_connect_timeout_s: u64,
-    /// Extra CA certificates (PEM) trusted for the database's TLS certificate, beside the
-    /// system store; `sslmode` in DATABASE_URL decides whether TLS is used.
+    /// CA certificates (PEM) to verify the database's TLS certificate and host name against
+    /// (libpq's verify-full); without it TLS encrypts but does not authenticate the server,
+    /// as libpq's prefer/require. `sslmode` in DATABASE_URL decides whether TLS is used.
     #[arg(long, env = "REACHLY_DB_CA_FILE")]
     pub db_ca_file: Option<PathBuf>,
 }

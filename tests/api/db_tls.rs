@@ -1,6 +1,7 @@
-//! TLS to PostgreSQL: with `sslmode=require` the service's connections are encrypted and
-//! the server's certificate is verified (here against a test CA given with
-//! `REACHLY_DB_CA_FILE`); without that CA the same server is refused.
+//! TLS to PostgreSQL with libpq's rules: with `sslmode=require` the service's connections
+//! are encrypted; with `REACHLY_DB_CA_FILE` the server's certificate is verified too (a
+//! certificate from another CA is refused); without it the server is not authenticated,
+//! as with libpq without `sslrootcert`.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,8 +23,26 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
-/// A CA and a server certificate for 127.0.0.1 signed by it.
+/// A CA and a server certificate for 127.0.0.1 signed by it, and an unrelated CA.
 fn make_certs(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=another CA",
+        ],
+    );
     openssl(
         dir,
         &[
@@ -156,23 +175,44 @@ async fn sslmode_require_encrypts_and_verifies_the_server_certificate() {
     assert!(encrypted >= 1, "the service's connections use TLS");
     app.stop().await;
 
-    // The system store does not know the test CA: the certificate is refused.
-    let no_ca = spawn_app_on(
+    // A CA file that did not sign the server's certificate: refused.
+    let wrong_ca = spawn_app_on(
         &plain,
         |a| {
             a.db.database_url = Some(reachly_ingest::config::Secret::new(url.clone()));
+            a.db.db_ca_file = Some(certs.join("other-ca.pem"));
             a.db.db_connect_timeout_s = 2;
         },
         Default::default(),
     )
     .await;
-    let r = no_ca
+    let r = wrong_ca
         .http
-        .get(no_ca.admin_url("/readyz"))
+        .get(wrong_ca.admin_url("/readyz"))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 503);
+    assert_eq!(
+        r.status(),
+        503,
+        "a certificate from an unknown CA is refused"
+    );
     let body = r.text().await.unwrap();
     assert!(body.contains("database"), "{body}");
+    wrong_ca.stop().await;
+
+    // No CA file: encrypted, not authenticated (libpq's require without sslrootcert).
+    let unverified = spawn_app_on(
+        &plain,
+        |a| a.db.database_url = Some(reachly_ingest::config::Secret::new(url.clone())),
+        Default::default(),
+    )
+    .await;
+    let r = unverified
+        .http
+        .get(unverified.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
