@@ -159,6 +159,10 @@ pub struct PipelineArgs {
     /// Milliseconds a batch may wait for more events before it is written.
     #[arg(long, env = "REACHLY_FLUSH_INTERVAL_MS", default_value_t = 200)]
     pub flush_interval_ms: u64,
+    /// Milliseconds a batch holding a webhook's or unsubscribe's events (someone waits for the
+    /// commit) waits for more before it is written: group commit.
+    #[arg(long, env = "REACHLY_DURABLE_LINGER_MS", default_value_t = 2)]
+    pub durable_linger_ms: u64,
     /// Concurrent batch writers (each holds one connection while it writes).
     #[arg(long, env = "REACHLY_WRITERS", default_value_t = NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN))]
     pub writers: NonZeroUsize,
@@ -409,6 +413,7 @@ pub struct PipelineConfig {
     pub buffer_max_events: usize,
     pub flush_max_events: usize,
     pub flush_interval: Duration,
+    pub durable_linger: Duration,
     pub writers: usize,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
@@ -481,6 +486,7 @@ impl Config {
                 buffer_max_events: args.pipeline.buffer_max_events.get(),
                 flush_max_events: args.pipeline.flush_max_events.get(),
                 flush_interval: Duration::from_millis(args.pipeline.flush_interval_ms.max(1)),
+                durable_linger: Duration::from_millis(args.pipeline.durable_linger_ms),
                 writers: args.pipeline.writers.get(),
                 spool_dir: args.pipeline.spool_dir,
                 spool_max_bytes: args.pipeline.spool_max_bytes,

@@ -247,6 +247,7 @@ impl Pipeline {
             metrics,
             flush_max_events: cfg.flush_max_events,
             flush_interval: cfg.flush_interval,
+            durable_linger: cfg.durable_linger,
             closing: closing.clone(),
             deadline: deadline.clone(),
         };
