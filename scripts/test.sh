@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, integration tests (real PostgreSQL, real sockets, the
-# real binary), the headless-browser test and the benches compiled in test mode.
+# real binary as a process), the fuzz tests and the headless-browser test. Benchmarks are
+# not tests: they run with `cargo bench` (and CI's clippy --all-targets compiles them).
 # It brings its own throwaway PostgreSQL cluster; set REACHLY_TEST_DATABASE_URL to use an
 # existing server instead. Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -14,4 +15,4 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "scripts/test.sh: could not install chromium; the browser test will say what is missing" >&2
 fi
 
-cargo test --locked --all-targets "$@"
+cargo test --locked "$@"

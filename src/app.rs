@@ -69,9 +69,9 @@ impl App {
     ) -> anyhow::Result<App> {
         let metrics = Metrics::new();
         if config.db.migrate_on_start {
-            match db::connect(config.db.url.expose()).await {
+            match db::connect_with(config.db.url.expose(), config.db.tls.clone()).await {
                 Ok(_) => {
-                    db::migrate::run(config.db.url.expose()).await?;
+                    db::migrate::run_with(config.db.url.expose(), config.db.tls.clone()).await?;
                 }
                 Err(e) => tracing::warn!(
                     error = format!("{e:#}"),

@@ -109,6 +109,18 @@ pub struct DbArgs {
     /// Seconds to wait for a pooled connection or a new one.
     #[arg(long, env = "REACHLY_DB_CONNECT_TIMEOUT_S", default_value_t = 5)]
     pub db_connect_timeout_s: u64,
+    /// CA certificates (PEM) to verify the database's TLS certificate and host name against
+    /// (libpq's verify-full); without it TLS encrypts but does not authenticate the server,
+    /// as libpq's prefer/require. `sslmode` in DATABASE_URL decides whether TLS is used.
+    #[arg(long, env = "REACHLY_DB_CA_FILE")]
+    pub db_ca_file: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// The TLS connector these arguments ask for; the error is one config line.
+    pub fn tls(&self) -> Result<crate::db::tls::Tls, String> {
+        crate::db::tls::connector(self.db_ca_file.as_deref()).map_err(|e| format!("{e:#}"))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -147,6 +159,10 @@ pub struct PipelineArgs {
     /// Milliseconds a batch may wait for more events before it is written.
     #[arg(long, env = "REACHLY_FLUSH_INTERVAL_MS", default_value_t = 200)]
     pub flush_interval_ms: u64,
+    /// Milliseconds a batch holding a webhook's or unsubscribe's events (someone waits for the
+    /// commit) waits for more before it is written: group commit.
+    #[arg(long, env = "REACHLY_DURABLE_LINGER_MS", default_value_t = 2)]
+    pub durable_linger_ms: u64,
     /// Concurrent batch writers (each holds one connection while it writes).
     #[arg(long, env = "REACHLY_WRITERS", default_value_t = NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN))]
     pub writers: NonZeroUsize,
@@ -364,12 +380,24 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DbConfig {
     pub url: Secret,
+    pub tls: crate::db::tls::Tls,
     pub pool_size: usize,
     pub connect_timeout: Duration,
     pub migrate_on_start: bool,
+}
+
+impl fmt::Debug for DbConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbConfig")
+            .field("url", &self.url)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -385,6 +413,7 @@ pub struct PipelineConfig {
     pub buffer_max_events: usize,
     pub flush_max_events: usize,
     pub flush_interval: Duration,
+    pub durable_linger: Duration,
     pub writers: usize,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
@@ -411,6 +440,7 @@ pub struct TrackingConfig {
 impl Config {
     /// Builds the typed config; the error is one line for `main` to print (exit 64).
     pub fn from_args(args: ServeArgs) -> Result<Config, String> {
+        let tls = args.db.tls()?;
         let url = args.db.database_url.ok_or(
             "DATABASE_URL is required (or run `reachly-ingest dev` for a private local database)",
         )?;
@@ -441,6 +471,7 @@ impl Config {
             admin_listen: args.server.admin_listen,
             db: DbConfig {
                 url,
+                tls,
                 pool_size: args.db.db_pool_size.get(),
                 connect_timeout: Duration::from_secs(args.db.db_connect_timeout_s.max(1)),
                 migrate_on_start: args.server.migrate_on_start,
@@ -455,6 +486,7 @@ impl Config {
                 buffer_max_events: args.pipeline.buffer_max_events.get(),
                 flush_max_events: args.pipeline.flush_max_events.get(),
                 flush_interval: Duration::from_millis(args.pipeline.flush_interval_ms.max(1)),
+                durable_linger: Duration::from_millis(args.pipeline.durable_linger_ms),
                 writers: args.pipeline.writers.get(),
                 spool_dir: args.pipeline.spool_dir,
                 spool_max_bytes: args.pipeline.spool_max_bytes,
@@ -476,12 +508,6 @@ impl Config {
             webhooks: args.webhooks,
             log_format: args.log.log_format,
         })
-    }
-
-    /// A config for tests and tools: defaults everywhere, the given database.
-    pub fn for_database(url: &str) -> Config {
-        let args = ServeArgs::from_argv(["serve", "--database-url", url]);
-        Config::from_args(args).expect("default config is valid")
     }
 }
 

@@ -37,11 +37,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Migrate(args) => {
             init_tracing(args.log.log_format);
+            let tls = args.db.tls().unwrap_or_else(|e| config_error(e));
             let url = args
                 .db
                 .database_url
                 .unwrap_or_else(|| config_error("DATABASE_URL is required"));
-            let applied = reachly_ingest::db::migrate::run(url.expose()).await?;
+            let applied = reachly_ingest::db::migrate::run_with(url.expose(), tls).await?;
             let _ = writeln!(std::io::stdout(), "migrations applied: {applied}");
             Ok(())
         }

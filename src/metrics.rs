@@ -4,7 +4,8 @@
 //! can run in one process without sharing counters, and `/metrics` renders exactly this
 //! app's figures.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
@@ -52,6 +53,18 @@ static METADATA: Metadata<'static> = Metadata::new(
 pub struct Metrics {
     recorder: Arc<PrometheusRecorder>,
     handle: PrometheusHandle,
+    hot: Arc<HotHandles>,
+}
+
+/// (route name, HTTP status).
+type RouteStatus = (&'static str, u16);
+
+/// Handles of the per-request metrics, registered once per label set: registering builds
+/// a key with owned label strings, which would otherwise be allocated on every request.
+#[derive(Default)]
+struct HotHandles {
+    http: RwLock<HashMap<RouteStatus, (Counter, Histogram)>>,
+    received: RwLock<HashMap<(&'static str, &'static str), Counter>>,
 }
 
 impl Default for Metrics {
@@ -77,6 +90,7 @@ impl Metrics {
         let m = Metrics {
             recorder: Arc::new(recorder),
             handle,
+            hot: Arc::default(),
         };
         m.describe();
         m
@@ -175,14 +189,48 @@ impl Metrics {
     }
 
     pub fn http_request(&self, route: &'static str, status: u16, elapsed: Duration) {
-        let status = status.to_string();
-        self.counter(
-            HTTP_REQUESTS_TOTAL,
-            &[("route", route), ("status", &status)],
-        )
-        .increment(1);
-        self.histogram(HTTP_REQUEST_DURATION_SECONDS, &[("route", route)])
-            .record(elapsed.as_secs_f64());
+        let cached = self
+            .hot
+            .http
+            .read()
+            .ok()
+            .and_then(|m| m.get(&(route, status)).cloned());
+        let (counter, histogram) = cached.unwrap_or_else(|| {
+            let pair = (
+                self.counter(
+                    HTTP_REQUESTS_TOTAL,
+                    &[("route", route), ("status", &status.to_string())],
+                ),
+                self.histogram(HTTP_REQUEST_DURATION_SECONDS, &[("route", route)]),
+            );
+            if let Ok(mut m) = self.hot.http.write() {
+                m.insert((route, status), pair.clone());
+            }
+            pair
+        });
+        counter.increment(1);
+        histogram.record(elapsed.as_secs_f64());
+    }
+
+    /// `reachly_events_received_total{type, source}`.
+    pub fn event_received(&self, event_type: &'static str, source: &'static str, n: u64) {
+        let cached = self
+            .hot
+            .received
+            .read()
+            .ok()
+            .and_then(|m| m.get(&(event_type, source)).cloned());
+        let counter = cached.unwrap_or_else(|| {
+            let c = self.counter(
+                EVENTS_RECEIVED_TOTAL,
+                &[("type", event_type), ("source", source)],
+            );
+            if let Ok(mut m) = self.hot.received.write() {
+                m.insert((event_type, source), c.clone());
+            }
+            c
+        });
+        counter.increment(n);
     }
 
     pub fn db_error(&self, operation: &'static str) {

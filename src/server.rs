@@ -98,10 +98,14 @@ async fn dispatch(
         Listener::Admin => Route::admin(req.method(), req.uri().path()),
     };
     let name = route.name();
-    let fut = route.handle(req, peer, state.clone());
-    let resp = match tokio::time::timeout(state.config.http.request_timeout, fut).await {
-        Ok(resp) => resp,
-        Err(_) => http::text(StatusCode::SERVICE_UNAVAILABLE, "request timed out\n"),
+    let resp = if route.may_wait() {
+        let fut = route.handle(req, peer, state.clone());
+        match tokio::time::timeout(state.config.http.request_timeout, fut).await {
+            Ok(resp) => resp,
+            Err(_) => http::text(StatusCode::SERVICE_UNAVAILABLE, "request timed out\n"),
+        }
+    } else {
+        route.handle(req, peer, state.clone()).await
     };
     state
         .metrics

@@ -9,9 +9,14 @@ refinery::embed_migrations!("migrations");
 /// Advisory lock key of the migration run ("reachly" in ASCII, arbitrary but fixed).
 const MIGRATION_LOCK_KEY: i64 = 0x7265_6163_686c_7901;
 
-/// Applies pending migrations; returns how many were applied by this call.
+/// Applies pending migrations (system-CA TLS); returns how many this call applied.
 pub async fn run(url: &str) -> anyhow::Result<usize> {
-    let mut client = super::connect(url).await?;
+    run_with(url, super::tls::default_connector()).await
+}
+
+/// Applies pending migrations over the given TLS connector.
+pub async fn run_with(url: &str, tls: super::tls::Tls) -> anyhow::Result<usize> {
+    let mut client = super::connect_with(url, tls).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await

@@ -4,13 +4,13 @@
 
 pub mod migrate;
 pub mod partitions;
+pub mod tls;
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use crate::config::DbConfig;
 
@@ -28,7 +28,7 @@ pub fn pool(cfg: &DbConfig) -> anyhow::Result<Pool> {
     pg.keepalives_idle(Duration::from_secs(30));
     let mgr = Manager::from_config(
         pg,
-        NoTls,
+        cfg.tls.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -43,9 +43,14 @@ pub fn pool(cfg: &DbConfig) -> anyhow::Result<Pool> {
         .context("building the connection pool")
 }
 
-/// Opens one plain connection (migrations, tools), its driver task spawned.
+/// Opens one connection (migrations, tools) with the system-CA TLS connector.
 pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.with_context(
+    connect_with(url, tls::default_connector()).await
+}
+
+/// Opens one connection with the given TLS connector, its driver task spawned.
+pub async fn connect_with(url: &str, tls: tls::Tls) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tls).await.with_context(
         || "connecting to the database (check DATABASE_URL and that PostgreSQL runs)",
     )?;
     tokio::spawn(async move {

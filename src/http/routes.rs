@@ -91,6 +91,15 @@ impl Route {
         }
     }
 
+    /// Whether the handler can wait (on a body, the database or durability); only those
+    /// need the request timeout. Pixel and click answer without awaiting anything.
+    pub fn may_wait(&self) -> bool {
+        matches!(
+            self,
+            Route::Unsubscribe(_) | Route::Webhook(_) | Route::Readyz
+        )
+    }
+
     pub async fn handle(self, req: Req, peer: SocketAddr, state: Arc<AppState>) -> Resp {
         match self {
             Route::Pixel(t) => tracking::pixel(req, peer, state, &t),

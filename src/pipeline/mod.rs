@@ -119,14 +119,7 @@ impl Ingest {
         for r in &env.records {
             if let Record::Event(e) = r {
                 s.metrics
-                    .counter(
-                        metrics::EVENTS_RECEIVED_TOTAL,
-                        &[
-                            ("type", e.event_type.as_str()),
-                            ("source", e.source.label()),
-                        ],
-                    )
-                    .increment(1);
+                    .event_received(e.event_type.as_str(), e.source.label(), 1);
             }
         }
         if env.is_empty() {
@@ -254,6 +247,7 @@ impl Pipeline {
             metrics,
             flush_max_events: cfg.flush_max_events,
             flush_interval: cfg.flush_interval,
+            durable_linger: cfg.durable_linger,
             closing: closing.clone(),
             deadline: deadline.clone(),
         };

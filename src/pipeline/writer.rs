@@ -42,6 +42,8 @@ pub(super) struct WriterContext {
     pub metrics: Metrics,
     pub flush_max_events: usize,
     pub flush_interval: Duration,
+    /// How long a batch holding a durable envelope waits for company.
+    pub durable_linger: Duration,
     /// Shutdown began: close the channel, flush what is left without waiting.
     pub closing: CancellationToken,
     /// The drain deadline passed: stop retrying, spool what is left.
@@ -104,8 +106,14 @@ async fn collect(
             _ = ctx.closing.cancelled(), if !ctx.closing.is_cancelled() => {}
         }
     }
-    // More, until the batch is full or the first envelope is `flush_interval` old.
-    let full_at = Instant::now() + ctx.flush_interval;
+    // More, until the batch is full or the first envelope is `flush_interval` old; or, once
+    // a durable envelope (a webhook, an unsubscribe: someone waits for the commit) is in the
+    // batch, `durable_linger` after it. That is group commit: a waiting request costs a
+    // couple of milliseconds, and whatever arrives while a batch commits fills the next.
+    let mut due = Instant::now() + ctx.flush_interval;
+    if batch.iter().any(|e| e.ack.is_some()) {
+        due = due.min(Instant::now() + ctx.durable_linger);
+    }
     let mut count: usize = batch.iter().map(Envelope::len).sum();
     while count < ctx.flush_max_events {
         let before = batch.len();
@@ -120,11 +128,14 @@ async fn collect(
         } else {
             tokio::select! {
                 n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                _ = tokio::time::sleep_until(full_at.into()) => break,
+                _ = tokio::time::sleep_until(due.into()) => break,
                 _ = ctx.closing.cancelled() => continue,
             }
         }
         count += batch[before..].iter().map(Envelope::len).sum::<usize>();
+        if batch[before..].iter().any(|e| e.ack.is_some()) {
+            due = due.min(Instant::now() + ctx.durable_linger);
+        }
     }
     Some(batch)
 }

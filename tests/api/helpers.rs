@@ -64,17 +64,52 @@ fn server() -> &'static TestServer {
     }
 }
 
+/// Test databases are named `reachly_t<pid>_...` after the test process that made them, so
+/// a run on a shared server (`REACHLY_TEST_DATABASE_URL`) can drop what earlier, finished
+/// runs left behind without touching a concurrent run's.
+fn db_name(kind: &str) -> String {
+    let unique = Uuid::new_v4().simple().to_string();
+    format!("reachly_t{}_{kind}_{}", std::process::id(), &unique[..12])
+}
+
+async fn drop_leftovers(admin: &tokio_postgres::Client) -> Result<(), String> {
+    let rows = admin
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'reachly\\_t%'",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    for row in rows {
+        let name: String = row.get(0);
+        let pid: Option<u32> = name
+            .strip_prefix("reachly_t")
+            .and_then(|r| r.split('_').next())
+            .and_then(|p| p.parse().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await;
+        }
+    }
+    Ok(())
+}
+
 fn init_server() -> Result<TestServer, String> {
-    let base = match std::env::var("REACHLY_TEST_DATABASE_URL") {
-        Ok(url) if !url.trim().is_empty() => strip_dbname(&url)?,
-        _ => start_shared_cluster().map_err(|e| format!("{e:#}"))?,
+    let (base, shared) = match std::env::var("REACHLY_TEST_DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => (strip_dbname(&url)?, true),
+        _ => (start_shared_cluster().map_err(|e| format!("{e:#}"))?, false),
     };
-    let template = format!("reachly_template_{}", Uuid::new_v4().simple());
+    let template = db_name("template");
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async {
         let admin = reachly_ingest::db::connect(&format!("{base} dbname=postgres"))
             .await
             .map_err(|e| format!("{e:#}"))?;
+        if shared {
+            drop_leftovers(&admin).await?;
+        }
         admin
             .batch_execute(&format!("CREATE DATABASE {template}"))
             .await
@@ -118,15 +153,28 @@ fn start_shared_cluster() -> anyhow::Result<String> {
 /// Starts a throwaway cluster in `dir`, and a watchdog that stops it and removes `dir` once
 /// this test process is gone (whatever way it ends).
 fn start_cluster_in(dir: &Path) -> anyhow::Result<PgCluster> {
+    start_cluster_with(dir, |_| Ok(()), &[])
+}
+
+/// Like `start_cluster_in`, running `prepare(data_dir)` after initdb (to add files) and
+/// passing extra server settings.
+pub fn start_cluster_with(
+    dir: &Path,
+    prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<PgCluster> {
     let c = PgCluster::new(dir.join("data"), pgcluster::free_port()?)?;
     c.init(true)?;
-    c.start(&[
+    prepare(&c.data_dir)?;
+    let mut settings = vec![
         ("fsync", "off"),
         ("synchronous_commit", "off"),
         ("full_page_writes", "off"),
         ("max_connections", "300"),
         ("shared_buffers", "64MB"),
-    ])?;
+    ];
+    settings.extend_from_slice(extra);
+    c.start(&settings)?;
     let script = format!(
         "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
         pid = std::process::id(),
@@ -202,7 +250,7 @@ impl PrivateCluster {
 /// A fresh database cloned from the migrated template; returns its libpq URL.
 pub async fn fresh_database() -> String {
     let s = server();
-    let name = format!("reachly_test_{}", Uuid::new_v4().simple());
+    let name = db_name("db");
     let admin = reachly_ingest::db::connect(&format!("{} dbname=postgres", s.base))
         .await
         .expect("connect to test server");
@@ -216,7 +264,7 @@ pub async fn fresh_database() -> String {
 /// An empty database (no migrations), for migration tests.
 pub async fn empty_database() -> String {
     let s = server();
-    let name = format!("reachly_empty_{}", Uuid::new_v4().simple());
+    let name = db_name("empty");
     let admin = reachly_ingest::db::connect(&format!("{} dbname=postgres", s.base))
         .await
         .expect("connect");

@@ -112,6 +112,7 @@ fn help_lists_every_option_with_its_environment_name() {
     for env in [
         "DATABASE_URL",
         "REACHLY_DB_POOL_SIZE",
+        "REACHLY_DB_CA_FILE",
         "REACHLY_LISTEN",
         "REACHLY_ADMIN_LISTEN",
         "REACHLY_TOKEN_KEYS",
