@@ -25,7 +25,8 @@ command -v taskset >/dev/null || { echo "taskset not found: install util-linux" 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}"
 echo "loadtest/run.sh: building reachly-ingest and the load test (release, target dir $CARGO_TARGET_DIR)" >&2
 (cd "$root" && cargo build --release --locked --bin reachly-ingest)
-(cd "$here" && cargo build --release --locked "${features[@]}")
+# Not --locked: when the product gains a dependency, cargo adds it to this lock file.
+(cd "$here" && cargo build --release "${features[@]}")
 bin="$CARGO_TARGET_DIR/release"
 exec "$bin/reachly-loadtest" "$mode" \
   --service-bin "$bin/reachly-ingest" --naive-bin "$bin/naive-server" "$@"

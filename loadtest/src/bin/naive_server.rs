@@ -147,6 +147,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let pool = reachly_ingest::db::pool(&DbConfig {
         url: Secret::new(args.database_url.clone()),
+        // libpq's rules, as the service: TLS when the server offers it, no verification
+        // without a CA file (the throwaway cluster offers none).
+        tls: reachly_ingest::db::tls::connector(None)?,
         pool_size: NonZeroUsize::new(args.pool_size).map_or(1, |n| n.get()),
         connect_timeout: Duration::from_secs(10),
         migrate_on_start: false,
