@@ -18,8 +18,14 @@ const SEED_TABLES: [&str; 11] = [
     "email_events",
 ];
 
-/// Seed indexes dropped on purpose by `V3__write_amplification.sql`, with measurements.
-const DROPPED_SEED_INDEXES: [&str; 2] = ["idx_messages_status", "idx_events_org_id"];
+/// Seed indexes dropped on purpose, each with its reason in the migration: V3
+/// (`V3__write_amplification.sql`, measured) and V4 (duplicates of the contacts unique index).
+const DROPPED_SEED_INDEXES: [&str; 4] = [
+    "idx_messages_status",
+    "idx_events_org_id",
+    "idx_contacts_email",
+    "idx_contacts_org_id",
+];
 
 const SEED_INDEXES: [&str; 21] = [
     "idx_org_members_org_id",
@@ -124,6 +130,17 @@ async fn the_schema_has_every_seed_table_index_and_policy() {
             .get(0);
         assert_eq!(n, 1, "table {t} missing");
     }
+    // What the dropped contacts indexes served is still served: by the unique constraint.
+    let unique: String = db
+        .query_one(
+            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i \
+             WHERE i.indrelid = 'public.contacts'::regclass AND i.indisunique AND NOT i.indisprimary",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(unique.ends_with("(organization_id, email)"), "{unique}");
     let users: i64 = db
         .query_one(
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'auth' AND tablename = 'users'",
