@@ -40,8 +40,8 @@ use sha2::{Digest, Sha256};
 
 use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
-    correlate, dead_letter, esp_event, header_message_id, id_key, json_str, json_time, keep_fields,
-    require_json,
+    correlate, dead_letter, esp_event, header_message_id, id_key, json_body, json_str, json_time,
+    keep_fields,
 };
 use crate::config::{Secret, WebhookArgs};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -132,11 +132,6 @@ impl ReplayCache {
     }
 }
 
-fn parse_body(body: &[u8]) -> Result<Value, WebhookError> {
-    serde_json::from_slice(body)
-        .map_err(|e| WebhookError::BadRequest(format!("body is not JSON: {e}")))
-}
-
 impl Mailgun {
     /// HMAC-SHA256(key, timestamp + token) against the hex `given`, in constant time.
     fn signature_ok(&self, timestamp: &str, token: &str, given_hex: &str) -> bool {
@@ -153,8 +148,7 @@ impl Mailgun {
     }
 
     fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
-        require_json(req)?;
-        let body = parse_body(req.body)?;
+        let body = json_body(req)?;
         let sig = body
             .get("signature")
             .filter(|s| s.is_object())
@@ -214,8 +208,7 @@ impl Provider for Mailgun {
         req: &WebhookRequest<'_>,
         ctx: &ParseContext<'_>,
     ) -> Result<Vec<Record>, WebhookError> {
-        require_json(req)?;
-        let body = parse_body(req.body)?;
+        let body = json_body(req)?;
         let data = body
             .get("event-data")
             .filter(|d| d.is_object())

@@ -432,6 +432,14 @@ pub fn basic_auth_ok(headers: &HeaderMap, expected: &str) -> bool {
     }
 }
 
+/// The body of a JSON webhook: a JSON content type (or none), then valid JSON; else the
+/// matching 415 or 400.
+pub fn json_body(req: &WebhookRequest<'_>) -> Result<serde_json::Value, WebhookError> {
+    require_json(req)?;
+    serde_json::from_slice(req.body)
+        .map_err(|e| WebhookError::BadRequest(format!("body is not JSON: {e}")))
+}
+
 /// Requires a JSON-ish content type (absent is tolerated: some ESPs omit it).
 pub fn require_json(req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
     match req.header("content-type") {

@@ -41,8 +41,8 @@ use serde_json::{Map, Value};
 
 use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, basic_auth_ok,
-    content_key, correlate, dead_letter, esp_event, header_message_id, json_str, json_time,
-    keep_fields, require_json,
+    content_key, correlate, dead_letter, esp_event, header_message_id, json_body, json_str,
+    json_time, keep_fields,
 };
 use crate::config::{Secret, WebhookArgs};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -96,9 +96,7 @@ impl Provider for Postmark {
         req: &WebhookRequest<'_>,
         ctx: &ParseContext<'_>,
     ) -> Result<Vec<Record>, WebhookError> {
-        require_json(req)?;
-        let record: Value = serde_json::from_slice(req.body)
-            .map_err(|e| WebhookError::BadRequest(format!("body is not JSON: {e}")))?;
+        let record = json_body(req)?;
         if !record.is_object() {
             return Err(WebhookError::BadRequest(
                 "expected one Postmark record (a JSON object)".into(),

@@ -41,7 +41,7 @@ use serde_json::{Map, Value};
 
 use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
-    correlate, dead_letter, esp_event, json_str, json_time, keep_fields, require_json,
+    correlate, dead_letter, esp_event, json_body, json_str, json_time, keep_fields,
 };
 use crate::config::WebhookArgs;
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -150,9 +150,7 @@ impl Provider for SendGrid {
         req: &WebhookRequest<'_>,
         ctx: &ParseContext<'_>,
     ) -> Result<Vec<Record>, WebhookError> {
-        require_json(req)?;
-        let body: Value = serde_json::from_slice(req.body)
-            .map_err(|e| WebhookError::BadRequest(format!("body is not JSON: {e}")))?;
+        let body = json_body(req)?;
         let Value::Array(events) = body else {
             return Err(WebhookError::BadRequest(
                 "expected a JSON array of SendGrid events".into(),

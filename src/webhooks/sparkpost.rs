@@ -41,8 +41,8 @@ use serde_json::{Map, Value};
 
 use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, basic_auth_ok,
-    content_key, correlate, dead_letter, esp_event, id_key, json_str, json_time, keep_fields,
-    require_json, secrets_equal,
+    content_key, correlate, dead_letter, esp_event, id_key, json_body, json_str, json_time,
+    keep_fields, secrets_equal,
 };
 use crate::config::{Secret, WebhookArgs};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -128,9 +128,7 @@ impl Provider for SparkPost {
         req: &WebhookRequest<'_>,
         ctx: &ParseContext<'_>,
     ) -> Result<Vec<Record>, WebhookError> {
-        require_json(req)?;
-        let body: Value = serde_json::from_slice(req.body)
-            .map_err(|e| WebhookError::BadRequest(format!("body is not JSON: {e}")))?;
+        let body = json_body(req)?;
         let Value::Array(batch) = body else {
             return Err(WebhookError::BadRequest(
                 "expected a JSON array of SparkPost events".into(),
