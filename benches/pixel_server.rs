@@ -24,14 +24,8 @@ use reachly_ingest::token::{self, Purpose};
 use reachly_ingest::{App, AppOptions};
 use uuid::Uuid;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::{arg, pin};
 
 /// The do-nothing baseline: same bytes, same headers.
 async fn serve_noop(listener: tokio::net::TcpListener) {
@@ -67,14 +61,6 @@ struct WrkResult {
     p50: String,
     p99: String,
     non_2xx: u64,
-}
-
-/// Pins a process (all its threads) to one CPU; false if `taskset` is unavailable.
-fn pin(pid: u32, cpu: u32) -> bool {
-    Command::new("taskset")
-        .args(["-a", "-cp", &cpu.to_string(), &pid.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 fn wrk(url: &str, seconds: u64, connections: u64) -> WrkResult {

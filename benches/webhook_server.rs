@@ -19,21 +19,8 @@ use reachly_ingest::pgcluster::{PgCluster, free_port};
 use reachly_ingest::{App, AppOptions};
 use uuid::Uuid;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pin(pid: u32, cpu: u32) -> bool {
-    std::process::Command::new("taskset")
-        .args(["-a", "-cp", &cpu.to_string(), &pid.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+mod support;
+use support::{arg, pin};
 
 struct Run {
     requests: usize,
@@ -123,40 +110,8 @@ async fn bench(
     posts: usize,
     pinned: bool,
 ) -> anyhow::Result<()> {
-    let admin = reachly_ingest::db::connect(&cluster.url("postgres")).await?;
-    admin.batch_execute("CREATE DATABASE bench").await?;
-    let url = cluster.url("bench");
-    reachly_ingest::db::migrate::run(&url).await?;
-    let db = reachly_ingest::db::connect(&url).await?;
-    let (org, campaign) = (Uuid::new_v4(), Uuid::new_v4());
-    db.execute(
-        "INSERT INTO organizations (id, name) VALUES ($1, 'bench')",
-        &[&org],
-    )
-    .await?;
-    db.execute(
-        "INSERT INTO campaigns (id, organization_id, name) VALUES ($1, $2, 'bench')",
-        &[&campaign, &org],
-    )
-    .await?;
-    db.execute(
-        "INSERT INTO contacts (id, organization_id, email) \
-         SELECT gen_random_uuid(), $1, 'c' || g || '@example.com' FROM generate_series(1, 50000) g",
-        &[&org],
-    )
-    .await?;
-    db.execute(
-        "INSERT INTO campaign_messages (id, organization_id, campaign_id, contact_id, status) \
-         SELECT gen_random_uuid(), $1, $2, id, 'sent' FROM contacts",
-        &[&org, &campaign],
-    )
-    .await?;
-    let messages: Vec<Uuid> = db
-        .query("SELECT id FROM campaign_messages", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let (url, db) = support::bench_database(cluster).await?;
+    let (org, messages) = support::seed_campaign(&db, 50_000).await?;
 
     let sendgrid = SigningKey::from_slice(&[0x5a; 32]).map_err(|e| anyhow::anyhow!("{e}"))?;
     let public = STANDARD.encode(

@@ -25,6 +25,9 @@ use reachly_ingest::pipeline::Pipeline;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+mod support;
+use support::arg;
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -308,15 +311,6 @@ async fn run_per_event(db: &Client, org: Uuid, events: &[Event]) -> Measure {
     }
 }
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
@@ -339,40 +333,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(cluster: &PgCluster, n_messages: usize, sample: usize) -> anyhow::Result<()> {
-    let admin = reachly_ingest::db::connect(&cluster.url("postgres")).await?;
-    admin.batch_execute("CREATE DATABASE bench").await?;
-    let url = cluster.url("bench");
-    reachly_ingest::db::migrate::run(&url).await?;
-    let db = reachly_ingest::db::connect(&url).await?;
-    let (org, campaign) = (Uuid::new_v4(), Uuid::new_v4());
-    db.execute(
-        "INSERT INTO organizations (id, name) VALUES ($1, 'bench')",
-        &[&org],
-    )
-    .await?;
-    db.execute(
-        "INSERT INTO campaigns (id, organization_id, name) VALUES ($1, $2, 'bench')",
-        &[&campaign, &org],
-    )
-    .await?;
-    db.execute(
-        "INSERT INTO contacts (id, organization_id, email) \
-         SELECT gen_random_uuid(), $1, 'c' || g || '@example.com' FROM generate_series(1, $2::int) g",
-        &[&org, &(n_messages as i32)],
-    )
-    .await?;
-    db.execute(
-        "INSERT INTO campaign_messages (id, organization_id, campaign_id, contact_id, status) \
-         SELECT gen_random_uuid(), $1, $2, id, 'sent' FROM contacts",
-        &[&org, &campaign],
-    )
-    .await?;
-    let messages: Vec<Uuid> = db
-        .query("SELECT id FROM campaign_messages", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let (url, db) = support::bench_database(cluster).await?;
+    let (org, messages) = support::seed_campaign(&db, n_messages).await?;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let all = events(org, &messages, &mut rng);
     let mut maintenance_conn = reachly_ingest::db::connect(&url).await?;
