@@ -9,10 +9,10 @@ use std::hint::black_box;
 
 use chrono::Utc;
 use criterion::{Criterion, criterion_group, criterion_main};
-use reachly_ingest::config::TokenKeys;
 use reachly_ingest::event::{Event, EventType, Source};
 use reachly_ingest::machine::MachineDetector;
 use reachly_ingest::pipeline::merge;
+use reachly_ingest::token::TokenKeys;
 use reachly_ingest::token::{self, Purpose};
 use uuid::Uuid;
 

@@ -21,7 +21,7 @@ use reachly_ingest::config::{Config, ServeArgs};
 use reachly_ingest::http::tracking::PIXEL_GIF;
 use reachly_ingest::pgcluster::{PgCluster, free_port};
 use reachly_ingest::token::{self, Purpose};
-use reachly_ingest::{App, AppOptions};
+use reachly_ingest::{App, app};
 use uuid::Uuid;
 
 mod support;
@@ -138,12 +138,13 @@ fn main() -> anyhow::Result<()> {
             "--buffer-max-events",
             "3000000",
         ]);
-        args.server.migrate_on_start = false;
+        args.db.migrate_on_start = false;
         let config = Config::from_args(args).map_err(anyhow::Error::msg)?;
-        let public = tokio::net::TcpListener::bind(config.listen).await?;
-        let admin_l = tokio::net::TcpListener::bind(config.admin_listen).await?;
+        let public = tokio::net::TcpListener::bind(config.server.listen).await?;
+        let admin_l = tokio::net::TcpListener::bind(config.server.admin_listen).await?;
         let keys_parsed = config.tracking.token_keys.clone().unwrap();
-        let app = App::build(config, public, admin_l, AppOptions::default()).await?;
+        let prepared = app::prepare_default(&config).map_err(anyhow::Error::msg)?;
+        let app = App::build(config, public, admin_l, prepared).await?;
         let app_addr: SocketAddr = app.public_addr();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let app_task = tokio::spawn(app.run_until_stopped(async move {

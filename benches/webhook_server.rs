@@ -16,7 +16,7 @@ use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::EncodePublicKey;
 use reachly_ingest::config::{Config, Secret, ServeArgs};
 use reachly_ingest::pgcluster::{PgCluster, free_port};
-use reachly_ingest::{App, AppOptions};
+use reachly_ingest::{App, app};
 use uuid::Uuid;
 
 mod support;
@@ -133,13 +133,14 @@ async fn bench(
         "--spool-dir",
         dir.join("spool").to_str().unwrap(),
     ]);
-    args.server.migrate_on_start = false;
+    args.db.migrate_on_start = false;
     args.webhooks.sendgrid_public_key = Some(Secret::new(public));
     args.webhooks.mailgun_signing_key = Some(Secret::new(mailgun_key));
     let config = Config::from_args(args).map_err(anyhow::Error::msg)?;
-    let public_l = tokio::net::TcpListener::bind(config.listen).await?;
-    let admin_l = tokio::net::TcpListener::bind(config.admin_listen).await?;
-    let app = App::build(config, public_l, admin_l, AppOptions::default()).await?;
+    let public_l = tokio::net::TcpListener::bind(config.server.listen).await?;
+    let admin_l = tokio::net::TcpListener::bind(config.server.admin_listen).await?;
+    let prepared = app::prepare_default(&config).map_err(anyhow::Error::msg)?;
+    let app = App::build(config, public_l, admin_l, prepared).await?;
     let base = format!("http://{}", app.public_addr());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async move {

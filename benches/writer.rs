@@ -144,7 +144,8 @@ async fn run_writer(url: &str, db: &Client, events: &[Event]) -> Measure {
         "50",
     ]);
     let cfg = Config::from_args(args).unwrap();
-    let pool = reachly_ingest::db::pool(&cfg.db).unwrap();
+    let tls = reachly_ingest::db::tls::connector(None).unwrap();
+    let pool = reachly_ingest::db::pool(&cfg.db, tls).unwrap();
     let pipeline =
         Pipeline::start(&cfg.pipeline, pool, reachly_ingest::metrics::Metrics::new()).unwrap();
     let (upd0, hot0) = hot_stats(db).await;

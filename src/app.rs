@@ -1,12 +1,11 @@
-//! The application: [`AppState`] shared by every handler, and [`App`], which wires the
-//! database pool, migrations, the pipeline, partition maintenance and both listeners, and
-//! runs them until a shutdown future resolves. `serve` (main), `dev` and the tests all go
-//! through [`App::build`] with already-bound listeners (tests bind port 0).
+//! The application: [`App`] wires the database pool, migrations, the pipeline, partition
+//! maintenance and both listeners into one [`AppState`], and runs them until a shutdown
+//! future resolves. `serve` (main), `dev` and the tests all go through [`prepare`] (the
+//! checks that exit 64) and [`App::build`] with already-bound listeners (tests bind port 0).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -16,36 +15,32 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db;
-use crate::machine::MachineDetector;
+use crate::http::state::AppState;
 use crate::metrics::Metrics;
-use crate::pipeline::{Ingest, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::server::{self, Listener};
 use crate::webhooks::{self, HttpsGet};
 
-/// Everything a handler may need, shared behind one `Arc`.
-pub struct AppState {
-    pub config: Config,
-    pub pool: deadpool_postgres::Pool,
-    pub ingest: Ingest,
-    pub metrics: Metrics,
-    pub machine: MachineDetector,
+/// What is built from the configuration before anything binds; a failure here is a
+/// configuration error (`main` prints it as one line and exits 64).
+pub struct Prepared {
+    /// The configured ESP providers (a secret that does not parse fails here).
     pub webhooks: webhooks::Registry,
-    shutting_down: AtomicBool,
 }
 
-impl AppState {
-    pub fn shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
-    }
+/// Checks what only a subsystem can check (the database CA file, each webhook secret) and
+/// builds the provider registry. `https` is the outbound HTTPS used by SNS (certificates,
+/// subscription confirmation): [`webhooks::default_https_get`] in production, a seam in tests.
+pub fn prepare(config: &Config, https: Arc<dyn HttpsGet>) -> Result<Prepared, String> {
+    db::tls::connector(config.db.ca_file.as_deref()).map_err(|e| format!("{e:#}"))?;
+    let webhooks = webhooks::Registry::from_config(&config.webhooks, https)?;
+    Ok(Prepared { webhooks })
 }
 
-/// Test seams and injected parts; production uses `AppOptions::default()`.
-#[derive(Default)]
-pub struct AppOptions {
-    /// Outbound HTTPS for SNS (certificates, subscription confirmation).
-    pub https_get: Option<Arc<dyn HttpsGet>>,
-    /// Extra or replacement webhook providers (tests).
-    pub webhooks: Option<webhooks::Registry>,
+/// [`prepare`] with production outbound HTTPS.
+pub fn prepare_default(config: &Config) -> Result<Prepared, String> {
+    let https = webhooks::default_https_get().map_err(|e| format!("{e:#}"))?;
+    prepare(config, https)
 }
 
 pub struct App {
@@ -65,13 +60,15 @@ impl App {
         config: Config,
         public: TcpListener,
         admin: TcpListener,
-        opts: AppOptions,
+        prepared: Prepared,
     ) -> anyhow::Result<App> {
         let metrics = Metrics::new();
+        let tls = db::tls::connector(config.db.ca_file.as_deref())?;
+        let url = config.db.url.expose();
         if config.db.migrate_on_start {
-            match db::connect_with(config.db.url.expose(), config.db.tls.clone()).await {
+            match db::connect_with(url, tls.clone()).await {
                 Ok(_) => {
-                    db::migrate::run_with(config.db.url.expose(), config.db.tls.clone()).await?;
+                    db::migrate::run_with(url, tls.clone()).await?;
                 }
                 Err(e) => tracing::warn!(
                     error = format!("{e:#}"),
@@ -79,7 +76,7 @@ impl App {
                 ),
             }
         }
-        let pool = db::pool(&config.db)?;
+        let pool = db::pool(&config.db, tls)?;
         let mut partitions_ready = false;
         if let Ok(mut client) = pool.get().await {
             db::check_schema(&client).await?;
@@ -100,24 +97,13 @@ impl App {
             }
         }
         let pipeline = Pipeline::start(&config.pipeline, pool.clone(), metrics.clone())?;
-        let https: Arc<dyn HttpsGet> = match opts.https_get {
-            Some(h) => h,
-            None => webhooks::default_https_get()?,
-        };
-        let mut registry =
-            webhooks::Registry::from_config(&config.webhooks, https).map_err(anyhow::Error::msg)?;
-        if let Some(extra) = opts.webhooks {
-            registry.extend(extra);
-        }
-        let state = Arc::new(AppState {
-            machine: MachineDetector::new(&config.tracking.machine_user_agents),
-            webhooks: registry,
-            ingest: pipeline.ingest.clone(),
-            pool: pool.clone(),
-            metrics: metrics.clone(),
-            shutting_down: AtomicBool::new(false),
+        let state = Arc::new(AppState::new(
             config,
-        });
+            pool.clone(),
+            pipeline.ingest.clone(),
+            metrics.clone(),
+            prepared.webhooks,
+        ));
 
         let stop_background = CancellationToken::new();
         let mut background = Vec::new();
@@ -169,7 +155,7 @@ impl App {
     /// flush or spool every buffered event, stop background work.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
-        let timeout = self.state.config.http.shutdown_timeout;
+        let timeout = self.state.config.server.shutdown_timeout;
         tracing::info!(public = %self.public_addr(), admin = %self.admin_addr(), "serving");
         let public = tokio::spawn(server::run(
             self.public,
@@ -187,12 +173,12 @@ impl App {
         ));
         shutdown.await;
         tracing::info!("shutdown requested: draining");
-        self.state.shutting_down.store(true, Ordering::Relaxed);
+        self.state.begin_shutdown();
         stop.cancel();
         public.await.context("public listener task")?;
         admin.await.context("admin listener task")?;
         self.pipeline
-            .shutdown(self.state.config.pipeline.shutdown_timeout)
+            .shutdown(self.state.config.server.shutdown_timeout)
             .await;
         self.stop_background.cancel();
         for h in self.background {

@@ -1,18 +1,25 @@
 //! Configuration: every option is a command-line flag and an environment variable (names as
-//! in SPEC.md), parsed once by clap into typed fields with their defaults beside them, one
-//! struct per subsystem. `--help` lists them all. A value that does not parse is reported by
-//! `main` as one line, with exit code 64, before anything binds.
+//! in SPEC.md), parsed once by clap into typed fields (durations are `Duration`s, counts are
+//! at least 1) with their defaults beside them, one struct per subsystem: [`DbConfig`],
+//! [`ServerConfig`], [`PipelineConfig`], [`PartitionConfig`], [`TrackingConfig`],
+//! [`WebhookConfig`], [`LogConfig`]. `--help` lists them all. [`Config::from_args`] keeps only
+//! the checks that span fields. A value that does not parse is reported by `main` as one
+//! line, with exit code 64, before anything binds.
+//!
+//! This module sits below the subsystems it configures and imports only leaves (`token`):
+//! checks that need a subsystem (webhook secrets that must parse, the database CA file) are
+//! made by `app::prepare`, called by `main` before binding.
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use base64::Engine as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+
+use crate::token::TokenKeys;
 
 /// Exit code for invalid configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -41,22 +48,23 @@ pub enum Command {
     Dev(DevArgs),
 }
 
+/// `serve`: every subsystem's configuration, as parsed.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub db: DbArgs,
     #[command(flatten)]
-    pub server: ServerArgs,
+    pub server: ServerConfig,
     #[command(flatten)]
-    pub pipeline: PipelineArgs,
+    pub pipeline: PipelineConfig,
     #[command(flatten)]
-    pub partitions: PartitionArgs,
+    pub partitions: PartitionConfig,
     #[command(flatten)]
-    pub tracking: TrackingArgs,
+    pub tracking: TrackingConfig,
     #[command(flatten)]
-    pub webhooks: WebhookArgs,
+    pub webhooks: WebhookConfig,
     #[command(flatten)]
-    pub log: LogArgs,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -64,7 +72,7 @@ pub struct MigrateArgs {
     #[command(flatten)]
     pub db: DbArgs,
     #[command(flatten)]
-    pub log: LogArgs,
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -98,74 +106,157 @@ pub struct TokenArgs {
     pub token_keys: TokenKeys,
 }
 
+// ---- value parsers: units in types ----
+
+/// Milliseconds into a `Duration`.
+fn millis(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|_| format!("{s:?} is not a whole number of milliseconds"))
+}
+
+/// Milliseconds into a positive `Duration`.
+fn positive_millis(s: &str) -> Result<Duration, String> {
+    match millis(s)? {
+        d if d.is_zero() => Err("must be at least 1 millisecond".into()),
+        d => Ok(d),
+    }
+}
+
+/// Seconds into a `Duration`.
+fn seconds(s: &str) -> Result<Duration, String> {
+    s.trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{s:?} is not a whole number of seconds"))
+}
+
+/// Seconds into a positive `Duration`.
+fn positive_seconds(s: &str) -> Result<Duration, String> {
+    match seconds(s)? {
+        d if d.is_zero() => Err("must be at least 1 second".into()),
+        d => Ok(d),
+    }
+}
+
+/// A count of at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+// ---- one struct per subsystem ----
+
+/// The database connection, as parsed: the URL is optional here because `dev` brings its own.
 #[derive(Debug, Clone, Args)]
 pub struct DbArgs {
     /// libpq-style connection string (key=value or postgres:// URL).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<Secret>,
     /// Connections in the pool (writers, readiness, maintenance, unsubscribe lookups).
-    #[arg(long, env = "REACHLY_DB_POOL_SIZE", default_value_t = NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN))]
-    pub db_pool_size: NonZeroUsize,
+    #[arg(long = "db-pool-size", env = "REACHLY_DB_POOL_SIZE", default_value = "4", value_parser = positive)]
+    pub pool_size: usize,
     /// Seconds to wait for a pooled connection or a new one.
-    #[arg(long, env = "REACHLY_DB_CONNECT_TIMEOUT_S", default_value_t = 5)]
-    pub db_connect_timeout_s: u64,
+    #[arg(long = "db-connect-timeout-s", env = "REACHLY_DB_CONNECT_TIMEOUT_S", default_value = "5", value_parser = positive_seconds)]
+    pub connect_timeout: Duration,
     /// CA certificates (PEM) to verify the database's TLS certificate and host name against
     /// (libpq's verify-full); without it TLS encrypts but does not authenticate the server,
     /// as libpq's prefer/require. `sslmode` in DATABASE_URL decides whether TLS is used.
-    #[arg(long, env = "REACHLY_DB_CA_FILE")]
-    pub db_ca_file: Option<PathBuf>,
+    #[arg(long = "db-ca-file", env = "REACHLY_DB_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Apply migrations when serve starts (under an advisory lock: safe with several instances).
+    #[arg(long, env = "REACHLY_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
 }
 
 impl DbArgs {
-    /// The TLS connector these arguments ask for; the error is one config line.
-    pub fn tls(&self) -> Result<crate::db::tls::Tls, String> {
-        crate::db::tls::connector(self.db_ca_file.as_deref()).map_err(|e| format!("{e:#}"))
+    /// The database configuration, once a URL is known; the error is one config line.
+    pub fn into_config(self) -> Result<DbConfig, String> {
+        let url = self.database_url.ok_or(
+            "DATABASE_URL is required (or run `reachly-ingest dev` for a private local database)",
+        )?;
+        tokio_postgres::Config::from_str(url.expose())
+            .map_err(|e| format!("DATABASE_URL is not a valid connection string: {e}"))?;
+        Ok(DbConfig {
+            url,
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+            ca_file: self.ca_file,
+            migrate_on_start: self.migrate_on_start,
+        })
     }
 }
 
+/// The database connection.
+#[derive(Clone)]
+pub struct DbConfig {
+    pub url: Secret,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    /// `REACHLY_DB_CA_FILE`: TLS verification roots (see `db::tls`).
+    pub ca_file: Option<PathBuf>,
+    pub migrate_on_start: bool,
+}
+
+impl fmt::Debug for DbConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DbConfig")
+            .field("url", &self.url)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ca_file", &self.ca_file)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+/// The listeners, their timeouts, and the shutdown budget (one home: the HTTP drain and
+/// the pipeline's final flush share it).
 #[derive(Debug, Clone, Args)]
-pub struct ServerArgs {
+pub struct ServerConfig {
     /// Public listener: pixels, clicks, unsubscribes, webhooks.
     #[arg(long, env = "REACHLY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// Admin listener: /metrics, /healthz, /readyz. Never expose publicly.
     #[arg(long, env = "REACHLY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
     pub admin_listen: SocketAddr,
-    /// Apply migrations when serve starts (under an advisory lock: safe with several instances).
-    #[arg(long, env = "REACHLY_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
-    pub migrate_on_start: bool,
     /// Milliseconds a client may take to send the request head.
-    #[arg(long, env = "REACHLY_HEADER_TIMEOUT_MS", default_value_t = 5_000)]
-    pub header_timeout_ms: u64,
+    #[arg(long = "header-timeout-ms", env = "REACHLY_HEADER_TIMEOUT_MS", default_value = "5000", value_parser = positive_millis)]
+    pub header_timeout: Duration,
     /// Milliseconds a client may take to send a request body.
-    #[arg(long, env = "REACHLY_BODY_TIMEOUT_MS", default_value_t = 15_000)]
-    pub body_timeout_ms: u64,
+    #[arg(long = "body-timeout-ms", env = "REACHLY_BODY_TIMEOUT_MS", default_value = "15000", value_parser = positive_millis)]
+    pub body_timeout: Duration,
     /// Milliseconds a request may take in all (webhooks include waiting for durability).
-    #[arg(long, env = "REACHLY_REQUEST_TIMEOUT_MS", default_value_t = 25_000)]
-    pub request_timeout_ms: u64,
+    #[arg(long = "request-timeout-ms", env = "REACHLY_REQUEST_TIMEOUT_MS", default_value = "25000", value_parser = positive_millis)]
+    pub request_timeout: Duration,
     /// Seconds to finish in-flight requests and flush or spool buffered events on SIGTERM.
-    #[arg(long, env = "REACHLY_SHUTDOWN_TIMEOUT_S", default_value_t = 20)]
-    pub shutdown_timeout_s: u64,
+    #[arg(long = "shutdown-timeout-s", env = "REACHLY_SHUTDOWN_TIMEOUT_S", default_value = "20", value_parser = seconds)]
+    pub shutdown_timeout: Duration,
 }
 
+/// The in-memory buffer, the batch writers and the spool.
 #[derive(Debug, Clone, Args)]
-pub struct PipelineArgs {
+pub struct PipelineConfig {
     /// Events held in memory before new ones go to the on-disk spool.
-    #[arg(long, env = "REACHLY_BUFFER_MAX_EVENTS", default_value_t = NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN))]
-    pub buffer_max_events: NonZeroUsize,
+    #[arg(long, env = "REACHLY_BUFFER_MAX_EVENTS", default_value = "100000", value_parser = positive)]
+    pub buffer_max_events: usize,
     /// Events in one batch (one transaction).
-    #[arg(long, env = "REACHLY_FLUSH_MAX_EVENTS", default_value_t = NonZeroUsize::new(5_000).unwrap_or(NonZeroUsize::MIN))]
-    pub flush_max_events: NonZeroUsize,
+    #[arg(long, env = "REACHLY_FLUSH_MAX_EVENTS", default_value = "5000", value_parser = positive)]
+    pub flush_max_events: usize,
     /// Milliseconds a batch may wait for more events before it is written.
-    #[arg(long, env = "REACHLY_FLUSH_INTERVAL_MS", default_value_t = 200)]
-    pub flush_interval_ms: u64,
+    #[arg(long = "flush-interval-ms", env = "REACHLY_FLUSH_INTERVAL_MS", default_value = "200", value_parser = positive_millis)]
+    pub flush_interval: Duration,
     /// Milliseconds a batch holding a webhook's or unsubscribe's events (someone waits for the
     /// commit) waits for more before it is written: group commit.
-    #[arg(long, env = "REACHLY_DURABLE_LINGER_MS", default_value_t = 2)]
-    pub durable_linger_ms: u64,
+    #[arg(long = "durable-linger-ms", env = "REACHLY_DURABLE_LINGER_MS", default_value = "2", value_parser = millis)]
+    pub durable_linger: Duration,
     /// Concurrent batch writers (each holds one connection while it writes).
-    #[arg(long, env = "REACHLY_WRITERS", default_value_t = NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN))]
-    pub writers: NonZeroUsize,
+    #[arg(long, env = "REACHLY_WRITERS", default_value = "2", value_parser = positive)]
+    pub writers: usize,
     /// Directory of the on-disk spool used while the database cannot keep up or is down.
     #[arg(long, env = "REACHLY_SPOOL_DIR", default_value = "./spool")]
     pub spool_dir: PathBuf,
@@ -174,27 +265,33 @@ pub struct PipelineArgs {
     pub spool_max_bytes: u64,
 }
 
+/// Daily partitions of `email_events`: made ahead, dropped past retention.
 #[derive(Debug, Clone, Args)]
-pub struct PartitionArgs {
+pub struct PartitionConfig {
     /// Daily partitions of email_events made ahead of today.
-    #[arg(long, env = "REACHLY_PARTITION_PREMAKE_DAYS", default_value_t = 7)]
-    pub partition_premake_days: u32,
-    /// Partitions entirely older than this many days are dropped.
-    #[arg(long, env = "REACHLY_EVENT_RETENTION_DAYS", default_value_t = 400)]
-    pub event_retention_days: u32,
-    /// Seconds between partition maintenance runs.
     #[arg(
-        long,
-        env = "REACHLY_PARTITION_MAINTENANCE_INTERVAL_S",
-        default_value_t = 3600
+        long = "partition-premake-days",
+        env = "REACHLY_PARTITION_PREMAKE_DAYS",
+        default_value_t = 7
     )]
-    pub partition_maintenance_interval_s: u64,
+    pub premake_days: u32,
+    /// Partitions entirely older than this many days are dropped.
+    #[arg(
+        long = "event-retention-days",
+        env = "REACHLY_EVENT_RETENTION_DAYS",
+        default_value_t = 400
+    )]
+    pub retention_days: u32,
+    /// Seconds between partition maintenance runs.
+    #[arg(long = "partition-maintenance-interval-s", env = "REACHLY_PARTITION_MAINTENANCE_INTERVAL_S", default_value = "3600", value_parser = positive_seconds)]
+    pub interval: Duration,
 }
 
+/// Our own tracking routes: token keys, client addresses, machine traffic.
 #[derive(Debug, Clone, Args)]
-pub struct TrackingArgs {
+pub struct TrackingConfig {
     /// Token keys, ID:BASE64KEY[,ID:BASE64KEY...], each at least 32 bytes; the first mints,
-    /// all verify.
+    /// all verify. Without keys the tracking routes answer as for a bad token.
     #[arg(long, env = "REACHLY_TOKEN_KEYS", hide_env_values = true)]
     pub token_keys: Option<TokenKeys>,
     /// How client IPs are stored: truncate (IPv4 /24, IPv6 /48), full or none.
@@ -209,8 +306,9 @@ pub struct TrackingArgs {
     pub machine_user_agents: Vec<String>,
 }
 
+/// ESP webhooks: the body limit and each provider's secret (a provider without one is 404).
 #[derive(Debug, Clone, Args)]
-pub struct WebhookArgs {
+pub struct WebhookConfig {
     /// Largest webhook body accepted (413 past it).
     #[arg(long, env = "REACHLY_WEBHOOK_MAX_BYTES", default_value_t = 10 << 20)]
     pub webhook_max_bytes: usize,
@@ -243,8 +341,9 @@ pub struct WebhookArgs {
     pub resend_webhook_secret: Option<Secret>,
 }
 
+/// Logging.
 #[derive(Debug, Clone, Args)]
-pub struct LogArgs {
+pub struct LogConfig {
     /// Log format: human or json.
     #[arg(long, env = "REACHLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -293,170 +392,30 @@ impl FromStr for Secret {
     }
 }
 
-/// Minimum token key length in bytes (SPEC.md).
-pub const MIN_TOKEN_KEY_BYTES: usize = 32;
-
-/// The token keys: `(key id, key bytes)`, the first one mints.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TokenKeys(Vec<(u8, Vec<u8>)>);
-
-impl TokenKeys {
-    pub fn new(keys: Vec<(u8, Vec<u8>)>) -> Result<Self, String> {
-        if keys.is_empty() {
-            return Err("at least one key is required".into());
-        }
-        for (i, (id, key)) in keys.iter().enumerate() {
-            if key.len() < MIN_TOKEN_KEY_BYTES {
-                return Err(format!(
-                    "key id {id} is {} bytes; at least {MIN_TOKEN_KEY_BYTES} are required",
-                    key.len()
-                ));
-            }
-            if keys[..i].iter().any(|(other, _)| other == id) {
-                return Err(format!("key id {id} appears twice"));
-            }
-        }
-        Ok(TokenKeys(keys))
-    }
-    /// The minting key.
-    pub fn primary(&self) -> (u8, &[u8]) {
-        let (id, key) = &self.0[0];
-        (*id, key)
-    }
-    pub fn get(&self, id: u8) -> Option<&[u8]> {
-        self.0
-            .iter()
-            .find(|(k, _)| *k == id)
-            .map(|(_, v)| v.as_slice())
-    }
-}
-
-impl fmt::Debug for TokenKeys {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<u8> = self.0.iter().map(|(id, _)| *id).collect();
-        write!(f, "TokenKeys(ids={ids:?}, keys=[redacted])")
-    }
-}
-
-impl FromStr for TokenKeys {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut keys = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (id, b64) = part
-                .split_once(':')
-                .ok_or_else(|| "expected ID:BASE64KEY[,ID:BASE64KEY...]".to_string())?;
-            let id: u8 = id
-                .trim()
-                .parse()
-                .map_err(|_| format!("key id {id:?} is not a number 0-255"))?;
-            let key = decode_base64_any(b64.trim())
-                .ok_or_else(|| format!("key id {id} is not valid base64"))?;
-            keys.push((id, key));
-        }
-        TokenKeys::new(keys)
-    }
-}
-
-/// Accepts standard or URL-safe base64, padded or not.
-pub fn decode_base64_any(s: &str) -> Option<Vec<u8>> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    [STANDARD, URL_SAFE, STANDARD_NO_PAD, URL_SAFE_NO_PAD]
-        .iter()
-        .find_map(|e| e.decode(s).ok())
-}
-
-/// Typed configuration of `serve`, built from [`ServeArgs`].
+/// Typed configuration of `serve`: the subsystems' configurations, checked across fields.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
     pub db: DbConfig,
-    pub http: HttpConfig,
+    pub server: ServerConfig,
     pub pipeline: PipelineConfig,
     pub partitions: PartitionConfig,
     pub tracking: TrackingConfig,
-    pub webhooks: WebhookArgs,
-    pub log_format: LogFormat,
-}
-
-#[derive(Clone)]
-pub struct DbConfig {
-    pub url: Secret,
-    pub tls: crate::db::tls::Tls,
-    pub pool_size: usize,
-    pub connect_timeout: Duration,
-    pub migrate_on_start: bool,
-}
-
-impl fmt::Debug for DbConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DbConfig")
-            .field("url", &self.url)
-            .field("pool_size", &self.pool_size)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("migrate_on_start", &self.migrate_on_start)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct HttpConfig {
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
-    pub request_timeout: Duration,
-    pub shutdown_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct PipelineConfig {
-    pub buffer_max_events: usize,
-    pub flush_max_events: usize,
-    pub flush_interval: Duration,
-    pub durable_linger: Duration,
-    pub writers: usize,
-    pub spool_dir: PathBuf,
-    pub spool_max_bytes: u64,
-    /// Time budget of the final drain on shutdown (shared with the HTTP drain).
-    pub shutdown_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct PartitionConfig {
-    pub premake_days: u32,
-    pub retention_days: u32,
-    pub interval: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct TrackingConfig {
-    /// `None`: the tracking routes answer as for a bad token (pixel GIF, click 404).
-    pub token_keys: Option<TokenKeys>,
-    pub ip_mode: IpMode,
-    pub trusted_proxies: Vec<IpNet>,
-    pub machine_user_agents: Vec<String>,
+    pub webhooks: WebhookConfig,
+    pub log: LogConfig,
 }
 
 impl Config {
-    /// Builds the typed config; the error is one line for `main` to print (exit 64).
+    /// Checks what spans fields; the error is one line for `main` to print (exit 64).
     pub fn from_args(args: ServeArgs) -> Result<Config, String> {
-        let tls = args.db.tls()?;
-        let url = args.db.database_url.ok_or(
-            "DATABASE_URL is required (or run `reachly-ingest dev` for a private local database)",
-        )?;
-        tokio_postgres::Config::from_str(url.expose())
-            .map_err(|e| format!("DATABASE_URL is not a valid connection string: {e}"))?;
-        if args.pipeline.flush_max_events.get() > args.pipeline.buffer_max_events.get() {
+        let db = args.db.into_config()?;
+        if args.pipeline.flush_max_events > args.pipeline.buffer_max_events {
             return Err(format!(
                 "REACHLY_FLUSH_MAX_EVENTS ({}) must not exceed REACHLY_BUFFER_MAX_EVENTS ({})",
                 args.pipeline.flush_max_events, args.pipeline.buffer_max_events
             ));
         }
-        if args.partitions.event_retention_days == 0 {
+        if args.partitions.retention_days == 0 {
             return Err("REACHLY_EVENT_RETENTION_DAYS must be at least 1".into());
-        }
-        if args.server.request_timeout_ms == 0 || args.server.header_timeout_ms == 0 {
-            return Err("request and header timeouts must be positive".into());
         }
         if let (Some(_), None) = (
             &args.webhooks.mandrill_webhook_key,
@@ -464,49 +423,14 @@ impl Config {
         ) {
             return Err("REACHLY_MANDRILL_WEBHOOK_URL is required with REACHLY_MANDRILL_WEBHOOK_KEY (it is part of the signed string)".into());
         }
-        crate::webhooks::validate(&args.webhooks)?;
-        let shutdown_timeout = Duration::from_secs(args.server.shutdown_timeout_s);
         Ok(Config {
-            listen: args.server.listen,
-            admin_listen: args.server.admin_listen,
-            db: DbConfig {
-                url,
-                tls,
-                pool_size: args.db.db_pool_size.get(),
-                connect_timeout: Duration::from_secs(args.db.db_connect_timeout_s.max(1)),
-                migrate_on_start: args.server.migrate_on_start,
-            },
-            http: HttpConfig {
-                header_timeout: Duration::from_millis(args.server.header_timeout_ms),
-                body_timeout: Duration::from_millis(args.server.body_timeout_ms.max(1)),
-                request_timeout: Duration::from_millis(args.server.request_timeout_ms),
-                shutdown_timeout,
-            },
-            pipeline: PipelineConfig {
-                buffer_max_events: args.pipeline.buffer_max_events.get(),
-                flush_max_events: args.pipeline.flush_max_events.get(),
-                flush_interval: Duration::from_millis(args.pipeline.flush_interval_ms.max(1)),
-                durable_linger: Duration::from_millis(args.pipeline.durable_linger_ms),
-                writers: args.pipeline.writers.get(),
-                spool_dir: args.pipeline.spool_dir,
-                spool_max_bytes: args.pipeline.spool_max_bytes,
-                shutdown_timeout,
-            },
-            partitions: PartitionConfig {
-                premake_days: args.partitions.partition_premake_days,
-                retention_days: args.partitions.event_retention_days,
-                interval: Duration::from_secs(
-                    args.partitions.partition_maintenance_interval_s.max(1),
-                ),
-            },
-            tracking: TrackingConfig {
-                token_keys: args.tracking.token_keys,
-                ip_mode: args.tracking.ip_mode,
-                trusted_proxies: args.tracking.trusted_proxies,
-                machine_user_agents: args.tracking.machine_user_agents,
-            },
+            db,
+            server: args.server,
+            pipeline: args.pipeline,
+            partitions: args.partitions,
+            tracking: args.tracking,
             webhooks: args.webhooks,
-            log_format: args.log.log_format,
+            log: args.log,
         })
     }
 }
@@ -541,21 +465,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_keys_parse_rotation_list_and_reject_short_keys() {
-        let k32 = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        let k40 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([9u8; 40]);
-        let keys: TokenKeys = format!("2:{k32}, 1:{k40}").parse().unwrap();
-        assert_eq!(keys.primary().0, 2);
-        assert_eq!(keys.get(1).unwrap().len(), 40);
-        assert!(keys.get(3).is_none());
-        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 31]);
-        assert!(format!("1:{short}").parse::<TokenKeys>().is_err());
-        assert!(format!("1:{k32},1:{k32}").parse::<TokenKeys>().is_err());
-        assert!("nonsense".parse::<TokenKeys>().is_err());
-        assert!(!format!("{keys:?}").contains(&k32));
-    }
-
-    #[test]
     fn secrets_are_not_printed_by_debug() {
         let s = Secret::new("hunter2");
         assert!(!format!("{s:?}").contains("hunter2"));
@@ -577,5 +486,22 @@ mod tests {
                 .unwrap_err()
                 .contains("REACHLY_FLUSH_MAX_EVENTS")
         );
+    }
+
+    #[test]
+    fn durations_and_counts_are_typed_at_parse_time() {
+        let args = ServeArgs::from_argv([
+            "serve",
+            "--header-timeout-ms",
+            "1500",
+            "--shutdown-timeout-s",
+            "3",
+        ]);
+        assert_eq!(args.server.header_timeout, Duration::from_millis(1500));
+        assert_eq!(args.server.shutdown_timeout, Duration::from_secs(3));
+        assert_eq!(positive("0"), Err("must be at least 1".to_string()));
+        assert!(positive_millis("0").is_err());
+        assert!(millis("1.5").is_err());
+        assert_eq!(seconds("0"), Ok(Duration::ZERO));
     }
 }

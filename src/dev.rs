@@ -11,10 +11,10 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use uuid::Uuid;
 
-use crate::config::{Config, DevArgs, Secret, TokenArgs, TokenKeys};
+use crate::app::{self, App};
+use crate::config::{Config, DevArgs, Secret, TokenArgs};
 use crate::pgcluster::PgCluster;
-use crate::token::{self, Purpose};
-use crate::{App, AppOptions};
+use crate::token::{self, Purpose, TokenKeys};
 
 /// The demo tenant: fixed ids, so a second run finds the same rows and URLs.
 pub const DEMO_ORG: Uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
@@ -164,23 +164,24 @@ async fn serve_demo(args: &mut DevArgs, dir: &Path, url: &str) -> anyhow::Result
         serve.pipeline.spool_dir = dir.join("spool");
     }
     let config = Config::from_args(serve.clone()).map_err(anyhow::Error::msg)?;
-    let public = tokio::net::TcpListener::bind(config.listen)
+    let prepared = app::prepare_default(&config).map_err(anyhow::Error::msg)?;
+    let public = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| {
             format!(
                 "binding {} (set REACHLY_LISTEN to another address)",
-                config.listen
+                config.server.listen
             )
         })?;
-    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+    let admin = tokio::net::TcpListener::bind(config.server.admin_listen)
         .await
         .with_context(|| {
             format!(
                 "binding {} (set REACHLY_ADMIN_LISTEN to another address)",
-                config.admin_listen
+                config.server.admin_listen
             )
         })?;
-    let app = App::build(config, public, admin, AppOptions::default()).await?;
+    let app = App::build(config, public, admin, prepared).await?;
     let public_addr = app.public_addr();
     let host = if public_addr.ip().is_unspecified() {
         "127.0.0.1".to_string()

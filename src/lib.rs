@@ -30,25 +30,26 @@ pub mod shutdown;
 pub mod token;
 pub mod webhooks;
 
-pub use app::{App, AppOptions, AppState};
+pub use app::App;
 pub use config::Config;
+pub use http::state::AppState;
 
 /// Sets up `tracing`: human-readable by default, JSON lines with `REACHLY_LOG_FORMAT=json`;
 /// the level comes from `RUST_LOG` (default `info`).
-pub fn init_tracing(format: config::LogFormat) {
+pub fn init_tracing(format: crate::config::LogFormat) {
     use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr (stdout carries `dev`'s banner and `token`'s output). `json()` must
     // come before `with_writer`: it resets the writer.
     let _ = match format {
-        config::LogFormat::Json => tracing_subscriber::fmt()
+        crate::config::LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter())
             .with_target(false)
             .with_writer(std::io::stderr)
             .try_init(),
-        config::LogFormat::Human => tracing_subscriber::fmt()
+        crate::config::LogFormat::Human => tracing_subscriber::fmt()
             .with_env_filter(filter())
             .with_target(false)
             .with_ansi(std::io::stderr().is_terminal())

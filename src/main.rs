@@ -5,7 +5,7 @@ use std::io::Write as _;
 
 use clap::Parser as _;
 use reachly_ingest::config::{Cli, Command, Config, EXIT_CONFIG};
-use reachly_ingest::{App, AppOptions, init_tracing};
+use reachly_ingest::{App, app, init_tracing};
 
 fn config_error(msg: impl std::fmt::Display) -> ! {
     eprintln!("reachly-ingest: invalid configuration: {msg}");
@@ -29,20 +29,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             init_tracing(args.log.log_format);
             let config = Config::from_args(args).unwrap_or_else(|e| config_error(e));
-            let public = tokio::net::TcpListener::bind(config.listen).await?;
-            let admin = tokio::net::TcpListener::bind(config.admin_listen).await?;
-            let app = App::build(config, public, admin, AppOptions::default()).await?;
+            let prepared = app::prepare_default(&config).unwrap_or_else(|e| config_error(e));
+            let public = tokio::net::TcpListener::bind(config.server.listen).await?;
+            let admin = tokio::net::TcpListener::bind(config.server.admin_listen).await?;
+            let app = App::build(config, public, admin, prepared).await?;
             app.run_until_stopped(reachly_ingest::shutdown::shutdown_signal())
                 .await
         }
         Command::Migrate(args) => {
             init_tracing(args.log.log_format);
-            let tls = args.db.tls().unwrap_or_else(|e| config_error(e));
-            let url = args
-                .db
-                .database_url
-                .unwrap_or_else(|| config_error("DATABASE_URL is required"));
-            let applied = reachly_ingest::db::migrate::run_with(url.expose(), tls).await?;
+            let db = args.db.into_config().unwrap_or_else(|e| config_error(e));
+            let tls = reachly_ingest::db::tls::connector(db.ca_file.as_deref())
+                .unwrap_or_else(|e| config_error(format!("{e:#}")));
+            let applied = reachly_ingest::db::migrate::run_with(db.url.expose(), tls).await?;
             let _ = writeln!(std::io::stdout(), "migrations applied: {applied}");
             Ok(())
         }

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -15,9 +14,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
+use crate::http::reject::Reject;
 use crate::http::routes::Route;
-use crate::http::{self, Req, Resp};
+use crate::http::state::AppState;
+use crate::http::{Req, Resp};
 
 /// Which router a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.config.http.header_timeout)
+        .header_read_timeout(state.config.server.header_timeout)
         .keep_alive(true);
     builder
         .http2()
@@ -100,9 +100,9 @@ async fn dispatch(
     let name = route.name();
     let resp = if route.may_wait() {
         let fut = route.handle(req, peer, state.clone());
-        match tokio::time::timeout(state.config.http.request_timeout, fut).await {
+        match tokio::time::timeout(state.config.server.request_timeout, fut).await {
             Ok(resp) => resp,
-            Err(_) => http::text(StatusCode::SERVICE_UNAVAILABLE, "request timed out\n"),
+            Err(_) => Reject::Timeout.into_response(),
         }
     } else {
         route.handle(req, peer, state.clone()).await

@@ -15,7 +15,8 @@ use hmac::{KeyInit, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
 
-use crate::config::TokenKeys;
+use std::fmt;
+use std::str::FromStr;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
@@ -92,6 +93,79 @@ impl TokenError {
             TokenError::Url => "url",
         }
     }
+}
+
+/// Minimum token key length in bytes (SPEC.md).
+pub const MIN_TOKEN_KEY_BYTES: usize = 32;
+
+/// The token keys: `(key id, key bytes)`, the first one mints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenKeys(Vec<(u8, Vec<u8>)>);
+
+impl TokenKeys {
+    pub fn new(keys: Vec<(u8, Vec<u8>)>) -> Result<Self, String> {
+        if keys.is_empty() {
+            return Err("at least one key is required".into());
+        }
+        for (i, (id, key)) in keys.iter().enumerate() {
+            if key.len() < MIN_TOKEN_KEY_BYTES {
+                return Err(format!(
+                    "key id {id} is {} bytes; at least {MIN_TOKEN_KEY_BYTES} are required",
+                    key.len()
+                ));
+            }
+            if keys[..i].iter().any(|(other, _)| other == id) {
+                return Err(format!("key id {id} appears twice"));
+            }
+        }
+        Ok(TokenKeys(keys))
+    }
+    /// The minting key.
+    pub fn primary(&self) -> (u8, &[u8]) {
+        let (id, key) = &self.0[0];
+        (*id, key)
+    }
+    pub fn get(&self, id: u8) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == id)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+impl fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<u8> = self.0.iter().map(|(id, _)| *id).collect();
+        write!(f, "TokenKeys(ids={ids:?}, keys=[redacted])")
+    }
+}
+
+impl FromStr for TokenKeys {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut keys = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (id, b64) = part
+                .split_once(':')
+                .ok_or_else(|| "expected ID:BASE64KEY[,ID:BASE64KEY...]".to_string())?;
+            let id: u8 = id
+                .trim()
+                .parse()
+                .map_err(|_| format!("key id {id:?} is not a number 0-255"))?;
+            let key = decode_base64_any(b64.trim())
+                .ok_or_else(|| format!("key id {id} is not valid base64"))?;
+            keys.push((id, key));
+        }
+        TokenKeys::new(keys)
+    }
+}
+
+/// Accepts standard or URL-safe base64, padded or not.
+pub fn decode_base64_any(s: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    [STANDARD, URL_SAFE, STANDARD_NO_PAD, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|e| e.decode(s).ok())
 }
 
 fn mac(key: &[u8]) -> HmacSha256 {
@@ -210,6 +284,21 @@ pub fn redirect_location(url: &str) -> Result<String, TokenError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_keys_parse_rotation_list_and_reject_short_keys() {
+        let k32 = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+        let k40 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([9u8; 40]);
+        let keys: TokenKeys = format!("2:{k32}, 1:{k40}").parse().unwrap();
+        assert_eq!(keys.primary().0, 2);
+        assert_eq!(keys.get(1).unwrap().len(), 40);
+        assert!(keys.get(3).is_none());
+        let short = base64::engine::general_purpose::STANDARD.encode([1u8; 31]);
+        assert!(format!("1:{short}").parse::<TokenKeys>().is_err());
+        assert!(format!("1:{k32},1:{k32}").parse::<TokenKeys>().is_err());
+        assert!("nonsense".parse::<TokenKeys>().is_err());
+        assert!(!format!("{keys:?}").contains(&k32));
+    }
 
     fn keys() -> TokenKeys {
         TokenKeys::new(vec![(1, vec![0x11; 32]), (2, vec![0x22; 32])]).unwrap()

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use bytes::Bytes;
 use hmac::{KeyInit, Mac};
-use reachly_ingest::config::TokenKeys;
+use reachly_ingest::token::TokenKeys;
 use reachly_ingest::token::{self, Purpose};
 use serde_json::{Value, json};
 use sha2::Sha256;

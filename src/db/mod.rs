@@ -14,8 +14,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 use crate::config::DbConfig;
 
-/// Builds the pool. Connections are made lazily; nothing here touches the network.
-pub fn pool(cfg: &DbConfig) -> anyhow::Result<Pool> {
+/// Builds the pool over `tls` (from [`tls::connector`] and `cfg.ca_file`). Connections are
+/// made lazily; nothing here touches the network.
+pub fn pool(cfg: &DbConfig, tls: tls::Tls) -> anyhow::Result<Pool> {
     let mut pg =
         tokio_postgres::Config::from_str(cfg.url.expose()).context("parsing DATABASE_URL")?;
     if pg.get_application_name().is_none() {
@@ -28,7 +29,7 @@ pub fn pool(cfg: &DbConfig) -> anyhow::Result<Pool> {
     pg.keepalives_idle(Duration::from_secs(30));
     let mgr = Manager::from_config(
         pg,
-        cfg.tls.clone(),
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -7,8 +7,8 @@ use std::time::Duration;
 use hyper::StatusCode;
 use hyper::header::{self, HeaderValue};
 
+use super::state::AppState;
 use super::{Resp, text};
-use crate::app::AppState;
 
 /// A writer that has not shown life for this long is stuck.
 const WRITER_STALL: Duration = Duration::from_secs(60);

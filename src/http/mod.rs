@@ -1,10 +1,18 @@
-//! HTTP handlers and the small helpers they share: response builders, bounded body reading
-//! with a timeout, and the client address as SPEC.md defines it (socket peer, or
+//! The HTTP layer: the route table ([`routes`]), the handlers ([`tracking`], [`webhook`],
+//! [`admin`]), the shared state they read ([`state`]), the one rejection type ([`reject`]),
+//! and the small helpers they share: response builders, bounded body reading with a
+//! timeout, and the client address as SPEC.md defines it (socket peer, or
 //! `X-Forwarded-For` only from a trusted proxy, stored per `REACHLY_IP_MODE`).
+//!
+//! It sits below `server` (which accepts connections and calls [`routes::Route::handle`])
+//! and above `pipeline`, `webhooks` and `db`, whose work it asks for.
 
 pub mod admin;
+pub mod reject;
 pub mod routes;
+pub mod state;
 pub mod tracking;
+pub mod webhook;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -32,14 +40,21 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
     r
 }
 
-pub fn not_found() -> Resp {
-    text(StatusCode::NOT_FOUND, "not found\n")
-}
-
-pub fn method_not_allowed(allow: &'static str) -> Resp {
-    let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-    r.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
+/// An HTML response that is never cached, indexed or given a referrer.
+pub fn html(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert("x-robots-tag", HeaderValue::from_static("noindex"));
     r
 }
 
@@ -52,16 +67,6 @@ pub enum BodyError {
     Timeout,
     #[error("request body could not be read: {0}")]
     Broken(String),
-}
-
-impl BodyError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            BodyError::Timeout => StatusCode::REQUEST_TIMEOUT,
-            BodyError::Broken(_) => StatusCode::BAD_REQUEST,
-        }
-    }
 }
 
 /// Reads the whole body, refusing more than `limit` bytes (also when Content-Length says so

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use hyper::Method;
 
-use super::{Req, Resp, admin, method_not_allowed, not_found, tracking};
-use crate::app::AppState;
-use crate::webhooks;
+use super::reject::Reject;
+use super::state::AppState;
+use super::{Req, Resp, admin, tracking, webhook};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -100,19 +100,21 @@ impl Route {
         )
     }
 
+    /// Runs the handler; a [`Reject`] becomes its response here, in one place.
     pub async fn handle(self, req: Req, peer: SocketAddr, state: Arc<AppState>) -> Resp {
-        match self {
-            Route::Pixel(t) => tracking::pixel(req, peer, state, &t),
+        let result = match self {
+            Route::Pixel(t) => Ok(tracking::pixel(req, peer, state, &t)),
             Route::Click(t) => tracking::click(req, peer, state, &t),
             Route::UnsubscribePage(t) => tracking::unsubscribe_page(state, &t),
             Route::Unsubscribe(t) => tracking::unsubscribe(req, peer, state, &t).await,
-            Route::Webhook(p) => webhooks::handle(req, state, &p).await,
-            Route::Metrics => admin::metrics(&state),
-            Route::Healthz => admin::healthz(&state),
-            Route::Readyz => admin::readyz(&state).await,
-            Route::NotFound => not_found(),
-            Route::MethodNotAllowed(allow) => method_not_allowed(allow),
-        }
+            Route::Webhook(p) => webhook::handle(req, state, &p).await,
+            Route::Metrics => Ok(admin::metrics(&state)),
+            Route::Healthz => Ok(admin::healthz(&state)),
+            Route::Readyz => Ok(admin::readyz(&state).await),
+            Route::NotFound => Err(Reject::NotFound),
+            Route::MethodNotAllowed(allow) => Err(Reject::MethodNotAllowed(allow)),
+        };
+        result.unwrap_or_else(Reject::into_response)
     }
 }
 

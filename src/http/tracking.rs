@@ -12,8 +12,9 @@ use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response, StatusCode};
 
-use super::{Req, Resp, client_ip, stored_ip, text};
-use crate::app::AppState;
+use super::reject::{NotDurableWhat, Reject};
+use super::state::AppState;
+use super::{Req, Resp, client_ip, html, read_body, stored_ip};
 use crate::event::{self, Event, EventType, Record, Source};
 use crate::metrics::INVALID_TOKENS_TOTAL;
 use crate::token::{self, Purpose, Token};
@@ -94,20 +95,14 @@ pub fn pixel(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Res
 
 /// `GET`/`HEAD /c/{token}`: 302 to the signed URL, or 404 (never a redirect to anything
 /// the token did not sign).
-pub fn click(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Resp {
-    let Some(t) = verify(&state, Purpose::Click, raw) else {
-        return link_not_found();
-    };
-    let Some(location) = t
+pub fn click(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Result<Resp, Reject> {
+    let t = verify(&state, Purpose::Click, raw).ok_or(Reject::LinkNotFound)?;
+    let location = t
         .url
         .as_deref()
         .and_then(|u| token::redirect_location(u).ok())
-    else {
-        return link_not_found();
-    };
-    let Ok(location) = HeaderValue::from_str(&location) else {
-        return link_not_found();
-    };
+        .and_then(|l| HeaderValue::from_str(&l).ok())
+        .ok_or(Reject::LinkNotFound)?;
     let mut e = tracking_event(&state, &req, peer, &t, EventType::Clicked, Source::Click);
     e.link_url = t.url.clone();
     state.ingest.submit(vec![Record::Event(e)]);
@@ -120,39 +115,13 @@ pub fn click(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Res
         header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
-    r
-}
-
-fn link_not_found() -> Resp {
-    html(
-        StatusCode::NOT_FOUND,
-        "<!doctype html><title>Link not found</title><p>This link is not valid.</p>\n",
-    )
-}
-
-fn html(status: StatusCode, body: &'static str) -> Resp {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert("x-robots-tag", HeaderValue::from_static("noindex"));
-    r
+    Ok(r)
 }
 
 /// `GET /u/{token}`: a confirmation page whose button POSTs the one-click body. A GET
 /// alone never unsubscribes: link scanners prefetch GETs.
-pub fn unsubscribe_page(state: Arc<AppState>, raw: &str) -> Resp {
-    if verify(&state, Purpose::Unsubscribe, raw).is_none() {
-        return link_not_found();
-    }
+pub fn unsubscribe_page(state: Arc<AppState>, raw: &str) -> Result<Resp, Reject> {
+    verify(&state, Purpose::Unsubscribe, raw).ok_or(Reject::LinkNotFound)?;
     // The token is base64url (A-Z a-z 0-9 - _): nothing in it needs HTML escaping.
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">\
@@ -162,16 +131,17 @@ pub fn unsubscribe_page(state: Arc<AppState>, raw: &str) -> Resp {
          <input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\
          <button type=\"submit\">Unsubscribe</button></form></body></html>\n"
     );
-    let mut r = html(StatusCode::OK, "");
-    *r.body_mut() = Full::new(Bytes::from(body));
-    r
+    Ok(html(StatusCode::OK, body))
 }
 
 /// `POST /u/{token}` (RFC 8058): records `unsubscribed` and answers 200 once it is durable.
-pub async fn unsubscribe(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Resp {
-    let Some(t) = verify(&state, Purpose::Unsubscribe, raw) else {
-        return link_not_found();
-    };
+pub async fn unsubscribe(
+    req: Req,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+    raw: &str,
+) -> Result<Resp, Reject> {
+    let t = verify(&state, Purpose::Unsubscribe, raw).ok_or(Reject::LinkNotFound)?;
     let e = tracking_event(
         &state,
         &req,
@@ -180,25 +150,21 @@ pub async fn unsubscribe(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: 
         EventType::Unsubscribed,
         Source::Unsubscribe,
     );
-    let (_, body) = match super::read_body(req, 8 * 1024, state.config.http.body_timeout).await {
-        Ok(x) => x,
-        Err(err) => return text(err.status(), format!("{err}\n")),
-    };
+    let (_, body) = read_body(req, 8 * 1024, state.config.server.body_timeout).await?;
     if !is_one_click_body(&body) {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "expected the RFC 8058 body List-Unsubscribe=One-Click\n",
-        );
+        return Err(Reject::BadRequest(
+            "expected the RFC 8058 body List-Unsubscribe=One-Click",
+        ));
     }
     match state.ingest.submit_durable(vec![Record::Event(e)]).await {
-        Ok(()) => html(
+        Ok(()) => Ok(html(
             StatusCode::OK,
             "<!doctype html><title>Unsubscribed</title><p>You have been unsubscribed.</p>\n",
-        ),
-        Err(why) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("could not record the unsubscribe now ({why}); please retry\n"),
-        ),
+        )),
+        Err(why) => Err(Reject::NotDurable {
+            what: NotDurableWhat::Unsubscribe,
+            why: why.to_string(),
+        }),
     }
 }
 

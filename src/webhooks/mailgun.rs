@@ -43,7 +43,7 @@ use super::{
     correlate, dead_letter, esp_event, header_message_id, id_key, json_body, json_str, json_time,
     keep_fields,
 };
-use crate::config::{Secret, WebhookArgs};
+use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
 
 /// How far the signature's timestamp may be from the arrival time, either way.
@@ -63,7 +63,7 @@ pub struct Mailgun {
 
 /// The provider if its secret is configured.
 pub fn from_config(
-    cfg: &WebhookArgs,
+    cfg: &WebhookConfig,
     _https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
     let Some(key) = &cfg.mailgun_signing_key else {

@@ -36,7 +36,7 @@ use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
     correlate, dead_letter, esp_event, unix_time,
 };
-use crate::config::WebhookArgs;
+use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
 
 type HmacSha1 = hmac::Hmac<Sha1>;
@@ -49,7 +49,7 @@ pub struct Mandrill {
 
 /// The provider if its secret is configured.
 pub fn from_config(
-    cfg: &WebhookArgs,
+    cfg: &WebhookConfig,
     _https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
     let Some(key) = &cfg.mandrill_webhook_key else {

@@ -1,13 +1,12 @@
-//! ESP webhooks: `POST /webhooks/{provider}`. Each provider is one module implementing
+//! ESP webhooks, from bytes to records. Each provider is one module implementing
 //! [`Provider`]: `verify` authenticates the raw request (nothing in the body is trusted
 //! before it returns `Ok`), `parse` turns it into records: events mapped to SPEC.md's types,
 //! and dead letters for what cannot be correlated or mapped. Adding a provider is one file
 //! plus one line in [`Registry::from_config`].
 //!
-//! The handler answers 2xx only once every record of the request is committed or fsync'd
-//! to the spool (`Ingest::submit_durable`), 401 on failed authentication (counted by
-//! provider), 400 on an unparseable body, 413 past `REACHLY_WEBHOOK_MAX_BYTES`, 503 when
-//! the events cannot be made durable now, and 404 for a provider with no secret configured.
+//! This layer builds no HTTP responses: refusals are [`WebhookError`]s, which the HTTP
+//! layer (`http::webhook`, `http::reject`) turns into statuses. It sits beside `pipeline`
+//! and `db` and imports neither.
 
 pub mod mailgun;
 pub mod mandrill;
@@ -26,16 +25,13 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use hyper::header::HeaderMap;
-use hyper::{Method, StatusCode, Uri};
+use hyper::{Method, Uri};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::app::AppState;
-use crate::config::WebhookArgs;
+use crate::config::WebhookConfig;
 use crate::event::{DeadLetter, Event, EventType, Record, Source};
-use crate::http::{self, Req, Resp, text};
 use crate::machine::MachineDetector;
-use crate::metrics::WEBHOOK_AUTH_FAILURES_TOTAL;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -73,26 +69,6 @@ pub enum WebhookError {
     /// 503: a dependency (SNS certificate host) is unreachable; the ESP retries.
     #[error("{0}")]
     Unavailable(String),
-}
-
-impl WebhookError {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            WebhookError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            WebhookError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            WebhookError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            WebhookError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    fn response(&self) -> Resp {
-        match self {
-            WebhookError::Unauthorized(_) => {
-                text(self.status(), "invalid signature or credentials\n")
-            }
-            other => text(self.status(), format!("{other}\n")),
-        }
-    }
 }
 
 /// One ESP's webhook.
@@ -163,18 +139,6 @@ impl HttpsGet for ReqwestGet {
     }
 }
 
-/// Checks the webhook secrets parse (a bad key is a config error, exit 64), without
-/// building an HTTPS client.
-pub fn validate(cfg: &WebhookArgs) -> Result<(), String> {
-    struct NoNetwork;
-    impl HttpsGet for NoNetwork {
-        fn get<'a>(&'a self, _url: &'a url::Url) -> BoxFuture<'a, Result<Vec<u8>, String>> {
-            Box::pin(async { Err("no network during validation".to_string()) })
-        }
-    }
-    Registry::from_config(cfg, Arc::new(NoNetwork)).map(|_| ())
-}
-
 /// The production [`HttpsGet`].
 pub fn default_https_get() -> anyhow::Result<Arc<dyn HttpsGet>> {
     let client = reqwest::Client::builder()
@@ -194,9 +158,9 @@ pub struct Registry {
 
 impl Registry {
     /// Builds every provider whose secret is configured. The error is one config line.
-    pub fn from_config(cfg: &WebhookArgs, https: Arc<dyn HttpsGet>) -> Result<Registry, String> {
+    pub fn from_config(cfg: &WebhookConfig, https: Arc<dyn HttpsGet>) -> Result<Registry, String> {
         type Constructor =
-            fn(&WebhookArgs, &Arc<dyn HttpsGet>) -> Result<Option<Arc<dyn Provider>>, String>;
+            fn(&WebhookConfig, &Arc<dyn HttpsGet>) -> Result<Option<Arc<dyn Provider>>, String>;
         let all: [(&'static str, Constructor); 7] = [
             ("sendgrid", sendgrid::from_config),
             ("mailgun", mailgun::from_config),
@@ -219,96 +183,10 @@ impl Registry {
         self.providers.get(name)
     }
 
-    pub fn insert(&mut self, name: &'static str, p: Arc<dyn Provider>) {
-        self.providers.insert(name, p);
-    }
-
-    /// Adds (or replaces) the other registry's providers.
-    pub fn extend(&mut self, other: Registry) {
-        self.providers.extend(other.providers);
-    }
-
     pub fn names(&self) -> Vec<&'static str> {
         let mut v: Vec<_> = self.providers.keys().copied().collect();
         v.sort_unstable();
         v
-    }
-}
-
-/// `POST|HEAD /webhooks/{provider}`.
-pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Resp {
-    let Some(provider) = state.webhooks.get(name).cloned() else {
-        return http::not_found();
-    };
-    if req.method() == Method::HEAD {
-        // Mandrill validates a webhook URL with an unsigned HEAD; it reveals nothing.
-        return text(StatusCode::OK, "");
-    }
-    let received_at = Utc::now();
-    let cfg = &state.config;
-    let (parts, body) =
-        match http::read_body(req, cfg.webhooks.webhook_max_bytes, cfg.http.body_timeout).await {
-            Ok(x) => x,
-            Err(e) => return text(e.status(), format!("{e}\n")),
-        };
-    let wreq = WebhookRequest {
-        method: &parts.method,
-        uri: &parts.uri,
-        headers: &parts.headers,
-        body: &body,
-        received_at,
-    };
-    let source = provider.source().label();
-    if let Err(e) = provider.verify(&wreq).await {
-        if let WebhookError::Unauthorized(reason) = &e {
-            state
-                .metrics
-                .counter(WEBHOOK_AUTH_FAILURES_TOTAL, &[("provider", source)])
-                .increment(1);
-            tracing::info!(provider = source, reason, "webhook authentication failed");
-        }
-        return e.response();
-    }
-    if let Err(e) = provider.after_verify(&wreq).await {
-        return e.response();
-    }
-    let mut records = match provider.parse(
-        &wreq,
-        &ParseContext {
-            machine: &state.machine,
-        },
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::info!(provider = source, error = %e, "webhook body refused");
-            return e.response();
-        }
-    };
-    apply_ip_mode(&mut records, cfg.tracking.ip_mode);
-    let n = records.len();
-    match state.ingest.submit_durable(records).await {
-        Ok(()) => text(StatusCode::OK, "ok\n"),
-        Err(why) => {
-            tracing::warn!(provider = source, records = n, %why, "webhook not durable; asking the ESP to retry");
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot store events now ({why}); retry later\n"),
-            )
-        }
-    }
-}
-
-/// `REACHLY_IP_MODE` for the addresses ESPs report (opens, clicks), as for our own hits:
-/// truncated, kept or dropped; anything that is not an IP address is dropped.
-fn apply_ip_mode(records: &mut [Record], mode: crate::config::IpMode) {
-    for r in records {
-        if let Record::Event(e) = r {
-            e.ip_address = e
-                .ip_address
-                .take()
-                .and_then(|ip| ip.trim().parse().ok())
-                .and_then(|ip| http::stored_ip(ip, mode));
-        }
     }
 }
 
@@ -567,40 +445,6 @@ mod tests {
         assert_eq!(meta["B"], true);
         assert!(!meta.contains_key("O") && !meta.contains_key("E"));
         assert_eq!(json_str(&ev, "e"), None);
-    }
-
-    #[test]
-    fn esp_reported_ips_follow_the_ip_mode() {
-        use crate::config::IpMode;
-        let with_ip = |ip: &str| {
-            let mut e = Event::new(Uuid::nil(), EventType::Opened, Utc::now(), Source::Mandrill);
-            e.ip_address = Some(ip.to_owned());
-            Record::Event(e)
-        };
-        let ip_of = |r: &Record| match r {
-            Record::Event(e) => e.ip_address.clone(),
-            Record::DeadLetter(_) => None,
-        };
-        let mut recs = vec![
-            with_ip("192.0.2.77"),
-            with_ip("2001:db8:abcd:12::1"),
-            with_ip("nope"),
-        ];
-        apply_ip_mode(&mut recs, IpMode::Truncate);
-        let got: Vec<Option<String>> = recs.iter().map(ip_of).collect();
-        assert_eq!(
-            got,
-            [
-                Some("192.0.2.0".into()),
-                Some("2001:db8:abcd::".into()),
-                None
-            ]
-        );
-        let mut recs = vec![with_ip(" 192.0.2.77 ")];
-        apply_ip_mode(&mut recs, IpMode::Full);
-        assert_eq!(ip_of(&recs[0]).as_deref(), Some("192.0.2.77"));
-        apply_ip_mode(&mut recs, IpMode::None);
-        assert_eq!(ip_of(&recs[0]), None);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use super::{
     content_key, correlate, dead_letter, esp_event, header_message_id, json_body, json_str,
     json_time, keep_fields,
 };
-use crate::config::{Secret, WebhookArgs};
+use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
 
 const SOURCE: Source = Source::Postmark;
@@ -56,7 +56,7 @@ pub struct Postmark {
 
 /// The provider if its secret is configured.
 pub fn from_config(
-    cfg: &WebhookArgs,
+    cfg: &WebhookConfig,
     _https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
     let Some(credentials) = &cfg.postmark_basic_auth else {

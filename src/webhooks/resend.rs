@@ -33,7 +33,7 @@ use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, correlate,
     dead_letter, esp_event, id_key, require_json, rfc3339,
 };
-use crate::config::WebhookArgs;
+use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
@@ -51,7 +51,7 @@ pub struct Resend {
 
 /// The provider if its secret is configured.
 pub fn from_config(
-    cfg: &WebhookArgs,
+    cfg: &WebhookConfig,
     _https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
     let Some(secret) = &cfg.resend_webhook_secret else {

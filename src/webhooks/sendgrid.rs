@@ -43,7 +43,7 @@ use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
     correlate, dead_letter, esp_event, json_body, json_str, json_time, keep_fields,
 };
-use crate::config::WebhookArgs;
+use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
 
 pub const SIGNATURE_HEADER: &str = "x-twilio-email-event-webhook-signature";
@@ -60,7 +60,7 @@ pub struct SendGrid {
 
 /// The provider if its secret is configured.
 pub fn from_config(
-    cfg: &WebhookArgs,
+    cfg: &WebhookConfig,
     _https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
     let Some(secret) = &cfg.sendgrid_public_key else {

@@ -59,7 +59,7 @@ use super::{
     BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, correlate,
     dead_letter, esp_event, header_message_id, id_key, rfc3339,
 };
-use crate::config::WebhookArgs;
+use crate::config::WebhookConfig;
 use crate::event::{BounceClass, Event, EventType, Record, Source};
 use crate::machine::MachineDetector;
 
@@ -80,7 +80,7 @@ pub struct Ses {
 
 /// The provider if at least one topic ARN is configured.
 pub fn from_config(
-    cfg: &WebhookArgs,
+    cfg: &WebhookConfig,
     https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
     let topics: Vec<String> = cfg

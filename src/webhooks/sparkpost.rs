@@ -44,7 +44,7 @@ use super::{
     content_key, correlate, dead_letter, esp_event, id_key, json_body, json_str, json_time,
     keep_fields, secrets_equal,
 };
-use crate::config::{Secret, WebhookArgs};
+use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
 
 const SOURCE: Source = Source::Sparkpost;
@@ -60,7 +60,7 @@ pub struct SparkPost {
 
 /// The provider if its secret is configured.
 pub fn from_config(
-    cfg: &WebhookArgs,
+    cfg: &WebhookConfig,
     _https: &Arc<dyn HttpsGet>,
 ) -> Result<Option<Arc<dyn Provider>>, String> {
     if cfg.sparkpost_basic_auth.is_none() && cfg.sparkpost_token.is_none() {

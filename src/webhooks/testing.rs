@@ -118,9 +118,9 @@ pub fn t(s: &str) -> DateTime<Utc> {
     super::rfc3339(s).unwrap_or_else(|| panic!("bad test time {s}"))
 }
 
-/// An empty [`crate::config::WebhookArgs`] (every provider unconfigured).
-pub fn no_secrets() -> crate::config::WebhookArgs {
-    crate::config::WebhookArgs {
+/// An empty [`crate::config::WebhookConfig`] (every provider unconfigured).
+pub fn no_secrets() -> crate::config::WebhookConfig {
+    crate::config::WebhookConfig {
         webhook_max_bytes: 10 << 20,
         sendgrid_public_key: None,
         mailgun_signing_key: None,

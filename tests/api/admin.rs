@@ -24,7 +24,7 @@ async fn readiness_is_503_when_the_database_is_unreachable() {
         a.db.database_url = Some(reachly_ingest::config::Secret::new(format!(
             "host=127.0.0.1 port={closed} user=postgres dbname=x"
         )));
-        a.db.db_connect_timeout_s = 1;
+        a.db.connect_timeout = std::time::Duration::from_secs(1);
     })
     .await;
     let r = app.http.get(app.admin_url("/readyz")).send().await.unwrap();

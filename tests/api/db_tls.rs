@@ -155,8 +155,8 @@ async fn sslmode_require_encrypts_and_verifies_the_server_certificate() {
         &plain,
         |a| {
             a.db.database_url = Some(reachly_ingest::config::Secret::new(url.clone()));
-            a.db.db_ca_file = Some(ca.clone());
-            a.server.migrate_on_start = true;
+            a.db.ca_file = Some(ca.clone());
+            a.db.migrate_on_start = true;
         },
         Default::default(),
     )
@@ -180,8 +180,8 @@ async fn sslmode_require_encrypts_and_verifies_the_server_certificate() {
         &plain,
         |a| {
             a.db.database_url = Some(reachly_ingest::config::Secret::new(url.clone()));
-            a.db.db_ca_file = Some(certs.join("other-ca.pem"));
-            a.db.db_connect_timeout_s = 2;
+            a.db.ca_file = Some(certs.join("other-ca.pem"));
+            a.db.connect_timeout = std::time::Duration::from_secs(2);
         },
         Default::default(),
     )

@@ -21,10 +21,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
-use reachly_ingest::config::{ServeArgs, TokenKeys};
+use reachly_ingest::config::ServeArgs;
 use reachly_ingest::pgcluster::{self, PgCluster};
-use reachly_ingest::token::{self, Purpose};
-use reachly_ingest::{App, AppOptions, AppState, Config};
+use reachly_ingest::token::{self, Purpose, TokenKeys};
+use reachly_ingest::webhooks::HttpsGet;
+use reachly_ingest::{App, AppState, Config, app};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -339,27 +340,33 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with(configure: impl FnOnce(&mut ServeArgs)) -> TestApp {
-    spawn_app_on(&fresh_database().await, configure, AppOptions::default()).await
+    spawn_app_on(&fresh_database().await, configure, None).await
 }
 
-/// The app against an existing database, with options (test seams).
+/// The app against an existing database; `https` replaces the outbound HTTPS of SNS (a
+/// test seam: the allowlist checks run before it is called).
 pub async fn spawn_app_on(
     db_url: &str,
     configure: impl FnOnce(&mut ServeArgs),
-    opts: AppOptions,
+    https: Option<Arc<dyn HttpsGet>>,
 ) -> TestApp {
     let spool_dir = temp_dir("spool");
     let mut args = test_args(db_url, &spool_dir);
     configure(&mut args);
     let spool_dir = args.pipeline.spool_dir.clone();
     let config = Config::from_args(args).expect("test config is valid");
-    let public = tokio::net::TcpListener::bind(config.listen)
+    let prepared = match https {
+        Some(h) => app::prepare(&config, h),
+        None => app::prepare_default(&config),
+    }
+    .expect("test config prepares");
+    let public = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .expect("bind public");
-    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+    let admin = tokio::net::TcpListener::bind(config.server.admin_listen)
         .await
         .expect("bind admin");
-    let app = App::build(config, public, admin, opts)
+    let app = App::build(config, public, admin, prepared)
         .await
         .expect("build app");
     let (addr, admin_addr, state) = (app.public_addr(), app.admin_addr(), app.state());

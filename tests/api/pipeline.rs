@@ -203,9 +203,9 @@ async fn an_outage_loses_no_acknowledged_event_and_empties_the_spool() {
     let app = spawn_app_on(
         &pg.url,
         |a| {
-            a.pipeline.buffer_max_events = std::num::NonZeroUsize::new(10).unwrap();
-            a.pipeline.flush_max_events = std::num::NonZeroUsize::new(5).unwrap();
-            a.db.db_connect_timeout_s = 1;
+            a.pipeline.buffer_max_events = 10;
+            a.pipeline.flush_max_events = 5;
+            a.db.connect_timeout = Duration::from_secs(1);
         },
         Default::default(),
     )

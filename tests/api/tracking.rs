@@ -5,7 +5,7 @@
 use std::process::Command;
 
 use base64::Engine as _;
-use reachly_ingest::config::TokenKeys;
+use reachly_ingest::token::TokenKeys;
 use reachly_ingest::token::{self, Purpose};
 use serde_json::Value;
 use uuid::Uuid;

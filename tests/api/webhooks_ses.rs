@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use reachly_ingest::AppOptions;
 use reachly_ingest::webhooks::{BoxFuture, HttpsGet};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -125,10 +124,7 @@ async fn ses_app() -> Ses {
     let app = spawn_app_on(
         &fresh_database().await,
         |a| a.webhooks.ses_topic_arns = vec![TOPIC.to_string()],
-        AppOptions {
-            https_get: Some(Arc::clone(&seam) as Arc<dyn HttpsGet>),
-            ..AppOptions::default()
-        },
+        Some(Arc::clone(&seam) as Arc<dyn HttpsGet>),
     )
     .await;
     Ses { app, seam }

@@ -22,8 +22,9 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use reachly_ingest::config::{DbConfig, Secret, TokenKeys};
+use reachly_ingest::config::{DbConfig, Secret};
 use reachly_ingest::http::tracking::PIXEL_GIF;
+use reachly_ingest::token::TokenKeys;
 use reachly_ingest::token::{self, Purpose};
 use uuid::Uuid;
 
@@ -145,15 +146,18 @@ async fn handle(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let pool = reachly_ingest::db::pool(&DbConfig {
-        url: Secret::new(args.database_url.clone()),
+    let pool = reachly_ingest::db::pool(
+        &DbConfig {
+            url: Secret::new(args.database_url.clone()),
+            pool_size: NonZeroUsize::new(args.pool_size).map_or(1, |n| n.get()),
+            connect_timeout: Duration::from_secs(10),
+            ca_file: None,
+            migrate_on_start: false,
+        },
         // libpq's rules, as the service: TLS when the server offers it, no verification
         // without a CA file (the throwaway cluster offers none).
-        tls: reachly_ingest::db::tls::connector(None)?,
-        pool_size: NonZeroUsize::new(args.pool_size).map_or(1, |n| n.get()),
-        connect_timeout: Duration::from_secs(10),
-        migrate_on_start: false,
-    })?;
+        reachly_ingest::db::tls::connector(None)?,
+    )?;
     let state = Arc::new(State {
         pool,
         keys: args.token_keys,

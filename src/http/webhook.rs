@@ -1,0 +1,132 @@
+//! The HTTP side of ESP webhooks: `POST|HEAD /webhooks/{provider}`. It reads the body
+//! within its limits, asks the provider (`webhooks`) to verify and parse it, applies the IP
+//! privacy mode, and answers 2xx only once every record of the request is committed or
+//! fsync'd to the spool (`Ingest::submit_durable`). Refusals are [`Reject`]s: 401 on failed
+//! authentication (counted by provider, the reason logged, never sent), 400 on an
+//! unparseable body, 413 past `REACHLY_WEBHOOK_MAX_BYTES`, 503 when the events cannot be
+//! made durable now, and 404 for a provider with no secret configured.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use hyper::{Method, StatusCode};
+
+use super::reject::{NotDurableWhat, Reject};
+use super::state::AppState;
+use super::{Req, Resp, read_body, stored_ip, text};
+use crate::config::IpMode;
+use crate::event::Record;
+use crate::metrics::WEBHOOK_AUTH_FAILURES_TOTAL;
+use crate::webhooks::{ParseContext, WebhookError, WebhookRequest};
+
+/// `POST|HEAD /webhooks/{provider}`.
+pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, Reject> {
+    let Some(provider) = state.webhooks.get(name).cloned() else {
+        return Err(Reject::NotFound);
+    };
+    if req.method() == Method::HEAD {
+        // Mandrill validates a webhook URL with an unsigned HEAD; it reveals nothing.
+        return Ok(text(StatusCode::OK, ""));
+    }
+    let received_at = Utc::now();
+    let cfg = &state.config;
+    let (parts, body) =
+        read_body(req, cfg.webhooks.webhook_max_bytes, cfg.server.body_timeout).await?;
+    let wreq = WebhookRequest {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        body: &body,
+        received_at,
+    };
+    let source = provider.source().label();
+    if let Err(e) = provider.verify(&wreq).await {
+        if let WebhookError::Unauthorized(reason) = &e {
+            state
+                .metrics
+                .counter(WEBHOOK_AUTH_FAILURES_TOTAL, &[("provider", source)])
+                .increment(1);
+            tracing::info!(provider = source, reason, "webhook authentication failed");
+        }
+        return Err(e.into());
+    }
+    provider.after_verify(&wreq).await?;
+    let mut records = match provider.parse(
+        &wreq,
+        &ParseContext {
+            machine: &state.machine,
+        },
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(provider = source, error = %e, "webhook body refused");
+            return Err(e.into());
+        }
+    };
+    apply_ip_mode(&mut records, cfg.tracking.ip_mode);
+    let n = records.len();
+    match state.ingest.submit_durable(records).await {
+        Ok(()) => Ok(text(StatusCode::OK, "ok\n")),
+        Err(why) => {
+            tracing::warn!(provider = source, records = n, %why, "webhook not durable; asking the ESP to retry");
+            Err(Reject::NotDurable {
+                what: NotDurableWhat::Webhook,
+                why: why.to_string(),
+            })
+        }
+    }
+}
+
+/// `REACHLY_IP_MODE` for the addresses ESPs report (opens, clicks), as for our own hits:
+/// truncated, kept or dropped; anything that is not an IP address is dropped.
+fn apply_ip_mode(records: &mut [Record], mode: IpMode) {
+    for r in records {
+        if let Record::Event(e) = r {
+            e.ip_address = e
+                .ip_address
+                .take()
+                .and_then(|ip| ip.trim().parse().ok())
+                .and_then(|ip| stored_ip(ip, mode));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, EventType, Source};
+    use uuid::Uuid;
+
+    #[test]
+    fn esp_reported_ips_follow_the_ip_mode() {
+        let with_ip = |ip: &str| {
+            let mut e = Event::new(Uuid::nil(), EventType::Opened, Utc::now(), Source::Mandrill);
+            e.ip_address = Some(ip.to_owned());
+            Record::Event(e)
+        };
+        let ip_of = |r: &Record| match r {
+            Record::Event(e) => e.ip_address.clone(),
+            Record::DeadLetter(_) => None,
+        };
+        let mut recs = vec![
+            with_ip("192.0.2.77"),
+            with_ip("2001:db8:abcd:12::1"),
+            with_ip("nope"),
+        ];
+        apply_ip_mode(&mut recs, IpMode::Truncate);
+        let got: Vec<Option<String>> = recs.iter().map(ip_of).collect();
+        assert_eq!(
+            got,
+            [
+                Some("192.0.2.0".into()),
+                Some("2001:db8:abcd::".into()),
+                None
+            ]
+        );
+        let mut recs = vec![with_ip(" 192.0.2.77 ")];
+        apply_ip_mode(&mut recs, IpMode::Full);
+        assert_eq!(ip_of(&recs[0]).as_deref(), Some("192.0.2.77"));
+        apply_ip_mode(&mut recs, IpMode::None);
+        assert_eq!(ip_of(&recs[0]), None);
+    }
+}
