@@ -19,7 +19,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use reachly_ingest::config::{Config, ServeArgs};
 use reachly_ingest::http::tracking::PIXEL_GIF;
-use reachly_ingest::pgcluster::{PgCluster, free_port};
+use reachly_ingest::pgcluster::PgCluster;
 use reachly_ingest::token::{self, Purpose};
 use reachly_ingest::{App, app};
 use uuid::Uuid;
@@ -101,9 +101,12 @@ fn main() -> anyhow::Result<()> {
     let seconds = arg("--seconds", 10);
     let connections = arg("--connections", 32);
     let dir = std::env::temp_dir().join(format!("reachly-pixel-bench-{}", Uuid::new_v4().simple()));
-    let cluster = PgCluster::new(dir.join("data"), free_port()?)?;
-    cluster.init(false)?;
-    cluster.start(&[("shared_buffers", "256MB"), ("max_wal_size", "4GB")])?;
+    let cluster = PgCluster::throwaway(
+        &dir,
+        false,
+        |_| Ok(()),
+        &[("shared_buffers", "256MB"), ("max_wal_size", "4GB")],
+    )?;
     // PostgreSQL on CPU 0 (its backends inherit the postmaster's affinity); this process,
     // both servers and wrk on CPU 1: the database's work does not eat the servers' CPU.
     let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid"))?;

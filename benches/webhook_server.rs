@@ -15,7 +15,7 @@ use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::EncodePublicKey;
 use reachly_ingest::config::{Config, Secret, ServeArgs};
-use reachly_ingest::pgcluster::{PgCluster, free_port};
+use reachly_ingest::pgcluster::PgCluster;
 use reachly_ingest::{App, app};
 use uuid::Uuid;
 
@@ -86,9 +86,12 @@ fn main() -> anyhow::Result<()> {
     let posts = arg("--posts", 20_000);
     let dir =
         std::env::temp_dir().join(format!("reachly-webhook-bench-{}", Uuid::new_v4().simple()));
-    let cluster = PgCluster::new(dir.join("data"), free_port()?)?;
-    cluster.init(false)?;
-    cluster.start(&[("shared_buffers", "256MB"), ("max_wal_size", "4GB")])?;
+    let cluster = PgCluster::throwaway(
+        &dir,
+        false,
+        |_| Ok(()),
+        &[("shared_buffers", "256MB"), ("max_wal_size", "4GB")],
+    )?;
     let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid"))?;
     let pinned = pid_file
         .lines()

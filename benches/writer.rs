@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use reachly_ingest::config::{Config, ServeArgs};
 use reachly_ingest::event::{BounceClass, Event, EventType, Record, Source};
-use reachly_ingest::pgcluster::{PgCluster, free_port};
+use reachly_ingest::pgcluster::PgCluster;
 use reachly_ingest::pipeline::Pipeline;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -319,13 +319,16 @@ fn main() -> anyhow::Result<()> {
         let sample = arg("--per-event-sample", 3_000);
         let dir =
             std::env::temp_dir().join(format!("reachly-bench-pg-{}", Uuid::new_v4().simple()));
-        let cluster = PgCluster::new(dir.join("data"), free_port()?)?;
-        cluster.init(false)?;
-        cluster.start(&[
-            ("shared_buffers", "256MB"),
-            ("max_wal_size", "4GB"),
-            ("checkpoint_timeout", "30min"),
-        ])?;
+        let cluster = PgCluster::throwaway(
+            &dir,
+            false,
+            |_| Ok(()),
+            &[
+                ("shared_buffers", "256MB"),
+                ("max_wal_size", "4GB"),
+                ("checkpoint_timeout", "30min"),
+            ],
+        )?;
         let result = bench(&cluster, n_messages, sample).await;
         let _ = cluster.stop("immediate");
         let _ = std::fs::remove_dir_all(&dir);

@@ -207,6 +207,47 @@ impl PgCluster {
         }
     }
 
+    /// A throwaway cluster: initdb in `dir/data` on a free port (`fast`: no fsync during
+    /// initdb), `prepare(data_dir)` (to add files such as certificates), start with
+    /// `settings`, and a watchdog that stops it and removes `dir` once this process is gone.
+    /// The one way tests, benchmarks and the load test make a cluster of their own.
+    pub fn throwaway(
+        dir: &Path,
+        fast: bool,
+        prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<PgCluster> {
+        let c = PgCluster::new(dir.join("data"), free_port()?)?;
+        c.init(fast)?;
+        prepare(&c.data_dir)?;
+        c.watch_until_exit(Some(dir))?;
+        c.start(settings)?;
+        Ok(c)
+    }
+
+    /// Leaves a watchdog process that stops this cluster (immediate mode) once this process
+    /// is gone, whatever way it ends, and then removes `remove` if given.
+    pub fn watch_until_exit(&self, remove: Option<&Path>) -> anyhow::Result<()> {
+        let cleanup = remove
+            .map(|d| format!("; rm -rf '{}'", d.display()))
+            .unwrap_or_default();
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1{cleanup}",
+            pid = std::process::id(),
+            stop = self.stop_command_line("immediate"),
+        );
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting the cluster watchdog")?;
+        Ok(())
+    }
+
     /// libpq-style connection string for `dbname`.
     pub fn url(&self, dbname: &str) -> String {
         format!(

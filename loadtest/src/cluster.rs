@@ -6,9 +6,8 @@
 //! pinning, a watchdog that stops the cluster if this process dies, and the statistics a
 //! step needs (WAL position and counters, page writes, commits, CPU of the server processes).
 
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::Context as _;
 use reachly_ingest::pgcluster::{self, PgCluster};
@@ -105,7 +104,7 @@ impl Cluster {
             preload_stats,
             extra,
         };
-        c.spawn_watchdog(dir, keep)?;
+        c.pg.watch_until_exit((!keep).then_some(dir))?;
         c.start()?;
         Ok(c)
     }
@@ -170,29 +169,6 @@ impl Cluster {
 
     pub fn data_dir(&self) -> PathBuf {
         self.pg.data_dir.clone()
-    }
-
-    fn spawn_watchdog(&self, dir: &Path, keep: bool) -> anyhow::Result<()> {
-        let cleanup = if keep {
-            String::new()
-        } else {
-            format!("; rm -rf '{}'", dir.display())
-        };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1{cleanup}",
-            pid = std::process::id(),
-            stop = self.pg.stop_command_line("immediate"),
-        );
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .context("starting the cluster watchdog")?;
-        Ok(())
     }
 
     /// The settings in force, as the server reports them (for the report).

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use reachly_ingest::config::ServeArgs;
-use reachly_ingest::pgcluster::{self, PgCluster};
+use reachly_ingest::pgcluster::PgCluster;
 use reachly_ingest::token::{self, Purpose, TokenKeys};
 use reachly_ingest::webhooks::HttpsGet;
 use reachly_ingest::{App, AppState, Config, app};
@@ -164,9 +164,6 @@ pub fn start_cluster_with(
     prepare: impl FnOnce(&Path) -> anyhow::Result<()>,
     extra: &[(&str, &str)],
 ) -> anyhow::Result<PgCluster> {
-    let c = PgCluster::new(dir.join("data"), pgcluster::free_port()?)?;
-    c.init(true)?;
-    prepare(&c.data_dir)?;
     let mut settings = vec![
         ("fsync", "off"),
         ("synchronous_commit", "off"),
@@ -175,23 +172,7 @@ pub fn start_cluster_with(
         ("shared_buffers", "64MB"),
     ];
     settings.extend_from_slice(extra);
-    c.start(&settings)?;
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
-        pid = std::process::id(),
-        stop = c.stop_command_line("immediate"),
-        dir = dir.display()
-    );
-    use std::os::unix::process::CommandExt as _;
-    Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()?;
-    Ok(c)
+    PgCluster::throwaway(dir, true, prepare, &settings)
 }
 
 /// A cluster of one test's own (for tests that stop or crash the database).
