@@ -2,6 +2,8 @@
 //! a database outage, a crash with a torn spool, a drain under load, two instances on one
 //! database, and a sabotaged schema.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -408,15 +410,20 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
     service.wait_admin_ok("/readyz").await;
     let open = token::mint(&test_token_keys(), Purpose::Open, s.org, s.message, None).unwrap();
     let url_pixel = service.url(&format!("/o/{open}.gif"));
+    let answered = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let u = url_pixel.clone();
+        let answered = answered.clone();
         tasks.push(tokio::spawn(async move {
             let client = http_client();
             let mut ok = 0u64;
             for _ in 0..400 {
                 match client.get(&u).header("user-agent", BROWSER_UA).send().await {
-                    Ok(r) if r.status() == 200 => ok += 1,
+                    Ok(r) if r.status() == 200 => {
+                        ok += 1;
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(_) => {}
                     Err(_) => break, // the listener is closed
                 }
@@ -424,7 +431,12 @@ async fn sigterm_under_load_loses_nothing_that_was_accepted() {
             ok
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM in the middle of the load, not before it started (a busy machine can take
+    // longer than any fixed sleep to answer the first requests).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered.load(Ordering::Relaxed) < 200 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     service.signal("-TERM");
     let mut accepted = 0;
     for t in tasks {
