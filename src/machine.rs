@@ -1,13 +1,60 @@
 //! Machine traffic: opens and clicks made by software rather than a person (HEAD probes,
 //! image prefetchers, corporate link scanners, chat unfurlers, scripts). They are stored
-//! with `metadata.machine = true` and a reason, and move no status or timestamp. The
-//! built-in list is matched case-insensitively as substrings of the User-Agent; operators
-//! add their own with `REACHLY_MACHINE_USER_AGENTS`. ESP parsers use the same detector, so
-//! an ESP-reported open is judged like one of our own.
+//! with `metadata.machine = true` and a reason, and move no status or timestamp. ESP
+//! parsers use the same detector, so an ESP-reported open is judged like one of our own.
+//!
+//! The user agent is matched by *product tokens*, not bare substrings: `bot` once matched
+//! every Android phone whose model name contains those letters. A User-Agent is split into
+//! words (at spaces, `;`, `(`, `)` and `,`); a word's product name is what comes before its
+//! `/`. The built-in rules, in order:
+//!
+//! | rule | matches | example |
+//! | --- | --- | --- |
+//! | [`PRODUCTS`] | a product name equal to one of them | `curl/8.5.0`, `python-requests/2.31` |
+//! | crawler suffix | a product name ending in `bot`, `crawler` or `spider` that carries a version (`Googlebot/2.1`) or a `-` suffix (`Slackbot-LinkExpanding`) | `AhrefsBot/7.0` |
+//! | [`VENDORS`] | a vendor's name anywhere (security gateways name themselves in free text) | `Barracuda Sentinel (EE)` |
+//!
+//! An Android model such as `ROBOT X1 Build/QP1A` carries no version on the word `ROBOT`
+//! and is not matched. Operators add their own case-insensitive substrings with
+//! `REACHLY_MACHINE_USER_AGENTS` (reason `user_agent:<pattern>`).
+//!
+//! Image proxies that fetch on a person's behalf when the person opens the message
+//! (Gmail's `GoogleImageProxy`, Yahoo's `YahooMailProxy`) are *human* opens: they are not
+//! machine traffic, but the proxy is recorded (`metadata.proxy`), since a caching proxy
+//! hides the person's later opens of the same message.
 
-/// Built-in user-agent substrings (lower case) of known prefetchers and scanners.
-pub const BUILTIN_PATTERNS: &[&str] = &[
-    // Security gateways that pre-fetch every link or image of a message.
+/// Product names (lower case) of scripts, HTTP libraries, headless browsers and link
+/// unfurlers.
+pub const PRODUCTS: &[&str] = &[
+    "curl",
+    "wget",
+    "python-requests",
+    "python-urllib",
+    "python-httpx",
+    "aiohttp",
+    "go-http-client",
+    "java",
+    "okhttp",
+    "libwww-perl",
+    "apache-httpclient",
+    "httpclient",
+    "node-fetch",
+    "undici",
+    "axios",
+    "postmanruntime",
+    "headlesschrome",
+    "phantomjs",
+    "facebookexternalhit",
+    "whatsapp",
+    "skypeuripreview",
+    "bingpreview",
+    "slurp",
+    "linkcheck",
+];
+
+/// Vendor names (lower case) of security gateways and scanners that pre-fetch every link or
+/// image of a message; matched anywhere in the user agent.
+pub const VENDORS: &[&str] = &[
     "barracuda",
     "mimecast",
     "proofpoint",
@@ -24,57 +71,34 @@ pub const BUILTIN_PATTERNS: &[&str] = &[
     "microsoft office protocol discovery",
     "bitdefender",
     "kaspersky",
-    "avast",
     "hornetsecurity",
-    // Link unfurlers and crawlers.
-    "bot",
-    "crawler",
-    "spider",
-    "slurp",
-    "facebookexternalhit",
-    "whatsapp",
-    "skypeuripreview",
-    "preview",
-    "headlesschrome",
-    "phantomjs",
-    // Scripts and HTTP libraries.
-    "curl/",
-    "wget/",
-    "python-requests",
-    "python-urllib",
-    "aiohttp",
-    "go-http-client",
-    "java/",
-    "okhttp",
-    "libwww-perl",
-    "httpclient",
-    "node-fetch",
-    "axios/",
-    "postmanruntime",
+    "google web preview",
 ];
 
-#[derive(Debug, Clone)]
-pub struct MachineDetector {
-    patterns: Vec<String>,
-}
+/// Suffixes of crawler product names.
+const CRAWLER_SUFFIXES: &[&str] = &["bot", "crawler", "spider"];
 
-impl Default for MachineDetector {
-    fn default() -> Self {
-        MachineDetector::new(&[])
-    }
+/// Image proxies that fetch when a person opens the message: `(marker in the user agent,
+/// name recorded in metadata.proxy)`.
+pub const HUMAN_PROXIES: &[(&str, &str)] =
+    &[("googleimageproxy", "gmail"), ("yahoomailproxy", "yahoo")];
+
+#[derive(Debug, Clone, Default)]
+pub struct MachineDetector {
+    /// The operator's extra substrings (lower case).
+    extra: Vec<String>,
 }
 
 impl MachineDetector {
-    /// The built-in list plus the operator's extra patterns.
+    /// The built-in rules plus the operator's extra substrings.
     pub fn new(extra: &[String]) -> MachineDetector {
-        let mut patterns: Vec<String> = BUILTIN_PATTERNS.iter().map(|p| p.to_string()).collect();
-        patterns.extend(
-            extra
+        MachineDetector {
+            extra: extra
                 .iter()
                 .map(|p| p.trim().to_lowercase())
-                .filter(|p| !p.is_empty()),
-        );
-        MachineDetector { patterns }
+                .filter(|p| !p.is_empty())
+                .collect(),
+        }
     }
 
     /// `Some(reason)` when the request looks like software.
@@ -86,10 +110,10 @@ impl MachineDetector {
             None | Some("") => return Some("no_user_agent".into()),
             Some(ua) => ua.to_lowercase(),
         };
-        self.patterns
-            .iter()
-            .find(|p| ua.contains(p.as_str()))
-            .map(|p| format!("user_agent:{p}"))
+        if let Some(p) = self.extra.iter().find(|p| ua.contains(p.as_str())) {
+            return Some(format!("user_agent:{p}"));
+        }
+        builtin_match(&ua).map(|name| format!("user_agent:{name}"))
     }
 
     /// Like [`classify`](Self::classify) for an ESP-reported event, where a missing user
@@ -102,29 +126,184 @@ impl MachineDetector {
     }
 }
 
+/// The image proxy a person's open came through, if it is one of [`HUMAN_PROXIES`].
+pub fn human_proxy(user_agent: Option<&str>) -> Option<&'static str> {
+    let ua = user_agent?.to_lowercase();
+    HUMAN_PROXIES
+        .iter()
+        .find(|(marker, _)| ua.contains(marker))
+        .map(|(_, name)| *name)
+}
+
+/// The built-in rule a lower-case user agent matches: the product or vendor name.
+fn builtin_match(ua: &str) -> Option<String> {
+    for word in ua
+        .split([' ', ';', '(', ')', ','])
+        .filter(|w| !w.is_empty())
+    {
+        let (name, versioned) = match word.split_once('/') {
+            Some((name, _)) => (name, true),
+            None => (word, false),
+        };
+        if PRODUCTS.contains(&name) {
+            return Some(name.to_owned());
+        }
+        let (stem, dashed) = match name.split_once('-') {
+            Some((stem, _)) => (stem, true),
+            None => (name, false),
+        };
+        if (versioned || dashed)
+            && CRAWLER_SUFFIXES
+                .iter()
+                .any(|s| stem.ends_with(s) && stem.len() >= s.len())
+        {
+            return Some(stem.to_owned());
+        }
+    }
+    VENDORS
+        .iter()
+        .find(|v| ua.contains(*v))
+        .map(|v| (*v).to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Real user agents of real mail clients and browsers: none may be flagged.
+    const PEOPLE: &[&str] = &[
+        // Apple Mail, macOS and iOS (no product token of their own).
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1_2 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+        "Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+        // Outlook for Windows (Word renders the HTML) and new Outlook (WebView2).
+        "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17029; Pro)",
+        "Mozilla/5.0 (Windows NT 10.0; WOW64; Trident/7.0; .NET4.0C; .NET4.0E; Microsoft Outlook 16.0.5422; ms-office; MSOffice 16)",
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36 Edg/120.0.0.0",
+        // Gmail app on Android (WebView) and Samsung Email.
+        "Mozilla/5.0 (Linux; Android 14; Pixel 8 Build/UD1A.231105.004; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.193 Mobile Safari/537.36",
+        "Mozilla/5.0 (Linux; Android 13; SM-S911B Build/TP1A.220624.014; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Mobile Safari/537.36",
+        // Android phones whose model names contain "bot", which the old substring list flagged.
+        "Mozilla/5.0 (Linux; Android 10; ROBOT X1 Build/QP1A.190711.020; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/118.0.5993.111 Mobile Safari/537.36",
+        "Mozilla/5.0 (Linux; Android 12; Cubot KingKong 7 Build/SP1A.210812.016) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/119.0.0.0 Mobile Safari/537.36",
+        // Thunderbird, Yahoo Mail app, and desktop browsers (webmail).
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:115.0) Gecko/20100101 Thunderbird/115.5.0",
+        "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0",
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Safari/605.1.15",
+        "Mozilla/5.0 (Linux; Android 13; moto g stylus 5G Build/T1TGS33.93; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/119.0.6045.163 Mobile Safari/537.36 YahooMobile/1.0 (mail; 7.38.0)",
+        // Image proxies that fetch for a person (human opens, recorded as proxies).
+        "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+        "YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html",
+    ];
+
+    /// Software, each with the rule it must be caught by.
+    const MACHINES: &[(&str, &str)] = &[
+        ("curl/8.5.0", "curl"),
+        ("python-requests/2.31.0", "python-requests"),
+        ("Go-http-client/1.1", "go-http-client"),
+        ("Java/17.0.2", "java"),
+        (
+            "Apache-HttpClient/4.5.14 (Java/17.0.2)",
+            "apache-httpclient",
+        ),
+        (
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+            "googlebot",
+        ),
+        (
+            "Mozilla/5.0 (compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm)",
+            "bingbot",
+        ),
+        (
+            "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)",
+            "slackbot",
+        ),
+        ("Twitterbot/1.0", "twitterbot"),
+        (
+            "facebookexternalhit/1.1 (+http://www.facebook.com/externalhit_uatext.php)",
+            "facebookexternalhit",
+        ),
+        ("WhatsApp/2.23.20.0 A", "whatsapp"),
+        (
+            "Mozilla/5.0 (Windows NT 6.1; WOW64) SkypeUriPreview Preview/0.5",
+            "skypeuripreview",
+        ),
+        (
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0.6099.71 Safari/537.36",
+            "headlesschrome",
+        ),
+        (
+            "Mozilla/5.0 (compatible; Barracuda Sentinel (EE))",
+            "barracuda",
+        ),
+        ("Mimecast/1.0 URL Protect", "mimecast"),
+        (
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/91.0 Safari/537.36 Proofpoint",
+            "proofpoint",
+        ),
+        (
+            "Microsoft Office Protocol Discovery",
+            "microsoft office protocol discovery",
+        ),
+        ("AhrefsBot/7.0 (+http://ahrefs.com/robot/)", "ahrefsbot"),
+    ];
+
     #[test]
-    fn head_requests_scanners_and_scripts_are_machines_and_browsers_are_not() {
-        let d = MachineDetector::new(&["AcmeScanner".into()]);
+    fn real_mail_clients_are_people() {
+        let d = MachineDetector::default();
+        for ua in PEOPLE {
+            assert_eq!(d.classify(false, Some(ua)), None, "flagged a person: {ua}");
+        }
+    }
+
+    #[test]
+    fn scripts_crawlers_unfurlers_and_gateways_are_machines_with_their_rule() {
+        let d = MachineDetector::default();
+        for (ua, rule) in MACHINES {
+            assert_eq!(
+                d.classify(false, Some(ua)).as_deref(),
+                Some(format!("user_agent:{rule}").as_str()),
+                "{ua}"
+            );
+        }
+    }
+
+    #[test]
+    fn head_requests_missing_agents_and_operator_patterns() {
+        let d = MachineDetector::new(&[" AcmeScanner ".into(), "".into()]);
         assert_eq!(
             d.classify(true, Some("Mozilla/5.0")).as_deref(),
             Some("head_request")
         );
         assert_eq!(d.classify(false, None).as_deref(), Some("no_user_agent"));
-        assert!(
-            d.classify(false, Some("Mozilla/5.0 (compatible; Barracuda Sentinel)"))
-                .is_some()
+        assert_eq!(
+            d.classify(false, Some("  ")).as_deref(),
+            Some("no_user_agent")
         );
-        assert!(d.classify(false, Some("curl/8.5.0")).is_some());
         assert_eq!(
             d.classify(false, Some("acmescanner/1.0")).as_deref(),
             Some("user_agent:acmescanner")
         );
-        let chrome = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36";
-        assert_eq!(d.classify(false, Some(chrome)), None);
         assert_eq!(d.classify_reported(None), None);
+        assert_eq!(
+            d.classify_reported(Some("curl/8")).as_deref(),
+            Some("user_agent:curl")
+        );
+    }
+
+    #[test]
+    fn image_proxies_of_people_are_named() {
+        assert_eq!(
+            human_proxy(Some(
+                "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+            )),
+            Some("gmail")
+        );
+        assert_eq!(
+            human_proxy(Some("YahooMailProxy; https://help.yahoo.com/kb/")),
+            Some("yahoo")
+        );
+        assert_eq!(human_proxy(Some("Mozilla/5.0")), None);
+        assert_eq!(human_proxy(None), None);
     }
 }

@@ -16,6 +16,7 @@ use super::reject::{NotDurableWhat, Reject};
 use super::state::AppState;
 use super::{Req, Resp, client_ip, html, read_body, stored_ip};
 use crate::event::{self, Event, EventType, Record, Source};
+use crate::machine;
 use crate::metrics::INVALID_TOKENS_TOTAL;
 use crate::token::{self, Purpose, Token};
 
@@ -74,6 +75,11 @@ fn tracking_event(
     e.user_agent = ua.map(|s| event::truncate_utf8(s, event::MAX_USER_AGENT_BYTES).to_owned());
     if kind != EventType::Unsubscribed {
         e.machine_reason = state.machine.classify(req.method() == Method::HEAD, ua);
+        if e.machine_reason.is_none()
+            && let Some(proxy) = machine::human_proxy(ua)
+        {
+            e.metadata.insert("proxy".into(), proxy.into());
+        }
     }
     e
 }

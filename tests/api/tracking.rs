@@ -353,6 +353,46 @@ async fn head_requests_and_scanners_are_recorded_as_machine_and_move_nothing() {
 }
 
 #[tokio::test]
+async fn image_proxies_and_phones_named_robot_are_people() {
+    let app = spawn_app().await;
+    let gmail = app.seed().await;
+    let phone = app.seed_message(&gmail).await;
+    let gmail_open = app.mint(Purpose::Open, &gmail, None);
+    let phone_open = app.mint(Purpose::Open, &phone, None);
+    let gmail_ua =
+        "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)";
+    // An Android phone whose model name contains "bot": the old substring list flagged it.
+    let phone_ua = "Mozilla/5.0 (Linux; Android 10; ROBOT X1 Build/QP1A.190711.020; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 Chrome/118.0.5993.111 Mobile Safari/537.36";
+    for (token, ua) in [(&gmail_open, gmail_ua), (&phone_open, phone_ua)] {
+        let r = app.get(&format!("/o/{token}.gif"), Some(ua)).await;
+        assert_eq!(r.status(), 200);
+    }
+    for (s, proxy) in [(gmail, Some("gmail")), (phone, None)] {
+        app.wait_count(
+            &format!(
+                "SELECT count(*) FROM email_events WHERE message_id = '{}'",
+                s.message
+            ),
+            1,
+        )
+        .await;
+        let rows = app.events(s.message).await;
+        assert_eq!(rows[0].metadata.get("machine"), None, "{rows:?}");
+        assert_eq!(
+            rows[0].metadata.get("proxy").and_then(|v| v.as_str()),
+            proxy,
+            "{rows:?}"
+        );
+        let m = app.message(s.message).await;
+        assert_eq!(
+            m.status.as_deref(),
+            Some("opened"),
+            "a person's open moves the status"
+        );
+    }
+}
+
+#[tokio::test]
 async fn one_click_unsubscribe_suppresses_and_a_get_does_not() {
     let app = spawn_app().await;
     let s = app.seed().await;
