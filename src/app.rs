@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db;
 use crate::http::state::AppState;
+use crate::machine::{MachineDetector, RelayRanges};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::server::{self, Listener};
@@ -26,6 +27,9 @@ use crate::webhooks::{self, HttpsGet};
 pub struct Prepared {
     /// The configured ESP providers (a secret that does not parse fails here).
     pub webhooks: webhooks::Registry,
+    /// Machine-traffic rules, with the relay egress list (a file that does not parse fails
+    /// here).
+    pub machine: MachineDetector,
 }
 
 /// Checks what only a subsystem can check (the database CA file, each webhook secret) and
@@ -34,7 +38,15 @@ pub struct Prepared {
 pub fn prepare(config: &Config, https: Arc<dyn HttpsGet>) -> Result<Prepared, String> {
     db::tls::connector(config.db.ca_file.as_deref()).map_err(|e| format!("{e:#}"))?;
     let webhooks = webhooks::Registry::from_config(&config.webhooks, https)?;
-    Ok(Prepared { webhooks })
+    let mut machine = MachineDetector::new(&config.tracking.machine_user_agents);
+    if let Some(path) = &config.tracking.relay_ranges_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("REACHLY_RELAY_RANGES_FILE {}: {e}", path.display()))?;
+        let ranges = RelayRanges::parse(&text)
+            .map_err(|e| format!("REACHLY_RELAY_RANGES_FILE {}: {e}", path.display()))?;
+        machine = machine.with_relay_ranges(ranges);
+    }
+    Ok(Prepared { webhooks, machine })
 }
 
 /// [`prepare`] with production outbound HTTPS.
@@ -103,6 +115,7 @@ impl App {
             pipeline.ingest.clone(),
             metrics.clone(),
             prepared.webhooks,
+            prepared.machine,
         ));
 
         let stop_background = CancellationToken::new();

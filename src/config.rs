@@ -46,6 +46,21 @@ pub enum Command {
     /// Start a private PostgreSQL under ./.reachly/, migrate it, seed a demo tenant, print
     /// sample URLs, then serve.
     Dev(DevArgs),
+    /// Convert Apple's iCloud Private Relay egress-ip-ranges.csv (downloaded by the operator)
+    /// into the dated, merged list REACHLY_RELAY_RANGES_FILE reads.
+    RelayRanges(RelayRangesArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RelayRangesArgs {
+    /// Apple's egress-ip-ranges.csv (prefix,country,region,city per line).
+    pub input: PathBuf,
+    /// Where to write the merged list (default: standard output).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The date the input was downloaded (YYYY-MM-DD; default: today).
+    #[arg(long)]
+    pub date: Option<chrono::NaiveDate>,
 }
 
 /// `serve`: every subsystem's configuration, as parsed.
@@ -304,6 +319,11 @@ pub struct TrackingConfig {
     /// traffic, added to the built-in list of prefetchers and link scanners.
     #[arg(long, env = "REACHLY_MACHINE_USER_AGENTS", value_delimiter = ',', num_args = 0..)]
     pub machine_user_agents: Vec<String>,
+    /// Apple iCloud Private Relay egress ranges (a file written by `reachly-ingest
+    /// relay-ranges`, or Apple's egress-ip-ranges.csv itself) to recognise Apple Mail Privacy
+    /// Protection prefetches; default: the dated list shipped in data/.
+    #[arg(long, env = "REACHLY_RELAY_RANGES_FILE")]
+    pub relay_ranges_file: Option<PathBuf>,
 }
 
 /// ESP webhooks: the body limit and each provider's secret (a provider without one is 404).

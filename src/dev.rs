@@ -12,7 +12,8 @@ use base64::Engine as _;
 use uuid::Uuid;
 
 use crate::app::{self, App};
-use crate::config::{Config, DevArgs, Secret, TokenArgs};
+use crate::config::{Config, DevArgs, RelayRangesArgs, Secret, TokenArgs};
+use crate::machine::RelayRanges;
 use crate::pgcluster::PgCluster;
 use crate::token::{self, Purpose, TokenKeys};
 
@@ -35,6 +36,42 @@ const DEV_DB: &str = "reachly";
 
 pub fn demo_message(i: usize) -> Uuid {
     Uuid::from_u128(DEMO_MESSAGE_BASE + 1 + i as u128)
+}
+
+/// `reachly-ingest relay-ranges FILE`: Apple's egress-ip-ranges.csv into our dated, merged
+/// list (to `--out`, or standard output). Returns a one-line summary for standard error.
+pub fn relay_ranges_command(args: &RelayRangesArgs) -> Result<String, String> {
+    let text = std::fs::read_to_string(&args.input)
+        .map_err(|e| format!("reading {}: {e}", args.input.display()))?;
+    let ranges = RelayRanges::parse(&text).map_err(|e| format!("{}: {e}", args.input.display()))?;
+    if ranges.is_empty() {
+        return Err(format!("{} holds no IP prefixes", args.input.display()));
+    }
+    let date = args
+        .date
+        .unwrap_or_else(|| chrono::Utc::now().date_naive())
+        .to_string();
+    let source = args
+        .input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = ranges.to_file(&date, &source);
+    match &args.out {
+        Some(out) => {
+            std::fs::write(out, &file).map_err(|e| format!("writing {}: {e}", out.display()))?
+        }
+        None => {
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), file.as_bytes());
+        }
+    }
+    Ok(format!(
+        "{} prefixes read, {} merged ranges written (date {date})",
+        text.lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+            .count(),
+        ranges.len()
+    ))
 }
 
 /// `reachly-ingest token ...`: the token, or the full URL with `--base`.

@@ -18,6 +18,17 @@
 //! and is not matched. Operators add their own case-insensitive substrings with
 //! `REACHLY_MACHINE_USER_AGENTS` (reason `user_agent:<pattern>`).
 //!
+//! Apple Mail Privacy Protection (MPP) prefetches every image of a message when it is
+//! delivered to an Apple Mail user, through the iCloud Private Relay infrastructure (the
+//! same `mask.icloud.com` front ends and egress addresses), with a bare `Mozilla/5.0` user
+//! agent. An open from a relay egress address with exactly that user agent is recorded as
+//! machine traffic with reason `apple_mpp`: it is a real delivery to an Apple Mail user, so
+//! the fact is kept, but it moves no open status. A person's own request through the relay
+//! (Safari with Private Relay following a link) carries a full user agent and stays human.
+//! The egress ranges are [`RelayRanges`]: a dated list shipped in `data/`, which an
+//! operator refreshes from Apple's published `egress-ip-ranges.csv` with
+//! `reachly-ingest relay-ranges` (no network at run time).
+//!
 //! Image proxies that fetch on a person's behalf when the person opens the message
 //! (Gmail's `GoogleImageProxy`, Yahoo's `YahooMailProxy`) are *human* opens: they are not
 //! machine traffic, but the proxy is recorded (`metadata.proxy`), since a caching proxy
@@ -83,10 +94,149 @@ const CRAWLER_SUFFIXES: &[&str] = &["bot", "crawler", "spider"];
 pub const HUMAN_PROXIES: &[(&str, &str)] =
     &[("googleimageproxy", "gmail"), ("yahoomailproxy", "yahoo")];
 
+/// The relay egress list shipped with the service (Apple's format: `prefix,country,region,city,`;
+/// `#` lines are comments and carry the date of the list).
+pub const BUILTIN_RELAY_RANGES: &str = include_str!("../data/apple-relay-egress.csv");
+
+/// The user agent of an MPP prefetch.
+const MPP_USER_AGENT: &str = "Mozilla/5.0";
+
+/// A set of IP networks, looked up by binary search over merged, sorted ranges (Apple's list
+/// has hundreds of thousands of prefixes; a lookup is a few dozen comparisons).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayRanges {
+    /// Inclusive `(first, last)` address ranges, IPv4 mapped into IPv6 space, sorted and
+    /// merged.
+    ranges: Vec<(u128, u128)>,
+    /// The list's date, from a `# date: YYYY-MM-DD` comment line.
+    pub date: Option<String>,
+}
+
+impl RelayRanges {
+    /// Parses Apple's CSV format (or our dated copy of it). A line that is neither blank, a
+    /// comment nor `prefix,...` with a valid CIDR prefix is an error naming the line.
+    pub fn parse(text: &str) -> Result<RelayRanges, String> {
+        let mut ranges = Vec::new();
+        let mut date = None;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(comment) = line.strip_prefix('#') {
+                if let Some(d) = comment.trim().strip_prefix("date:") {
+                    date = Some(d.trim().to_owned());
+                }
+                continue;
+            }
+            let prefix = line.split(',').next().unwrap_or("").trim();
+            let net: ipnet::IpNet = prefix
+                .parse()
+                .or_else(|_| prefix.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| format!("line {}: {prefix:?} is not an IP prefix", n + 1))?;
+            ranges.push((as_u128(net.network()), as_u128(net.broadcast())));
+        }
+        ranges.sort_unstable();
+        let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
+        for (lo, hi) in ranges {
+            match merged.last_mut() {
+                Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+                _ => merged.push((lo, hi)),
+            }
+        }
+        Ok(RelayRanges {
+            ranges: merged,
+            date,
+        })
+    }
+
+    /// The list shipped with the service.
+    pub fn builtin() -> RelayRanges {
+        RelayRanges::parse(BUILTIN_RELAY_RANGES).unwrap_or_default()
+    }
+
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        let x = as_u128(ip);
+        let i = self.ranges.partition_point(|(lo, _)| *lo <= x);
+        i > 0 && self.ranges[i - 1].1 >= x
+    }
+
+    /// Merged ranges held.
+    pub fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// Our dated file: a header, then one merged range per line as CIDR prefixes.
+    pub fn to_file(&self, date: &str, source: &str) -> String {
+        let mut out = format!(
+            "# Apple iCloud Private Relay egress ranges (merged), used to tell Apple Mail Privacy\n\
+             # Protection prefetches from people. Refresh: reachly-ingest relay-ranges <egress-ip-ranges.csv>\n\
+             # source: {source}\n# date: {date}\n"
+        );
+        for (lo, hi) in &self.ranges {
+            for net in ipnet::IpNet::aggregate(&range_to_nets(*lo, *hi)) {
+                out.push_str(&format!("{net}\n"));
+            }
+        }
+        out
+    }
+}
+
+/// An address as a number in IPv6 space (IPv4 as IPv4-mapped), so one sorted list holds both.
+fn as_u128(ip: std::net::IpAddr) -> u128 {
+    match ip {
+        std::net::IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => u128::from(v4.to_ipv6_mapped()),
+            None => u128::from(v6),
+        },
+    }
+}
+
+/// The CIDR networks covering `[lo, hi]` exactly.
+fn range_to_nets(lo: u128, hi: u128) -> Vec<ipnet::IpNet> {
+    let mut nets = Vec::new();
+    let mut start = lo;
+    loop {
+        // The largest block aligned at `start` that does not pass `hi`.
+        let mut size = if start == 0 {
+            128
+        } else {
+            start.trailing_zeros()
+        };
+        while size > 0
+            && start
+                .checked_add((1u128 << size) - 1)
+                .is_none_or(|end| end > hi)
+        {
+            size -= 1;
+        }
+        let v6 = std::net::Ipv6Addr::from(start);
+        let net = match v6.to_ipv4_mapped() {
+            Some(v4) if size <= 32 => ipnet::IpNet::new(v4.into(), 32 - size as u8),
+            _ => ipnet::IpNet::new(v6.into(), 128 - size as u8),
+        };
+        if let Ok(n) = net {
+            nets.push(n);
+        }
+        let end = start + ((1u128 << size) - 1);
+        if end >= hi {
+            return nets;
+        }
+        start = end + 1;
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct MachineDetector {
     /// The operator's extra substrings (lower case).
     extra: Vec<String>,
+    /// Apple's relay egress ranges (MPP prefetches).
+    relay: std::sync::Arc<RelayRanges>,
 }
 
 impl MachineDetector {
@@ -98,7 +248,31 @@ impl MachineDetector {
                 .map(|p| p.trim().to_lowercase())
                 .filter(|p| !p.is_empty())
                 .collect(),
+            relay: std::sync::Arc::new(RelayRanges::builtin()),
         }
+    }
+
+    /// The same detector with another relay egress list (the operator's refreshed file).
+    pub fn with_relay_ranges(mut self, relay: RelayRanges) -> MachineDetector {
+        self.relay = std::sync::Arc::new(relay);
+        self
+    }
+
+    /// [`classify`](Self::classify) for an open pixel, which also knows the client's full
+    /// address: an MPP prefetch is `apple_mpp`.
+    pub fn classify_open(
+        &self,
+        is_head: bool,
+        user_agent: Option<&str>,
+        client: std::net::IpAddr,
+    ) -> Option<String> {
+        if !is_head
+            && user_agent.map(str::trim) == Some(MPP_USER_AGENT)
+            && self.relay.contains(client)
+        {
+            return Some("apple_mpp".into());
+        }
+        self.classify(is_head, user_agent)
     }
 
     /// `Some(reason)` when the request looks like software.
@@ -288,6 +462,62 @@ mod tests {
         assert_eq!(
             d.classify_reported(Some("curl/8")).as_deref(),
             Some("user_agent:curl")
+        );
+    }
+
+    #[test]
+    fn relay_ranges_merge_look_up_and_round_trip() {
+        let r = RelayRanges::parse(
+            "# date: 2026-11-01\n17.0.0.0/8,US,US-CA,Cupertino,\n104.28.0.0/24,DE,DE-BE,Berlin,\n104.28.1.0/24,DE,,,\n2a02:26f7:b3c0:4000::/64,GB,,,\n\n",
+        )
+        .unwrap();
+        assert_eq!(r.date.as_deref(), Some("2026-11-01"));
+        assert_eq!(r.len(), 3, "adjacent /24s merge");
+        for ip in [
+            "17.1.2.3",
+            "104.28.1.255",
+            "2a02:26f7:b3c0:4000::9",
+            "::ffff:17.0.0.1",
+        ] {
+            assert!(r.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "16.255.255.255",
+            "104.28.2.0",
+            "2a02:26f7:b3c0:4001::1",
+            "18.0.0.0",
+        ] {
+            assert!(!r.contains(ip.parse().unwrap()), "{ip}");
+        }
+        let file = r.to_file("2026-11-30", "test");
+        let again = RelayRanges::parse(&file).unwrap();
+        assert_eq!(again.ranges, r.ranges);
+        assert!(file.contains("104.28.0.0/23"), "{file}");
+        assert!(
+            RelayRanges::parse("not-an-ip,US")
+                .unwrap_err()
+                .contains("line 1")
+        );
+        assert!(!RelayRanges::builtin().is_empty());
+    }
+
+    #[test]
+    fn an_mpp_prefetch_is_machine_and_a_person_through_the_relay_is_not() {
+        let d = MachineDetector::default()
+            .with_relay_ranges(RelayRanges::parse("172.225.0.0/16,US,,,").unwrap());
+        let relay: std::net::IpAddr = "172.225.9.9".parse().unwrap();
+        let home: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(
+            d.classify_open(false, Some("Mozilla/5.0"), relay)
+                .as_deref(),
+            Some("apple_mpp")
+        );
+        assert_eq!(d.classify_open(false, Some("Mozilla/5.0"), home), None);
+        let safari = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1_2 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148";
+        assert_eq!(d.classify_open(false, Some(safari), relay), None);
+        assert_eq!(
+            d.classify_open(true, Some("Mozilla/5.0"), relay).as_deref(),
+            Some("head_request")
         );
     }
 

@@ -52,6 +52,16 @@ async fn main() -> anyhow::Result<()> {
             }
             Err(e) => config_error(e),
         },
+        Command::RelayRanges(args) => match reachly_ingest::dev::relay_ranges_command(&args) {
+            Ok(summary) => {
+                eprintln!("{summary}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("reachly-ingest relay-ranges: {e}");
+                std::process::exit(1);
+            }
+        },
         Command::Dev(args) => {
             init_tracing(args.serve.log.log_format);
             reachly_ingest::dev::run(args).await

@@ -27,9 +27,10 @@ impl AppState {
         ingest: Ingest,
         metrics: Metrics,
         webhooks: webhooks::Registry,
+        machine: MachineDetector,
     ) -> AppState {
         AppState {
-            machine: MachineDetector::new(&config.tracking.machine_user_agents),
+            machine,
             config,
             pool,
             ingest,

@@ -64,17 +64,21 @@ fn tracking_event(
     let mut e = Event::new(t.message_id, kind, Utc::now(), source);
     e.claimed_organization_id = Some(t.organization_id);
     let tracking = &state.config.tracking;
-    e.ip_address = stored_ip(
-        client_ip(peer, req.headers(), &tracking.trusted_proxies),
-        tracking.ip_mode,
-    );
+    let client = client_ip(peer, req.headers(), &tracking.trusted_proxies);
+    e.ip_address = stored_ip(client, tracking.ip_mode);
     let ua = req
         .headers()
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok());
     e.user_agent = ua.map(|s| event::truncate_utf8(s, event::MAX_USER_AGENT_BYTES).to_owned());
     if kind != EventType::Unsubscribed {
-        e.machine_reason = state.machine.classify(req.method() == Method::HEAD, ua);
+        let is_head = req.method() == Method::HEAD;
+        // Opens are judged with the full client address (Apple MPP prefetches come from the
+        // relay's egress ranges); it is truncated only for storage.
+        e.machine_reason = match kind {
+            EventType::Opened => state.machine.classify_open(is_head, ua, client),
+            _ => state.machine.classify(is_head, ua),
+        };
         if e.machine_reason.is_none()
             && let Some(proxy) = machine::human_proxy(ua)
         {

@@ -393,6 +393,110 @@ async fn image_proxies_and_phones_named_robot_are_people() {
 }
 
 #[tokio::test]
+async fn apple_mpp_prefetches_from_the_relay_are_machine_and_people_through_it_are_not() {
+    // The operator's refresh: Apple's CSV format in, our dated list out, by the real command.
+    let dir = temp_dir("relay");
+    let apple_csv = dir.join("egress-ip-ranges.csv");
+    std::fs::write(
+        &apple_csv,
+        "172.225.46.0/24,US,US-CA,Los Angeles,\n172.225.47.0/24,US,US-CA,Los Angeles,\n2a02:26f7:b3c0:4000::/64,GB,GB-EN,London,\n",
+    )
+    .unwrap();
+    let list = dir.join("relay.csv");
+    let out = std::process::Command::new(binary())
+        .args([
+            "relay-ranges",
+            apple_csv.to_str().unwrap(),
+            "--date",
+            "2026-11-30",
+            "--out",
+        ])
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("3 prefixes read, 2 merged ranges"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let written = std::fs::read_to_string(&list).unwrap();
+    assert!(written.contains("# date: 2026-11-30") && written.contains("172.225.46.0/23"));
+
+    let app = spawn_app_with(|a| {
+        a.tracking.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        a.tracking.relay_ranges_file = Some(list.clone());
+    })
+    .await;
+    let prefetched = app.seed().await;
+    let person = app.seed_message(&prefetched).await;
+    let elsewhere = app.seed_message(&prefetched).await;
+    let safari = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1_2 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148";
+    for (s, ua, ip) in [
+        (&prefetched, "Mozilla/5.0", "172.225.47.12"),
+        (&person, safari, "172.225.47.12"),
+        (&elsewhere, "Mozilla/5.0", "198.51.100.7"),
+    ] {
+        let open = app.mint(Purpose::Open, s, None);
+        let r = app
+            .http
+            .get(app.url(&format!("/o/{open}.gif")))
+            .header("user-agent", ua)
+            .header("x-forwarded-for", ip)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for (s, reason, status) in [
+        (prefetched, Some("apple_mpp"), "sent"),
+        (person, None, "opened"),
+        (elsewhere, None, "opened"),
+    ] {
+        app.wait_count(
+            &format!(
+                "SELECT count(*) FROM email_events WHERE message_id = '{}'",
+                s.message
+            ),
+            1,
+        )
+        .await;
+        let rows = app.events(s.message).await;
+        assert_eq!(
+            rows[0]
+                .metadata
+                .get("machine_reason")
+                .and_then(|v| v.as_str()),
+            reason,
+            "{rows:?}"
+        );
+        assert_eq!(
+            app.message(s.message).await.status.as_deref(),
+            Some(status),
+            "an MPP prefetch is kept but moves no open status"
+        );
+    }
+    // A list that does not parse is a configuration error before anything binds.
+    std::fs::write(&list, "not a prefix,US\n").unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["serve", "--database-url", "host=x", "--relay-ranges-file"])
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1"));
+}
+
+#[tokio::test]
 async fn one_click_unsubscribe_suppresses_and_a_get_does_not() {
     let app = spawn_app().await;
     let s = app.seed().await;
