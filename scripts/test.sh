@@ -15,4 +15,12 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "scripts/test.sh: could not install chromium; the browser test will say what is missing" >&2
 fi
 
+# The observability and deploy tests run Debian's Prometheus server and promtool (package
+# `prometheus`); same rule: installed when missing and we can, else those tests say so.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing prometheus (promtool) for the metrics and alert-rule tests..." >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+    || echo "scripts/test.sh: could not install prometheus; the metrics tests will say what is missing" >&2
+fi
+
 cargo test --locked "$@"

@@ -107,7 +107,7 @@ impl Route {
             Route::UnsubscribePage(t) => tracking::unsubscribe_page(state, &t),
             Route::Unsubscribe(t) => tracking::unsubscribe(req, peer, state, &t).await,
             Route::Webhook(p) => webhooks::handle(req, state, &p).await,
-            Route::Metrics => admin::metrics(&state),
+            Route::Metrics => admin::metrics(&state).await,
             Route::Healthz => admin::healthz(&state),
             Route::Readyz => admin::readyz(&state).await,
             Route::NotFound => not_found(),

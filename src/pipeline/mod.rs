@@ -93,6 +93,12 @@ struct Shared {
     db_healthy: AtomicBool,
     /// Unix millis of the last writer loop iteration (liveness).
     heartbeat_ms: AtomicI64,
+    /// Unix millis of the last committed batch (writers and replayer); 0: none yet.
+    last_flush_ms: AtomicI64,
+    /// Per writer: unix millis at which it took the first envelope of the batch it holds
+    /// uncommitted; 0 while it holds none. The oldest of these is the oldest buffered event
+    /// a writer is working on (`reachly_buffer_oldest_event_age_seconds`).
+    holding_since_ms: Box<[AtomicI64]>,
     metrics: Metrics,
     buffer_gauge: Gauge,
 }
@@ -185,6 +191,47 @@ impl Ingest {
         self.shared.db_healthy.load(Ordering::Relaxed)
     }
 
+    /// The memory bound (`REACHLY_BUFFER_MAX_EVENTS`).
+    pub fn capacity(&self) -> usize {
+        self.shared.max
+    }
+
+    /// The spool bound (`REACHLY_SPOOL_MAX_BYTES`).
+    pub fn spool_capacity_bytes(&self) -> u64 {
+        self.shared.spool.max_bytes()
+    }
+
+    /// Unix millis of the last committed batch, if any.
+    pub fn last_flush_unix_ms(&self) -> Option<i64> {
+        Some(self.shared.last_flush_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
+    /// How long the oldest batch a writer holds uncommitted has been held (zero if none).
+    /// Events wait in the channel only while every writer is busy with an older batch, so
+    /// this is the age of the oldest event in memory up to that queueing.
+    pub fn oldest_buffered_age(&self) -> Duration {
+        let oldest = self
+            .shared
+            .holding_since_ms
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|ms| *ms > 0)
+            .min();
+        oldest.map_or(Duration::ZERO, |ms| {
+            Duration::from_millis((now_ms() - ms).max(0) as u64)
+        })
+    }
+
+    fn hold(&self, writer: usize, holding: bool) {
+        if let Some(slot) = self.shared.holding_since_ms.get(writer) {
+            slot.store(if holding { now_ms() } else { 0 }, Ordering::Relaxed);
+        }
+    }
+
+    fn flushed(&self) {
+        self.shared.last_flush_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
     /// Milliseconds since a writer last showed life.
     pub fn heartbeat_age(&self) -> Duration {
         let last = self.shared.heartbeat_ms.load(Ordering::Relaxed);
@@ -233,6 +280,8 @@ impl Pipeline {
                 spool,
                 db_healthy: AtomicBool::new(true),
                 heartbeat_ms: AtomicI64::new(now_ms()),
+                last_flush_ms: AtomicI64::new(0),
+                holding_since_ms: (0..cfg.writers).map(|_| AtomicI64::new(0)).collect(),
                 buffer_gauge: metrics.gauge(metrics::BUFFER_EVENTS, &[]),
                 metrics: metrics.clone(),
             }),

@@ -7,6 +7,7 @@ mod admin;
 mod db_tls;
 mod lifecycle;
 mod merge_property;
+mod observability;
 mod partitions;
 mod pipeline;
 mod schema;
