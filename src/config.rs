@@ -39,6 +39,22 @@ pub enum Command {
     /// Start a private PostgreSQL under ./.reachly/, migrate it, seed a demo tenant, print
     /// sample URLs, then serve.
     Dev(DevArgs),
+    /// Ask a running instance's admin listener for /healthz (or --path /readyz); exit 0 if it
+    /// answers 200, else 1 (the container image's HEALTHCHECK: the slim image has no curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The instance's admin listener; an unspecified address (0.0.0.0, [::]) means loopback.
+    #[arg(long, env = "REACHLY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// /healthz (alive) or /readyz (ready for traffic).
+    #[arg(long, default_value = "/healthz", value_parser = ["/healthz", "/readyz"])]
+    pub path: String,
+    /// Milliseconds for the whole exchange.
+    #[arg(long, default_value_t = 2_000)]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin;
 mod db_tls;
+mod deploy;
 mod lifecycle;
 mod merge_property;
 mod observability;
