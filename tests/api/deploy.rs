@@ -5,9 +5,12 @@
 //! a schema cannot see: probes on the admin port's paths, timeouts in the right order,
 //! hardened security contexts).
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use crate::helpers::*;
+use crate::observability::{PrometheusServer, app_with_traffic, promtool};
 
 fn healthcheck(admin: &str, extra: &[&str]) -> Output {
     Command::new(binary())
@@ -79,4 +82,148 @@ fn healthcheck_is_listed_in_help() {
     let out = Command::new(binary()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("healthcheck"), "{help}");
+}
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn alert_rules_and_the_compose_prometheus_config_pass_promtool_and_the_rule_unit_tests() {
+    let rules = repo("deploy/prometheus/alerts.yml");
+    let (ok, out) = promtool(&["check", "rules", rules.to_str().unwrap()], None);
+    assert!(ok, "promtool check rules:\n{out}");
+    let tests = repo("deploy/prometheus/alerts_test.yml");
+    let (ok, out) = promtool(&["test", "rules", tests.to_str().unwrap()], None);
+    assert!(ok && out.contains("SUCCESS"), "promtool test rules:\n{out}");
+    let config = repo("deploy/prometheus/prometheus.yml");
+    let (ok, out) = promtool(&["check", "config", config.to_str().unwrap()], None);
+    assert!(ok, "promtool check config:\n{out}");
+}
+
+/// Every `reachly_…` name in a text (PromQL in YAML or JSON).
+fn reachly_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("reachly_") {
+        let start = i + at;
+        let boundary = start == 0 || {
+            let b = bytes[start - 1];
+            !(b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        // The bare prefix is prose ("every reachly_ metric"), not a name.
+        if boundary && end > start + "reachly_".len() {
+            names.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    names
+}
+
+/// The sample names a scrape can carry: families from `# TYPE`, histograms with their
+/// `_bucket`, `_sum` and `_count` series.
+fn exported_names(scrape: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in scrape.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            names.insert(name.to_string());
+            if kind == "histogram" || kind == "summary" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    names
+}
+
+fn dashboard_queries() -> Vec<String> {
+    let dash: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/reachly-ingest.json")).expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            exprs.push(target["expr"].as_str().expect("expr").to_string());
+        }
+    }
+    exprs
+}
+
+#[tokio::test]
+async fn every_metric_the_rules_and_dashboard_name_is_exported_and_prometheus_runs_them() {
+    let (app, _) = app_with_traffic().await;
+    let exported = exported_names(&app.metrics_text().await);
+    let rules = read("deploy/prometheus/alerts.yml");
+    let rule_tests = read("deploy/prometheus/alerts_test.yml");
+    let dashboard = read("deploy/grafana/reachly-ingest.json");
+    for (what, text) in [
+        ("alerts.yml", &rules),
+        ("alerts_test.yml", &rule_tests),
+        ("the dashboard", &dashboard),
+    ] {
+        let named = reachly_names(text);
+        assert!(named.len() > 5, "{what} names too few metrics: {named:?}");
+        let missing: Vec<&String> = named.iter().filter(|n| !exported.contains(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "{what} names metrics the service does not export: {missing:?}\nexported: {exported:?}"
+        );
+    }
+
+    // A real Prometheus loads the rules and evaluates them against the live instance, and
+    // every dashboard query is valid PromQL that it runs.
+    let prom = PrometheusServer::start(app.admin_addr, Some(&repo("deploy/prometheus/alerts.yml")));
+    let client = http_client();
+    prom.wait_for(&client, r#"up{job="reachly-ingest"}"#, 1.0)
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = prom.api(&client, "/api/v1/rules", &[]).await;
+        let rules: Vec<serde_json::Value> = v
+            .as_ref()
+            .and_then(|v| v["data"]["groups"][0]["rules"].as_array().cloned())
+            .unwrap_or_default();
+        let evaluated = rules.len() == 15
+            && rules
+                .iter()
+                .all(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z");
+        if evaluated {
+            // Nothing is wrong with this instance: no alert may be firing or pending.
+            let active: Vec<&serde_json::Value> =
+                rules.iter().filter(|r| r["state"] != "inactive").collect();
+            assert!(
+                active.is_empty(),
+                "alerts active on a healthy instance: {active:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rules not all loaded and evaluated: {v:?}\n{}",
+            prom.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    for expr in dashboard_queries() {
+        let q = expr.replace("$__rate_interval", "1m");
+        let v = prom.api(&client, "/api/v1/query", &[("query", &q)]).await;
+        assert_eq!(
+            v.as_ref().map(|v| v["status"].clone()),
+            Some(serde_json::json!("success")),
+            "dashboard query `{q}`: {v:?}"
+        );
+    }
 }

@@ -55,7 +55,7 @@ pub fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
 
 /// An app with Mailgun configured, and traffic of every kind the dashboards show: a valid
 /// pixel (written), a bad pixel token, a webhook with a bad signature.
-async fn app_with_traffic() -> (TestApp, Seeded) {
+pub async fn app_with_traffic() -> (TestApp, Seeded) {
     let app = spawn_app_with(|a| {
         a.webhooks.mailgun_signing_key = Some(Secret::new("key-observability-test"));
     })
@@ -204,8 +204,8 @@ async fn database_up_is_0_and_the_held_batch_ages_while_the_database_is_down() {
     }
 }
 
-/// Debian's Prometheus server on a free port, scraping `target` every second, with its
-/// configuration and storage in a temp dir; killed on drop.
+/// Debian's Prometheus server on a free port, scraping `target` every second (and loading
+/// `rules`, if given), with its configuration and storage in a temp dir; killed on drop.
 pub struct PrometheusServer {
     child: Child,
     pub url: String,
@@ -213,12 +213,19 @@ pub struct PrometheusServer {
 }
 
 impl PrometheusServer {
-    pub fn start(target: std::net::SocketAddr) -> PrometheusServer {
+    pub fn start(
+        target: std::net::SocketAddr,
+        rules: Option<&std::path::Path>,
+    ) -> PrometheusServer {
         let bin = prometheus_tool("prometheus");
         let dir = temp_dir("prometheus");
-        let config = format!(
+        let mut config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: reachly-ingest\n    scrape_timeout: 1s\n    static_configs:\n      - targets: ['{target}']\n"
         );
+        if let Some(rules) = rules {
+            std::fs::copy(rules, dir.join("rules.yml")).expect("copy rules");
+            config.push_str("rule_files:\n  - rules.yml\n");
+        }
         std::fs::write(dir.join("prometheus.yml"), config).expect("write config");
         let port = reachly_ingest::pgcluster::free_port().expect("free port");
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("log file");
@@ -243,19 +250,27 @@ impl PrometheusServer {
         }
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// The JSON answer of an API call (`/api/v1/...` with query parameters).
+    pub async fn api(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        params: &[(&str, &str)],
+    ) -> Option<serde_json::Value> {
+        let url = url::Url::parse_with_params(&format!("{}{path}", self.url), params).ok()?;
+        let r = client.get(url).send().await.ok()?;
+        serde_json::from_str(&r.text().await.ok()?).ok()
     }
 
     /// The value of an instant query's first sample, if it has one.
     pub async fn query(&self, client: &reqwest::Client, promql: &str) -> Option<f64> {
-        let url = url::Url::parse_with_params(
-            &format!("{}/api/v1/query", self.url),
-            &[("query", promql)],
-        )
-        .ok()?;
-        let r = client.get(url).send().await.ok()?;
-        let v: serde_json::Value = serde_json::from_str(&r.text().await.ok()?).ok()?;
+        let v = self
+            .api(client, "/api/v1/query", &[("query", promql)])
+            .await?;
         let s = v["data"]["result"][0]["value"][1].as_str()?;
         s.parse().ok()
     }
@@ -289,7 +304,7 @@ impl Drop for PrometheusServer {
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_instance_and_reads_back_what_the_traffic_did() {
     let (app, s) = app_with_traffic().await;
-    let prom = PrometheusServer::start(app.admin_addr);
+    let prom = PrometheusServer::start(app.admin_addr, None);
     let client = http_client();
     prom.wait_for(&client, r#"up{job="reachly-ingest"}"#, 1.0)
         .await;
