@@ -23,4 +23,13 @@ if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "scripts/test.sh: could not install prometheus; the metrics tests will say what is missing" >&2
 fi
 
+# The Kubernetes manifests are validated by kubernetes-validate (PyPI; it bundles the
+# schemas, so it works offline): installed with pip when missing, else that test says so.
+if ! command -v kubernetes-validate >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing kubernetes-validate for the manifest test..." >&2
+  python3 -m pip install --quiet kubernetes-validate >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install kubernetes-validate; the manifest test will say what is missing" >&2
+  hash -r
+fi
+
 cargo test --locked "$@"

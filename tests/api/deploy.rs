@@ -227,3 +227,389 @@ async fn every_metric_the_rules_and_dashboard_name_is_exported_and_prometheus_ru
         );
     }
 }
+
+/// The `kubernetes-validate` command (PyPI), or a failure saying how to get it.
+fn kubernetes_validate() -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("kubernetes-validate"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "`kubernetes-validate` is not installed: run `pip install kubernetes-validate` (scripts/test.sh does it when pip is there)"
+            )
+        })
+}
+
+const MANIFESTS: &[&str] = &[
+    "deploy/k8s/reachly-ingest.yaml",
+    "deploy/k8s/migrate-job.yaml",
+    "deploy/k8s/secret.example.yaml",
+    "deploy/k8s/servicemonitor.yaml",
+];
+
+#[test]
+fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
+    let out = Command::new(kubernetes_validate())
+        .arg("--strict")
+        .args(MANIFESTS.iter().map(|m| repo(m)))
+        .output()
+        .expect("run kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kubernetes-validate:\n{text}");
+    // Every built-in kind was checked (only the ServiceMonitor CRD has no bundled schema).
+    for kind in [
+        "statefulset/reachly-ingest",
+        "service/reachly-ingest",
+        "service/reachly-ingest-admin",
+        "poddisruptionbudget/reachly-ingest",
+        "networkpolicy/reachly-ingest",
+        "job/reachly-ingest-migrate",
+        "secret/reachly-ingest",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {kind} ")),
+            "{kind} not validated:\n{text}"
+        );
+    }
+}
+
+type Doc = serde_yaml::Value;
+
+fn documents() -> Vec<Doc> {
+    let mut docs = Vec::new();
+    for m in MANIFESTS {
+        for d in serde_yaml::Deserializer::from_str(&read(m)) {
+            let v = Doc::deserialize(d).unwrap_or_else(|e| panic!("{m}: {e}"));
+            if !v.is_null() {
+                docs.push(v);
+            }
+        }
+    }
+    docs
+}
+
+fn find<'a>(docs: &'a [Doc], kind: &str, name: &str) -> &'a Doc {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn env_of<'a>(container: &'a Doc, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_sequence()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))?["value"]
+        .as_str()
+}
+
+fn num(v: Option<&str>, what: &str) -> u64 {
+    v.and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{what} is not set to a number"))
+}
+
+fn port_of(listen: Option<&str>, what: &str) -> u64 {
+    num(listen.and_then(|l| l.rsplit(':').next()), what)
+}
+
+fn assert_hardened(pod: &Doc, container: &Doc, what: &str) {
+    assert_eq!(
+        pod["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true),
+        "{what}: runAsNonRoot"
+    );
+    assert!(
+        pod["securityContext"]["runAsUser"]
+            .as_u64()
+            .is_some_and(|u| u > 0),
+        "{what}: runAsUser"
+    );
+    let sc = &container["securityContext"];
+    assert_eq!(
+        sc["readOnlyRootFilesystem"].as_bool(),
+        Some(true),
+        "{what}: read-only root"
+    );
+    assert_eq!(
+        sc["allowPrivilegeEscalation"].as_bool(),
+        Some(false),
+        "{what}: escalation"
+    );
+    let drops: Vec<&str> = sc["capabilities"]["drop"]
+        .as_sequence()
+        .map(|s| s.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert!(drops.contains(&"ALL"), "{what}: capabilities drop ALL");
+}
+
+fn labels_match(selector: &Doc, labels: &Doc) -> bool {
+    selector
+        .as_mapping()
+        .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+use serde::Deserialize as _;
+
+#[test]
+fn kubernetes_manifests_keep_probes_ports_timeouts_security_and_pool_sizing_in_order() {
+    let docs = documents();
+    let sts = find(&docs, "StatefulSet", "reachly-ingest");
+    let pod = &sts["spec"]["template"]["spec"];
+    let pod_labels = &sts["spec"]["template"]["metadata"]["labels"];
+    let c = &pod["containers"][0];
+    assert_hardened(pod, c, "StatefulSet");
+
+    // Ports: the container ports are the ports the service listens on.
+    let ports: Vec<(&str, u64)> = c["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or(""),
+                p["containerPort"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let admin = port_of(env_of(c, "REACHLY_ADMIN_LISTEN"), "REACHLY_ADMIN_LISTEN");
+    let public = port_of(env_of(c, "REACHLY_LISTEN"), "REACHLY_LISTEN");
+    assert!(
+        ports.contains(&("admin", admin)),
+        "{ports:?} vs admin {admin}"
+    );
+    assert!(
+        ports.contains(&("public", public)),
+        "{ports:?} vs public {public}"
+    );
+
+    // Probes: on the admin port, readiness on /readyz, liveness and startup on /healthz.
+    for (probe, path) in [
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["port"].as_str(), Some("admin"), "{probe} port");
+        assert_eq!(get["path"].as_str(), Some(path), "{probe} path");
+    }
+
+    // Timeouts: request < drain; grace > preStop + HTTP drain + pipeline drain.
+    let request_ms = num(
+        env_of(c, "REACHLY_REQUEST_TIMEOUT_MS"),
+        "REACHLY_REQUEST_TIMEOUT_MS",
+    );
+    let body_ms = num(
+        env_of(c, "REACHLY_BODY_TIMEOUT_MS"),
+        "REACHLY_BODY_TIMEOUT_MS",
+    );
+    let drain_s = num(
+        env_of(c, "REACHLY_SHUTDOWN_TIMEOUT_S"),
+        "REACHLY_SHUTDOWN_TIMEOUT_S",
+    );
+    let grace_s = pod["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("grace period");
+    let pre_stop_s: u64 = c["lifecycle"]["preStop"]["exec"]["command"]
+        .as_sequence()
+        .and_then(|cmd| cmd.get(1))
+        .and_then(|v| v.as_str())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        body_ms <= request_ms,
+        "body timeout {body_ms} ms > request timeout {request_ms} ms"
+    );
+    assert!(
+        request_ms < drain_s * 1000,
+        "request timeout {request_ms} ms >= drain {drain_s} s"
+    );
+    assert!(
+        grace_s > pre_stop_s + 2 * drain_s,
+        "grace {grace_s} s <= preStop {pre_stop_s} s + 2 x drain {drain_s} s"
+    );
+
+    // Database TLS: the CA file is mounted where REACHLY_DB_CA_FILE points.
+    let ca = env_of(c, "REACHLY_DB_CA_FILE").expect("REACHLY_DB_CA_FILE");
+    let mounted = c["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+        .iter()
+        .any(|m| {
+            m["mountPath"]
+                .as_str()
+                .is_some_and(|p| ca.starts_with(&format!("{p}/")))
+        });
+    assert!(mounted, "{ca} is not under a volume mount");
+    let secret = find(&docs, "Secret", "reachly-ingest");
+    for key in ["DATABASE_URL", "MIGRATE_DATABASE_URL"] {
+        let url = secret["stringData"][key].as_str().expect(key);
+        assert!(
+            url.contains("sslmode=require") || url.contains("sslmode=verify-full"),
+            "{key}: {url}"
+        );
+        assert!(!url.contains("sslmode=disable"), "{key}: {url}");
+    }
+
+    // The migrate Job: hardened, migrate subcommand, same CA.
+    let job = find(&docs, "Job", "reachly-ingest-migrate");
+    let jpod = &job["spec"]["template"]["spec"];
+    let jc = &jpod["containers"][0];
+    assert_hardened(jpod, jc, "migrate Job");
+    assert_eq!(jc["args"][0].as_str(), Some("migrate"));
+    assert_eq!(env_of(jc, "REACHLY_DB_CA_FILE"), Some(ca));
+    assert_eq!(env_of(c, "REACHLY_MIGRATE_ON_START"), Some("false"));
+
+    // Services: the public one never carries the admin port; the ServiceMonitor finds the
+    // admin port through the headless one.
+    let public_svc = find(&docs, "Service", "reachly-ingest");
+    let targets: Vec<&str> = public_svc["spec"]["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["targetPort"].as_str())
+        .collect();
+    assert_eq!(targets, ["public"]);
+    let admin_svc = find(&docs, "Service", "reachly-ingest-admin");
+    assert_eq!(
+        sts["spec"]["serviceName"].as_str(),
+        Some("reachly-ingest-admin")
+    );
+    let sm = find(&docs, "ServiceMonitor", "reachly-ingest");
+    assert!(labels_match(
+        &sm["spec"]["selector"]["matchLabels"],
+        &admin_svc["metadata"]["labels"]
+    ));
+    let sm_port = sm["spec"]["endpoints"][0]["port"].as_str().expect("port");
+    assert!(
+        admin_svc["spec"]["ports"]
+            .as_sequence()
+            .expect("ports")
+            .iter()
+            .any(|p| p["name"].as_str() == Some(sm_port)
+                && p["targetPort"].as_str() == Some("admin"))
+    );
+    assert_eq!(
+        sm["spec"]["endpoints"][0]["path"].as_str(),
+        Some("/metrics")
+    );
+    for (kind, name) in [
+        ("Service", "reachly-ingest"),
+        ("Service", "reachly-ingest-admin"),
+    ] {
+        assert!(
+            labels_match(&find(&docs, kind, name)["spec"]["selector"], pod_labels),
+            "{name}"
+        );
+    }
+
+    // PDB and NetworkPolicy select the pods; the admin port only from monitoring.
+    let pdb = find(&docs, "PodDisruptionBudget", "reachly-ingest");
+    assert!(labels_match(
+        &pdb["spec"]["selector"]["matchLabels"],
+        pod_labels
+    ));
+    let np = find(&docs, "NetworkPolicy", "reachly-ingest");
+    assert!(labels_match(
+        &np["spec"]["podSelector"]["matchLabels"],
+        pod_labels
+    ));
+    let rules = np["spec"]["ingress"].as_sequence().expect("ingress");
+    for rule in rules {
+        let opens_admin = rule["ports"]
+            .as_sequence()
+            .is_some_and(|ps| ps.iter().any(|p| p["port"].as_u64() == Some(admin)));
+        if opens_admin {
+            let from = rule["from"]
+                .as_sequence()
+                .expect("admin port rule without `from`");
+            assert!(from.iter().all(|f| {
+                f["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str()
+                    == Some("monitoring")
+            }));
+        }
+    }
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["from"].is_null() && r["ports"][0]["port"].as_u64() == Some(public))
+    );
+
+    // Pool sizing: every replica's pool fits in PgBouncer's pool.
+    let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
+    let pool = num(env_of(c, "REACHLY_DB_POOL_SIZE"), "REACHLY_DB_POOL_SIZE");
+    let ini = read("deploy/pgbouncer/pgbouncer.ini");
+    let setting = |key: &str| {
+        ini.lines()
+            .filter(|l| !l.trim_start().starts_with(';'))
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("pgbouncer.ini has no {key}"))
+    };
+    assert_eq!(setting("pool_mode"), "transaction");
+    let pooler: u64 = setting("default_pool_size").parse().expect("number");
+    assert!(
+        replicas * pool <= pooler,
+        "{replicas} replicas x pool {pool} > PgBouncer default_pool_size {pooler}"
+    );
+    let max_db: u64 = setting("max_db_connections").parse().expect("number");
+    let reserve: u64 = setting("reserve_pool_size").parse().expect("number");
+    assert!(pooler + reserve <= max_db);
+}
+
+#[test]
+fn every_variable_the_deploy_files_set_is_one_the_service_reads() {
+    let help = Command::new(binary())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for file in [
+        "deploy/k8s/reachly-ingest.yaml",
+        "deploy/k8s/migrate-job.yaml",
+        "deploy/k8s/secret.example.yaml",
+        "deploy/compose.yaml",
+        "deploy/Dockerfile",
+    ] {
+        let text = read(file);
+        let mut i = 0;
+        while let Some(at) = text[i..].find("REACHLY_") {
+            let start = i + at;
+            let end = text[start..]
+                .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .map_or(text.len(), |e| start + e);
+            let var = &text[start..end];
+            // `[env: NAME=value]`, or `[env: NAME]` for secrets (values hidden).
+            let listed =
+                help.contains(&format!("env: {var}=")) || help.contains(&format!("env: {var}]"));
+            assert!(listed, "{file} sets {var}, which `serve` does not read");
+            i = end;
+        }
+    }
+}
+
+#[test]
+fn the_image_has_a_healthcheck_and_the_build_context_leaves_target_out() {
+    let dockerfile = read("deploy/Dockerfile");
+    let healthcheck = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("HEALTHCHECK"))
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(healthcheck.contains("\"healthcheck\""), "{healthcheck}");
+    let ignore = read(".dockerignore");
+    for must in ["target/", ".git/", ".reachly/"] {
+        assert!(
+            ignore.lines().any(|l| l.trim() == must),
+            ".dockerignore lacks {must}"
+        );
+    }
+}
