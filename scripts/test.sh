@@ -16,11 +16,16 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 
 # The observability and deploy tests run Debian's Prometheus server and promtool (package
-# `prometheus`); same rule: installed when missing and we can, else those tests say so.
-if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "scripts/test.sh: installing prometheus (promtool) for the metrics and alert-rule tests..." >&2
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
-    || echo "scripts/test.sh: could not install prometheus; the metrics tests will say what is missing" >&2
+# `prometheus`) and Debian's PgBouncer with deploy/pgbouncer/pgbouncer.ini; same rule:
+# installed when missing and we can, else those tests say what to install.
+missing=""
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || missing="$missing pgbouncer"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing$missing for the metrics, alert-rule and PgBouncer tests..." >&2
+  # shellcheck disable=SC2086
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null) \
+    || echo "scripts/test.sh: could not install$missing; those tests will say what is missing" >&2
 fi
 
 # The Kubernetes manifests are validated by kubernetes-validate (PyPI; it bundles the

@@ -613,3 +613,188 @@ fn the_image_has_a_healthcheck_and_the_build_context_leaves_target_out() {
         );
     }
 }
+
+/// `key=value` pairs of a libpq keyword string.
+fn libpq_keywords(url: &str) -> std::collections::HashMap<String, String> {
+    url.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
+
+/// Debian's PgBouncer running the shipped `pgbouncer.ini` with only what a test must change
+/// rewritten: the addresses (a free port, the test server), the userlist path and client TLS
+/// (no certificate here). Killed on drop.
+struct PgBouncer {
+    child: std::process::Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    fn start(server_host: &str, server_port: &str, password: &str) -> PgBouncer {
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!("`pgbouncer` is not installed: run `apt-get install pgbouncer` (scripts/test.sh does it when run as root)")
+            });
+        let dir = temp_dir("pgbouncer");
+        let port = reachly_ingest::pgcluster::free_port().expect("free port");
+        let mut ini = String::new();
+        for line in read("deploy/pgbouncer/pgbouncer.ini").lines() {
+            let key = line.split('=').next().unwrap_or("").trim();
+            let line = match key {
+                "reachly" => format!("* = host={server_host} port={server_port}"),
+                "listen_addr" => "listen_addr = 127.0.0.1".into(),
+                "listen_port" => format!("listen_port = {port}"),
+                "auth_file" => format!("auth_file = {}", dir.join("userlist.txt").display()),
+                "client_tls_sslmode" => "client_tls_sslmode = disable".into(),
+                "client_tls_key_file" | "client_tls_cert_file" => String::new(),
+                _ => line.to_string(),
+            };
+            ini.push_str(&line);
+            ini.push('\n');
+        }
+        ini.push_str(&format!("unix_socket_dir = {}\n", dir.display()));
+        std::fs::write(dir.join("pgbouncer.ini"), ini).expect("write ini");
+        std::fs::write(
+            dir.join("userlist.txt"),
+            format!("\"postgres\" \"{password}\"\n\"pgbouncer_admin\" \"{password}\"\n"),
+        )
+        .expect("write userlist");
+        let log = std::fs::File::create(dir.join("pgbouncer.log")).expect("log");
+        // PgBouncer refuses to run as root, like PostgreSQL.
+        let mut cmd = if reachly_ingest::pgcluster::running_as_root() {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        let child = cmd
+            .arg(dir.join("pgbouncer.ini"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn pgbouncer");
+        PgBouncer { child, port, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+
+    /// Connects (simple-query only: PgBouncer's console and transaction pooling both allow it).
+    async fn connect(&self, dbname: &str, user: &str, password: &str) -> tokio_postgres::Client {
+        let url = format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname={dbname} sslmode=disable",
+            self.port
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((client, conn)) => {
+                    tokio::spawn(conn);
+                    return client;
+                }
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("cannot connect through PgBouncer: {e}\n{}", self.log())
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn simple_rows(
+    msgs: Vec<tokio_postgres::SimpleQueryMessage>,
+) -> Vec<tokio_postgres::SimpleQueryRow> {
+    msgs.into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_shipped_pgbouncer_ini_runs_in_debians_pgbouncer_with_scram_and_transaction_pooling() {
+    let db_url = fresh_database().await;
+    let kw = libpq_keywords(&db_url);
+    let (host, port, dbname) = (&kw["host"], &kw["port"], &kw["dbname"]);
+    let password = kw
+        .get("password")
+        .cloned()
+        .unwrap_or_else(|| "reachly-test".into());
+    let bouncer = PgBouncer::start(host, port, &password);
+
+    // A client authenticates with SCRAM and its queries reach the server.
+    let client = bouncer.connect(dbname, "postgres", &password).await;
+    let rows = simple_rows(
+        client
+            .simple_query("SELECT count(*) FROM email_events")
+            .await
+            .unwrap_or_else(|e| panic!("query through PgBouncer: {e}\n{}", bouncer.log())),
+    );
+    assert_eq!(rows[0].get(0), Some("0"));
+    // A wrong password is refused.
+    let wrong = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres password=wrong dbname={dbname} sslmode=disable",
+            bouncer.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    assert!(wrong.is_err(), "a wrong password was accepted");
+
+    // The settings in force are the shipped ones.
+    let console = bouncer
+        .connect("pgbouncer", "pgbouncer_admin", &password)
+        .await;
+    let config = simple_rows(
+        console
+            .simple_query("SHOW CONFIG")
+            .await
+            .expect("SHOW CONFIG"),
+    );
+    let setting = |key: &str| {
+        config
+            .iter()
+            .find(|r| r.get(0) == Some(key))
+            .and_then(|r| r.get(1).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {key} in SHOW CONFIG"))
+    };
+    assert_eq!(setting("pool_mode"), "transaction");
+    assert_eq!(setting("default_pool_size"), "10");
+    assert_eq!(setting("query_wait_timeout"), "15");
+    assert_eq!(setting("auth_type"), "scram-sha-256");
+    let pools = simple_rows(
+        console
+            .simple_query("SHOW POOLS")
+            .await
+            .expect("SHOW POOLS"),
+    );
+    assert!(
+        pools
+            .iter()
+            .any(|r| r.get(0) == Some(dbname.as_str()) && r.get(1) == Some("postgres")),
+        "no pool for {dbname}"
+    );
+}
