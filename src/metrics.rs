@@ -296,7 +296,7 @@ impl Metrics {
         );
         g(
             BUFFER_OLDEST_EVENT_AGE_SECONDS,
-            "Age of the oldest batch a writer holds uncommitted, since the writer took it from the buffer (0: none).",
+            "Age of the oldest event in memory not yet committed, since it was accepted (0: none).",
         );
         g(
             PARTITION_HORIZON_TIMESTAMP_SECONDS,

@@ -66,6 +66,8 @@ impl NotDurable {
 pub struct Envelope {
     pub records: Vec<Record>,
     pub ack: Option<Ack>,
+    /// Unix millis when the service accepted it (`reachly_buffer_oldest_event_age_seconds`).
+    pub accepted_ms: i64,
 }
 
 impl Envelope {
@@ -95,9 +97,9 @@ struct Shared {
     heartbeat_ms: AtomicI64,
     /// Unix millis of the last committed batch (writers and replayer); 0: none yet.
     last_flush_ms: AtomicI64,
-    /// Per writer: unix millis at which it took the first envelope of the batch it holds
-    /// uncommitted; 0 while it holds none. The oldest of these is the oldest buffered event
-    /// a writer is working on (`reachly_buffer_oldest_event_age_seconds`).
+    /// Per writer: unix millis at which the oldest envelope of the batch it holds
+    /// uncommitted was accepted; 0 while it holds none
+    /// (`reachly_buffer_oldest_event_age_seconds`).
     holding_since_ms: Box<[AtomicI64]>,
     metrics: Metrics,
     buffer_gauge: Gauge,
@@ -106,7 +108,11 @@ struct Shared {
 impl Ingest {
     /// Fire-and-forget (pixel, click): never waits.
     pub fn submit(&self, records: Vec<Record>) {
-        self.route(Envelope { records, ack: None });
+        self.route(Envelope {
+            records,
+            ack: None,
+            accepted_ms: now_ms(),
+        });
     }
 
     /// Resolves once every record is committed or on disk; `Err` if that cannot be done
@@ -116,6 +122,7 @@ impl Ingest {
         self.route(Envelope {
             records,
             ack: Some(tx),
+            accepted_ms: now_ms(),
         });
         rx.await.unwrap_or(Err(NotDurable::ShuttingDown))
     }
@@ -206,9 +213,9 @@ impl Ingest {
         Some(self.shared.last_flush_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
     }
 
-    /// How long the oldest batch a writer holds uncommitted has been held (zero if none).
-    /// Events wait in the channel only while every writer is busy with an older batch, so
-    /// this is the age of the oldest event in memory up to that queueing.
+    /// Age of the oldest event a writer holds uncommitted, since it was accepted (zero if
+    /// none). The channel is FIFO and events wait in it only while every writer holds an
+    /// older batch, so this is the age of the oldest event in memory.
     pub fn oldest_buffered_age(&self) -> Duration {
         let oldest = self
             .shared
@@ -222,9 +229,11 @@ impl Ingest {
         })
     }
 
-    fn hold(&self, writer: usize, holding: bool) {
+    /// Writer `writer` now holds a batch whose oldest event was accepted at `since_ms`
+    /// (`None`: it holds none).
+    fn hold(&self, writer: usize, since_ms: Option<i64>) {
         if let Some(slot) = self.shared.holding_since_ms.get(writer) {
-            slot.store(if holding { now_ms() } else { 0 }, Ordering::Relaxed);
+            slot.store(since_ms.unwrap_or(0).max(0), Ordering::Relaxed);
         }
     }
 

@@ -78,7 +78,7 @@ pub(super) async fn run_writer(
     tracing::debug!(writer = id, "writer started");
     while let Some(batch) = collect(id, &ctx, &rx).await {
         flush(&ctx, batch).await;
-        ctx.ingest.hold(id, false);
+        ctx.ingest.hold(id, None);
         ctx.ingest.beat();
     }
     tracing::debug!(writer = id, "writer stopped");
@@ -102,7 +102,7 @@ async fn collect(
                 if n == 0 {
                     return None;
                 }
-                ctx.ingest.hold(id, true);
+                ctx.ingest.hold(id, batch.iter().map(|e| e.accepted_ms).min());
                 break;
             }
             _ = tokio::time::sleep(HEARTBEAT_EVERY) => ctx.ingest.beat(),
