@@ -3,7 +3,8 @@
 //! high-water mark, so a load balancer can steer traffic away before events spill to disk).
 //!
 //! Before rendering `/metrics`, the gauges whose data lives elsewhere are set from it: pool
-//! status, buffer and spool bounds, the oldest held batch, the last commit time, and
+//! status, buffer and spool bounds, the age of the oldest uncommitted event, the last commit
+//! time, and
 //! `reachly_database_up` (a `SELECT 1` with a short timeout, and the writers' last outcome).
 
 use std::time::Duration;
