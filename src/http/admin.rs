@@ -4,8 +4,8 @@
 //!
 //! Before rendering `/metrics`, the gauges whose data lives elsewhere are set from it: pool
 //! status, buffer and spool bounds, the age of the oldest uncommitted event, the last commit
-//! time, and
-//! `reachly_database_up` (a `SELECT 1` with a short timeout, and the writers' last outcome).
+//! time, and `reachly_database_up` (a `SELECT 1` with a short timeout, and the writers' last
+//! outcome).
 
 use std::time::Duration;
 
