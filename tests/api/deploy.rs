@@ -665,20 +665,29 @@ impl PgBouncer {
         )
         .expect("write userlist");
         let log = std::fs::File::create(dir.join("pgbouncer.log")).expect("log");
-        // PgBouncer refuses to run as root, like PostgreSQL.
-        let mut cmd = if reachly_ingest::pgcluster::running_as_root() {
+        // PgBouncer refuses to run as root, like PostgreSQL: run it as `postgres` directly
+        // (not through runuser, whose SIGKILL would leave PgBouncer running).
+        let mut cmd = Command::new(&bin);
+        if reachly_ingest::pgcluster::running_as_root() {
+            let id = |flag: &str| -> u32 {
+                let out = Command::new("id")
+                    .args([flag, "postgres"])
+                    .output()
+                    .expect("id");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .expect("postgres user id")
+            };
             let ok = Command::new("chown")
                 .args(["-R", "postgres:"])
                 .arg(&dir)
                 .status()
                 .expect("chown");
             assert!(ok.success());
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&bin);
-            c
-        } else {
-            Command::new(&bin)
-        };
+            use std::os::unix::process::CommandExt as _;
+            cmd.uid(id("-u")).gid(id("-g"));
+        }
         let child = cmd
             .arg(dir.join("pgbouncer.ini"))
             .stdout(std::process::Stdio::null())
