@@ -807,3 +807,84 @@ async fn the_shipped_pgbouncer_ini_runs_in_debians_pgbouncer_with_scram_and_tran
         "no pool for {dbname}"
     );
 }
+
+/// A duration of compose's form (`45s`, `2m`) in seconds.
+fn compose_seconds(v: &str) -> u64 {
+    if let Some(s) = v.strip_suffix('s') {
+        s.parse().expect("seconds")
+    } else if let Some(m) = v.strip_suffix('m') {
+        m.parse::<u64>().expect("minutes") * 60
+    } else {
+        panic!("unexpected duration {v}")
+    }
+}
+
+#[test]
+fn the_compose_stack_mounts_files_that_exist_and_keeps_timeouts_and_pool_in_order() {
+    let compose: Doc = serde_yaml::from_str(&read("deploy/compose.yaml")).expect("compose YAML");
+    let services = &compose["services"];
+    for name in [
+        "postgres",
+        "pgbouncer",
+        "migrate",
+        "reachly-ingest",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(services.get(name).is_some(), "compose has no {name}");
+    }
+    // Every bind mount and build context names something in deploy/.
+    for (name, svc) in services.as_mapping().expect("services") {
+        for v in svc["volumes"].as_sequence().into_iter().flatten() {
+            let src = v.as_str().and_then(|v| v.split(':').next()).unwrap_or("");
+            if src.starts_with("./") {
+                assert!(
+                    repo("deploy").join(src).exists(),
+                    "{name:?} mounts missing {src}"
+                );
+            }
+        }
+        if let Some(ctx) = svc["build"]["context"].as_str() {
+            let file = svc["build"]["dockerfile"].as_str().unwrap_or("Dockerfile");
+            let dir = repo("deploy").join(ctx);
+            assert!(
+                dir.join(file).is_file(),
+                "{name:?}: no {file} in {}",
+                dir.display()
+            );
+        }
+    }
+    let app = &services["reachly-ingest"]["environment"];
+    let env = |k: &str| {
+        app[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("compose sets no {k}"))
+    };
+    let request_ms: u64 = env("REACHLY_REQUEST_TIMEOUT_MS").parse().expect("ms");
+    let drain_s: u64 = env("REACHLY_SHUTDOWN_TIMEOUT_S").parse().expect("s");
+    let grace = compose_seconds(
+        services["reachly-ingest"]["stop_grace_period"]
+            .as_str()
+            .expect("stop_grace_period"),
+    );
+    assert!(request_ms < drain_s * 1000 && grace > 2 * drain_s);
+    // The service reaches PgBouncer on its port, within PgBouncer's pool.
+    let url = libpq_keywords(env("DATABASE_URL"));
+    let ini = read("deploy/pgbouncer/pgbouncer.ini");
+    let setting = |key: &str| -> String {
+        ini.lines()
+            .filter_map(|l| l.split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(url["host"], "pgbouncer");
+    assert_eq!(url["port"], setting("listen_port"));
+    let pool: u64 = env("REACHLY_DB_POOL_SIZE").parse().expect("pool");
+    assert!(pool <= setting("default_pool_size").parse().expect("pool size"));
+    // Migrations go around the pooler, straight to PostgreSQL.
+    let migrate = services["migrate"]["environment"]["DATABASE_URL"]
+        .as_str()
+        .expect("migrate DATABASE_URL");
+    assert_eq!(libpq_keywords(migrate)["host"], "postgres");
+}
