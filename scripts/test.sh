@@ -15,4 +15,26 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "scripts/test.sh: could not install chromium; the browser test will say what is missing" >&2
 fi
 
+# The observability and deploy tests run Debian's Prometheus server and promtool (package
+# `prometheus`) and Debian's PgBouncer with deploy/pgbouncer/pgbouncer.ini; same rule:
+# installed when missing and we can, else those tests say what to install.
+missing=""
+command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
+[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || missing="$missing pgbouncer"
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing$missing for the metrics, alert-rule and PgBouncer tests..." >&2
+  # shellcheck disable=SC2086
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null) \
+    || echo "scripts/test.sh: could not install$missing; those tests will say what is missing" >&2
+fi
+
+# The Kubernetes manifests are validated by kubernetes-validate (PyPI; it bundles the
+# schemas, so it works offline): installed with pip when missing, else that test says so.
+if ! command -v kubernetes-validate >/dev/null 2>&1 && command -v python3 >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing kubernetes-validate for the manifest test..." >&2
+  python3 -m pip install --quiet kubernetes-validate >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install kubernetes-validate; the manifest test will say what is missing" >&2
+  hash -r
+fi
+
 cargo test --locked "$@"

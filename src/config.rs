@@ -49,6 +49,22 @@ pub enum Command {
     /// Convert Apple's iCloud Private Relay egress-ip-ranges.csv (downloaded by the operator)
     /// into the dated, merged list REACHLY_RELAY_RANGES_FILE reads.
     RelayRanges(RelayRangesArgs),
+    /// Ask a running instance's admin listener for /healthz (or --path /readyz); exit 0 if it
+    /// answers 200, else 1 (the container image's HEALTHCHECK: the slim image has no curl).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The instance's admin listener; an unspecified address (0.0.0.0, [::]) means loopback.
+    #[arg(long, env = "REACHLY_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+    /// /healthz (alive) or /readyz (ready for traffic).
+    #[arg(long, default_value = "/healthz", value_parser = ["/healthz", "/readyz"])]
+    pub path: String,
+    /// Milliseconds for the whole exchange.
+    #[arg(long = "timeout-ms", default_value = "2000", value_parser = positive_millis)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

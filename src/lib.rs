@@ -12,7 +12,8 @@
 //! - [`db`]: pool, migrations, partition maintenance;
 //! - [`metrics`]: metric names and the per-app Prometheus recorder;
 //! - [`config`]: flags and environment;
-//! - [`app`]: wiring and lifecycle; [`dev`] and [`pgcluster`]: the embedded local database.
+//! - [`app`]: wiring and lifecycle; [`dev`] and [`pgcluster`]: the embedded local database;
+//! - [`healthcheck`]: the `healthcheck` subcommand (the container image's HEALTHCHECK).
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod db;
 pub mod dev;
 pub mod event;
+pub mod healthcheck;
 pub mod http;
 pub mod machine;
 pub mod metrics;

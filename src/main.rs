@@ -66,5 +66,9 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(args.serve.log.log_format);
             reachly_ingest::dev::run(args).await
         }
+        Command::Healthcheck(args) => {
+            let healthy = reachly_ingest::healthcheck::run(&args).await;
+            std::process::exit(if healthy { 0 } else { 1 })
+        }
     }
 }

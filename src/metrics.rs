@@ -1,8 +1,18 @@
-//! Metrics: the names (all `reachly_`-prefixed), their histogram buckets, and one
-//! Prometheus recorder per running app. The recorder is *not* installed globally: every
+//! Metrics: the names (all `reachly_`-prefixed), their help texts and histogram buckets, and
+//! one Prometheus recorder per running app. The recorder is *not* installed globally: every
 //! component records through the [`Metrics`] handle it was given, so several apps (tests)
 //! can run in one process without sharing counters, and `/metrics` renders exactly this
 //! app's figures.
+//!
+//! What an operator alerts on must be there before anything happens: every family has a
+//! `# HELP` line (`promtool check metrics` is clean, tested against a live instance), and
+//! every known label combination of the counters is registered at zero when the app starts,
+//! so `increase()` sees the first drop, auth failure or bad token instead of a series that
+//! appears at 1. Gauges whose data lives elsewhere (pool, buffer, spool, database probe) are
+//! set by the admin listener just before it renders; process metrics are read from `/proc`
+//! at render time ([`process`]).
+
+mod process;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -12,6 +22,8 @@ use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+
+use crate::event::EventType;
 
 pub const HTTP_REQUESTS_TOTAL: &str = "reachly_http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "reachly_http_request_duration_seconds";
@@ -31,6 +43,49 @@ pub const DB_ERRORS_TOTAL: &str = "reachly_db_errors_total";
 pub const INVALID_TOKENS_TOTAL: &str = "reachly_invalid_tokens_total";
 pub const WEBHOOK_AUTH_FAILURES_TOTAL: &str = "reachly_webhook_auth_failures_total";
 pub const PARTITION_MAINTENANCE_TOTAL: &str = "reachly_partition_maintenance_total";
+pub const BUILD_INFO: &str = "reachly_build_info";
+pub const LAST_FLUSH_TIMESTAMP_SECONDS: &str = "reachly_last_flush_timestamp_seconds";
+pub const DATABASE_UP: &str = "reachly_database_up";
+pub const DB_POOL_CONNECTIONS: &str = "reachly_db_pool_connections";
+pub const DB_POOL_MAX_CONNECTIONS: &str = "reachly_db_pool_max_connections";
+pub const DB_POOL_WAITING: &str = "reachly_db_pool_waiting";
+pub const BUFFER_CAPACITY_EVENTS: &str = "reachly_buffer_capacity_events";
+pub const SPOOL_CAPACITY_BYTES: &str = "reachly_spool_capacity_bytes";
+pub const BUFFER_OLDEST_EVENT_AGE_SECONDS: &str = "reachly_buffer_oldest_event_age_seconds";
+pub const PARTITION_HORIZON_TIMESTAMP_SECONDS: &str = "reachly_partition_horizon_timestamp_seconds";
+
+/// `reachly_events_dropped_total{reason}`: every reason the code can count.
+pub const DROP_REASONS: &[&str] = &["spool_full", "spool_io_error", "shutting_down", "rejected"];
+/// `reachly_webhook_auth_failures_total{provider}` and the ESP sources of
+/// `reachly_events_received_total`.
+pub const PROVIDERS: &[&str] = &[
+    "sendgrid",
+    "mailgun",
+    "ses",
+    "postmark",
+    "sparkpost",
+    "mandrill",
+    "resend",
+];
+/// `reachly_invalid_tokens_total{purpose}`.
+pub const TOKEN_PURPOSES: &[&str] = &["open", "click", "unsubscribe"];
+/// `reachly_db_errors_total{operation}`.
+pub const DB_OPERATIONS: &[&str] = &["write_batch", "spool_replay", "partition_maintenance"];
+/// `reachly_partition_maintenance_total{outcome}`.
+pub const MAINTENANCE_OUTCOMES: &[&str] = &["ok", "skipped", "error"];
+/// `reachly_events_dead_lettered_total{reason}` known up front (providers add their own,
+/// such as `unknown_event_type`, when they meet one).
+pub const DEAD_LETTER_REASONS: &[&str] = &[
+    "unknown_message",
+    "organization_mismatch",
+    "rejected_by_database",
+];
+/// Our own endpoints as `reachly_events_received_total{type, source}`.
+const TRACKING_SOURCES: &[(&str, &str)] = &[
+    ("opened", "pixel"),
+    ("clicked", "click"),
+    ("unsubscribed", "unsubscribe"),
+];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -93,7 +148,61 @@ impl Metrics {
             hot: Arc::default(),
         };
         m.describe();
+        m.register_known_series();
         m
+    }
+
+    /// Every known label combination at zero, and the build info at 1.
+    fn register_known_series(&self) {
+        let zero = |name: &'static str, label: &'static str, values: &[&str]| {
+            for v in values {
+                self.counter(name, &[(label, v)]).increment(0);
+            }
+        };
+        zero(EVENTS_DROPPED_TOTAL, "reason", DROP_REASONS);
+        zero(WEBHOOK_AUTH_FAILURES_TOTAL, "provider", PROVIDERS);
+        zero(INVALID_TOKENS_TOTAL, "purpose", TOKEN_PURPOSES);
+        zero(DB_ERRORS_TOTAL, "operation", DB_OPERATIONS);
+        zero(PARTITION_MAINTENANCE_TOTAL, "outcome", MAINTENANCE_OUTCOMES);
+        zero(EVENTS_DEAD_LETTERED_TOTAL, "reason", DEAD_LETTER_REASONS);
+        let types: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+        zero(EVENTS_WRITTEN_TOTAL, "type", &types);
+        for name in [
+            EVENTS_DUPLICATE_TOTAL,
+            EVENTS_SPOOLED_TOTAL,
+            EVENTS_REPLAYED_TOTAL,
+            SPOOL_TORN_RECORDS_TOTAL,
+        ] {
+            self.counter(name, &[]).increment(0);
+        }
+        for (t, source) in TRACKING_SOURCES {
+            self.counter(EVENTS_RECEIVED_TOTAL, &[("type", t), ("source", source)])
+                .increment(0);
+        }
+        for source in PROVIDERS {
+            for t in &types {
+                self.counter(EVENTS_RECEIVED_TOTAL, &[("type", t), ("source", source)])
+                    .increment(0);
+            }
+        }
+        for name in [
+            LAST_FLUSH_TIMESTAMP_SECONDS,
+            DATABASE_UP,
+            DB_POOL_MAX_CONNECTIONS,
+            DB_POOL_WAITING,
+            BUFFER_CAPACITY_EVENTS,
+            SPOOL_CAPACITY_BYTES,
+            BUFFER_OLDEST_EVENT_AGE_SECONDS,
+            PARTITION_HORIZON_TIMESTAMP_SECONDS,
+        ] {
+            self.gauge(name, &[]).set(0.0);
+        }
+        for state in ["in_use", "idle"] {
+            self.gauge(DB_POOL_CONNECTIONS, &[("state", state)])
+                .set(0.0);
+        }
+        self.gauge(BUILD_INFO, &[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1.0);
     }
 
     fn describe(&self) {
@@ -137,6 +246,62 @@ impl Metrics {
             WEBHOOK_AUTH_FAILURES_TOTAL,
             "Webhook requests refused for authentication, by provider.",
         );
+        d(
+            EVENTS_SPOOLED_TOTAL,
+            "Events written to the on-disk spool (memory full or database down).",
+        );
+        d(
+            EVENTS_REPLAYED_TOTAL,
+            "Spooled events written to the database by the replayer.",
+        );
+        d(
+            SPOOL_TORN_RECORDS_TOTAL,
+            "Spool records skipped at replay because they were torn (crash mid-write).",
+        );
+        d(
+            PARTITION_MAINTENANCE_TOTAL,
+            "Partition maintenance rounds, by outcome (ok, skipped: another instance ran it, error).",
+        );
+        let g = |name: &'static str, help: &'static str| {
+            self.recorder.describe_gauge(name.into(), None, help.into());
+        };
+        g(
+            BUILD_INFO,
+            "Always 1; the version label is the running build's.",
+        );
+        g(
+            LAST_FLUSH_TIMESTAMP_SECONDS,
+            "Unix time of the last batch committed by a writer or the replayer (0: none yet).",
+        );
+        g(
+            DATABASE_UP,
+            "1 if the database answered the last probe and the last write did not fail, else 0.",
+        );
+        g(
+            DB_POOL_CONNECTIONS,
+            "Connections of this instance's pool, by state (in_use, idle).",
+        );
+        g(
+            DB_POOL_MAX_CONNECTIONS,
+            "Size bound of this instance's pool (REACHLY_DB_POOL_SIZE).",
+        );
+        g(DB_POOL_WAITING, "Tasks waiting for a pooled connection.");
+        g(
+            BUFFER_CAPACITY_EVENTS,
+            "Bound of the in-memory buffer (REACHLY_BUFFER_MAX_EVENTS).",
+        );
+        g(
+            SPOOL_CAPACITY_BYTES,
+            "Bound of the on-disk spool (REACHLY_SPOOL_MAX_BYTES).",
+        );
+        g(
+            BUFFER_OLDEST_EVENT_AGE_SECONDS,
+            "Age of the oldest event in memory not yet committed, since it was accepted (0: none).",
+        );
+        g(
+            PARTITION_HORIZON_TIMESTAMP_SECONDS,
+            "Unix time up to which email_events has daily partitions (the end of the last one; 0: unknown).",
+        );
         self.recorder.describe_gauge(
             BUFFER_EVENTS.into(),
             None,
@@ -164,9 +329,17 @@ impl Metrics {
         );
     }
 
-    /// Prometheus text exposition of this app's metrics.
+    /// Prometheus text exposition of this app's metrics, then this process's own
+    /// (CPU, memory, file descriptors, threads, start time).
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        process::render(&mut text);
+        text
+    }
+
+    /// Sets a gauge (one without labels, or with the given ones).
+    pub fn set_gauge(&self, name: &'static str, labels: &[(&'static str, &str)], value: f64) {
+        self.gauge(name, labels).set(value);
     }
 
     /// Drains histogram buffers; run on a timer (render-only exporters need it).
@@ -274,5 +447,34 @@ mod tests {
             "histogram, not summary: {text}"
         );
         assert!(!b.render().contains("route=\"pixel\""));
+    }
+
+    #[test]
+    fn known_label_sets_are_present_at_zero_before_anything_happens() {
+        let text = Metrics::new().render();
+        for sample in [
+            r#"reachly_events_dropped_total{reason="spool_full"} 0"#,
+            r#"reachly_webhook_auth_failures_total{provider="resend"} 0"#,
+            r#"reachly_invalid_tokens_total{purpose="unsubscribe"} 0"#,
+            r#"reachly_events_written_total{type="opened"} 0"#,
+            "reachly_spool_torn_records_total 0",
+            "reachly_build_info{version=\"",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_family_has_help_and_type() {
+        let text = Metrics::new().render();
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(families.len() > 20, "{text}");
+        for f in families {
+            assert!(text.contains(&format!("# HELP {f} ")), "{f} has no HELP");
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! The layer rule, checked: imports only point down. Top to bottom:
 //!
 //! ```text
-//! main -> dev -> app -> server -> http -> {pipeline, webhooks, db} -> config
-//!      -> {event, token, machine, metrics, pgcluster, shutdown}
+//! main -> {dev, healthcheck} -> app -> server -> http -> {pipeline, webhooks, db} -> config
+//!      -> {token, machine, metrics, pgcluster, shutdown} -> event
 //! ```
 //!
 //! Every file under `src/` belongs to the top-level module it sits in (`src/http/webhook.rs`
@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u32)] = &[
     ("main", 0),
     ("dev", 1),
+    ("healthcheck", 1),
     ("app", 2),
     ("server", 3),
     ("http", 4),
@@ -25,7 +26,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("webhooks", 5),
     ("db", 5),
     ("config", 6),
-    ("event", 7),
+    ("event", 8),
     ("token", 7),
     ("machine", 7),
     ("metrics", 7),

@@ -13,6 +13,11 @@
 //! Several instances may run this at once: a session advisory lock elects one; the others
 //! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
 //! never queues an exclusive lock in front of the writers for long; it retries next round.
+//!
+//! Every instance, whether it ran the round or skipped it, then reads the partition list
+//! and reports its horizon (`reachly_partition_horizon_timestamp_seconds`, the end of the
+//! last day partition): an alert fires when it comes within two days, long before events
+//! start landing in the default partition.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -22,7 +27,7 @@ use chrono::{Days, NaiveDate, Utc};
 use tokio_postgres::Client;
 
 use crate::config::PartitionConfig;
-use crate::metrics::{Metrics, PARTITION_MAINTENANCE_TOTAL};
+use crate::metrics::{Metrics, PARTITION_HORIZON_TIMESTAMP_SECONDS, PARTITION_MAINTENANCE_TOTAL};
 
 /// Advisory lock key of partition maintenance.
 const PARTITION_LOCK_KEY: i64 = 0x7265_6163_686c_7902;
@@ -80,17 +85,7 @@ async fn maintain_locked(
 ) -> anyhow::Result<MaintenanceReport> {
     client.batch_execute("SET lock_timeout = '3s'").await?;
     let mut report = MaintenanceReport::default();
-    let existing: BTreeSet<NaiveDate> = client
-        .query(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = 'public.email_events'::regclass",
-            &[],
-        )
-        .await
-        .context("listing partitions")?
-        .iter()
-        .filter_map(|r| parse_partition_day(r.get::<_, &str>(0)))
-        .collect();
+    let existing = partition_days(client).await?;
 
     // Yesterday too: late ESP events (deferred retries, slow webhooks) are common.
     let first = today.checked_sub_days(Days::new(1)).unwrap_or(today);
@@ -133,6 +128,46 @@ async fn maintain_locked(
         .context("expiring rows of the default partition")?;
     client.batch_execute("RESET lock_timeout").await?;
     Ok(report)
+}
+
+/// The days that have a partition of `email_events`.
+async fn partition_days(client: &Client) -> anyhow::Result<BTreeSet<NaiveDate>> {
+    Ok(client
+        .query(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'public.email_events'::regclass",
+            &[],
+        )
+        .await
+        .context("listing partitions")?
+        .iter()
+        .filter_map(|r| parse_partition_day(r.get::<_, &str>(0)))
+        .collect())
+}
+
+/// The partition horizon: the end (exclusive, 00:00 UTC) of the last day partition, as
+/// unix seconds; `None` when there is no day partition.
+pub async fn horizon(client: &Client) -> anyhow::Result<Option<i64>> {
+    let last = partition_days(client).await?.last().copied();
+    Ok(last
+        .and_then(|d| d.succ_opt())
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp()))
+}
+
+async fn record_horizon(pool: &deadpool_postgres::Pool, metrics: &Metrics) {
+    let read = async {
+        let conn = pool.get().await.context("getting a connection")?;
+        horizon(&conn).await
+    };
+    match read.await {
+        Ok(Some(end)) => metrics.set_gauge(PARTITION_HORIZON_TIMESTAMP_SECONDS, &[], end as f64),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(
+            error = format!("{e:#}"),
+            "cannot read the partition horizon"
+        ),
+    }
 }
 
 /// Makes one day's partition, moving that day's rows out of the default partition first.
@@ -182,6 +217,7 @@ pub async fn run_periodically(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     if already_done {
         tick.tick().await;
+        record_horizon(&pool, &metrics).await;
     }
     loop {
         tokio::select! {
@@ -210,6 +246,7 @@ pub async fn run_periodically(
                 if !r.created.is_empty() || !r.dropped.is_empty() || r.moved_rows > 0 {
                     tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, "partition maintenance");
                 }
+                record_horizon(&pool, &metrics).await;
             }
             Err(e) => {
                 metrics

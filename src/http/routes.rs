@@ -108,7 +108,7 @@ impl Route {
             Route::UnsubscribePage(t) => tracking::unsubscribe_page(state, &t),
             Route::Unsubscribe(t) => tracking::unsubscribe(req, peer, state, &t).await,
             Route::Webhook(p) => webhook::handle(req, state, &p).await,
-            Route::Metrics => Ok(admin::metrics(&state)),
+            Route::Metrics => Ok(admin::metrics(&state).await),
             Route::Healthz => Ok(admin::healthz(&state)),
             Route::Readyz => Ok(admin::readyz(&state).await),
             Route::NotFound => Err(Reject::NotFound),

@@ -66,6 +66,8 @@ impl NotDurable {
 pub struct Envelope {
     pub records: Vec<Record>,
     pub ack: Option<Ack>,
+    /// Unix millis when the service accepted it (`reachly_buffer_oldest_event_age_seconds`).
+    pub accepted_ms: i64,
 }
 
 impl Envelope {
@@ -93,6 +95,12 @@ struct Shared {
     db_healthy: AtomicBool,
     /// Unix millis of the last writer loop iteration (liveness).
     heartbeat_ms: AtomicI64,
+    /// Unix millis of the last committed batch (writers and replayer); 0: none yet.
+    last_flush_ms: AtomicI64,
+    /// Per writer: unix millis at which the oldest envelope of the batch it holds
+    /// uncommitted was accepted; 0 while it holds none
+    /// (`reachly_buffer_oldest_event_age_seconds`).
+    holding_since_ms: Box<[AtomicI64]>,
     metrics: Metrics,
     buffer_gauge: Gauge,
 }
@@ -100,7 +108,11 @@ struct Shared {
 impl Ingest {
     /// Fire-and-forget (pixel, click): never waits.
     pub fn submit(&self, records: Vec<Record>) {
-        self.route(Envelope { records, ack: None });
+        self.route(Envelope {
+            records,
+            ack: None,
+            accepted_ms: now_ms(),
+        });
     }
 
     /// Resolves once every record is committed or on disk; `Err` if that cannot be done
@@ -110,6 +122,7 @@ impl Ingest {
         self.route(Envelope {
             records,
             ack: Some(tx),
+            accepted_ms: now_ms(),
         });
         rx.await.unwrap_or(Err(NotDurable::ShuttingDown))
     }
@@ -185,6 +198,49 @@ impl Ingest {
         self.shared.db_healthy.load(Ordering::Relaxed)
     }
 
+    /// The memory bound (`REACHLY_BUFFER_MAX_EVENTS`).
+    pub fn capacity(&self) -> usize {
+        self.shared.max
+    }
+
+    /// The spool bound (`REACHLY_SPOOL_MAX_BYTES`).
+    pub fn spool_capacity_bytes(&self) -> u64 {
+        self.shared.spool.max_bytes()
+    }
+
+    /// Unix millis of the last committed batch, if any.
+    pub fn last_flush_unix_ms(&self) -> Option<i64> {
+        Some(self.shared.last_flush_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
+    /// Age of the oldest event a writer holds uncommitted, since it was accepted (zero if
+    /// none). The channel is FIFO and events wait in it only while every writer holds an
+    /// older batch, so this is the age of the oldest event in memory.
+    pub fn oldest_buffered_age(&self) -> Duration {
+        let oldest = self
+            .shared
+            .holding_since_ms
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .filter(|ms| *ms > 0)
+            .min();
+        oldest.map_or(Duration::ZERO, |ms| {
+            Duration::from_millis((now_ms() - ms).max(0) as u64)
+        })
+    }
+
+    /// Writer `writer` now holds a batch whose oldest event was accepted at `since_ms`
+    /// (`None`: it holds none).
+    fn hold(&self, writer: usize, since_ms: Option<i64>) {
+        if let Some(slot) = self.shared.holding_since_ms.get(writer) {
+            slot.store(since_ms.unwrap_or(0).max(0), Ordering::Relaxed);
+        }
+    }
+
+    fn flushed(&self) {
+        self.shared.last_flush_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
     /// Milliseconds since a writer last showed life.
     pub fn heartbeat_age(&self) -> Duration {
         let last = self.shared.heartbeat_ms.load(Ordering::Relaxed);
@@ -233,6 +289,8 @@ impl Pipeline {
                 spool,
                 db_healthy: AtomicBool::new(true),
                 heartbeat_ms: AtomicI64::new(now_ms()),
+                last_flush_ms: AtomicI64::new(0),
+                holding_since_ms: (0..cfg.writers).map(|_| AtomicI64::new(0)).collect(),
                 buffer_gauge: metrics.gauge(metrics::BUFFER_EVENTS, &[]),
                 metrics: metrics.clone(),
             }),

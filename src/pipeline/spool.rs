@@ -409,6 +409,7 @@ mod tests {
         spool.append(Envelope {
             records: batch.clone(),
             ack: Some(tx),
+            accepted_ms: 0,
         });
         assert_eq!(rx.await.unwrap(), Ok(()));
         let sealed = spool.seal();
@@ -430,12 +431,14 @@ mod tests {
         spool.append(Envelope {
             records: records(1),
             ack: Some(tx),
+            accepted_ms: 0,
         });
         assert_eq!(rx.await.unwrap(), Ok(()));
         let (tx, rx) = tokio::sync::oneshot::channel();
         spool.append(Envelope {
             records: records(5),
             ack: Some(tx),
+            accepted_ms: 0,
         });
         assert_eq!(rx.await.unwrap(), Err(NotDurable::SpoolFull));
         let sealed = spool.seal();

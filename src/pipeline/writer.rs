@@ -76,8 +76,9 @@ pub(super) async fn run_writer(
     rx: Arc<Mutex<mpsc::Receiver<Envelope>>>,
 ) {
     tracing::debug!(writer = id, "writer started");
-    while let Some(batch) = collect(&ctx, &rx).await {
+    while let Some(batch) = collect(id, &ctx, &rx).await {
         flush(&ctx, batch).await;
+        ctx.ingest.hold(id, None);
         ctx.ingest.beat();
     }
     tracing::debug!(writer = id, "writer stopped");
@@ -85,6 +86,7 @@ pub(super) async fn run_writer(
 
 /// The next batch; `None` once the channel is closed and empty.
 async fn collect(
+    id: usize,
     ctx: &WriterContext,
     rx: &Mutex<mpsc::Receiver<Envelope>>,
 ) -> Option<Vec<Envelope>> {
@@ -100,6 +102,7 @@ async fn collect(
                 if n == 0 {
                     return None;
                 }
+                ctx.ingest.hold(id, batch.iter().map(|e| e.accepted_ms).min());
                 break;
             }
             _ = tokio::time::sleep(HEARTBEAT_EVERY) => ctx.ingest.beat(),
@@ -154,6 +157,7 @@ async fn flush(ctx: &WriterContext, mut pending: Vec<Envelope>) {
         match attempt {
             Some(Ok(outcome)) => {
                 ctx.ingest.set_db_healthy(true);
+                ctx.ingest.flushed();
                 record_outcome(&ctx.metrics, &outcome);
                 ctx.metrics
                     .histogram(metrics::FLUSH_DURATION_SECONDS, &[])
@@ -319,6 +323,7 @@ pub(super) async fn replay_once(ctx: &WriterContext) -> Result<(), WriteError> {
         for chunk in records.chunks(ctx.flush_max_events) {
             let outcome = write_isolating(ctx, chunk).await?;
             ctx.ingest.set_db_healthy(true);
+            ctx.ingest.flushed();
             record_outcome(&ctx.metrics, &outcome);
             ctx.metrics
                 .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])

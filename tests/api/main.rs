@@ -5,8 +5,10 @@ mod helpers;
 
 mod admin;
 mod db_tls;
+mod deploy;
 mod lifecycle;
 mod merge_property;
+mod observability;
 mod partitions;
 mod pipeline;
 mod schema;
