@@ -39,9 +39,9 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::{
-    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
-    correlate, dead_letter, esp_event, header_message_id, id_key, json_body, json_str, json_time,
-    keep_fields,
+    AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
+    content_key, correlate, dead_letter, esp_event, header_message_id, id_key, json_body, json_str,
+    json_time, keep_fields,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -111,9 +111,7 @@ impl ReplayCache {
         }
         match self.by_token.get(token) {
             Some(digest) if *digest == body => Ok(()),
-            Some(_) => Err(WebhookError::Unauthorized(
-                "signature token replayed with another body",
-            )),
+            Some(_) => Err(WebhookError::Unauthorized(AuthFailure::ReplayedToken)),
             None => {
                 while self.order.len() >= self.capacity {
                     self.forget_oldest();
@@ -152,35 +150,35 @@ impl Mailgun {
         let sig = body
             .get("signature")
             .filter(|s| s.is_object())
-            .ok_or(WebhookError::Unauthorized("missing signature object"))?;
+            .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         // The exact values Mailgun signed (the timestamp may come as a string or a number).
         let timestamp = match sig.get("timestamp") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(WebhookError::Unauthorized("missing signature timestamp")),
+            _ => return Err(WebhookError::Unauthorized(AuthFailure::MissingTimestamp)),
         };
         let token = sig
             .get("token")
             .and_then(Value::as_str)
             .filter(|t| !t.is_empty())
-            .ok_or(WebhookError::Unauthorized("missing signature token"))?;
+            .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         let signed_at: i64 = timestamp
             .trim()
             .parse()
-            .map_err(|_| WebhookError::Unauthorized("signature timestamp is not a number"))?;
+            .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
         let now = req.received_at.timestamp();
         if (now - signed_at).abs() > TIMESTAMP_TOLERANCE_SECS {
-            return Err(WebhookError::Unauthorized("stale signature timestamp"));
+            return Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp));
         }
-        let signature =
-            json_str(sig, "signature").ok_or(WebhookError::Unauthorized("missing signature"))?;
+        let signature = json_str(sig, "signature")
+            .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         // A subaccount's events also carry `parent-signature`, made with the primary
         // account's key: either may match the configured key.
         let parent = json_str(sig, "parent-signature");
         let ok = self.signature_ok(&timestamp, token, signature)
             | parent.is_some_and(|p| self.signature_ok(&timestamp, token, p));
         if !ok {
-            return Err(WebhookError::Unauthorized("signature mismatch"));
+            return Err(WebhookError::Unauthorized(AuthFailure::BadSignature));
         }
         let digest: [u8; 32] = Sha256::digest(req.body).into();
         let mut seen = self
@@ -730,7 +728,7 @@ mod tests {
             req.received_at = Utc::now();
             assert_eq!(
                 run(&*p, &req).await.err(),
-                Some(WebhookError::Unauthorized("stale signature timestamp"))
+                Some(WebhookError::Unauthorized(AuthFailure::StaleTimestamp))
             );
         }
         // Fourteen minutes old is inside the window.
@@ -777,9 +775,7 @@ mod tests {
             .at(first.received_at);
         assert_eq!(
             run(&*p, &forged).await.err(),
-            Some(WebhookError::Unauthorized(
-                "signature token replayed with another body"
-            ))
+            Some(WebhookError::Unauthorized(AuthFailure::ReplayedToken))
         );
     }
 

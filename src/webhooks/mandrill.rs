@@ -33,8 +33,8 @@ use serde_json::{Map, Value};
 use sha1::Sha1;
 
 use super::{
-    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
-    correlate, dead_letter, esp_event, unix_time,
+    AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
+    content_key, correlate, dead_letter, esp_event, unix_time,
 };
 use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -96,20 +96,20 @@ impl Mandrill {
     fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
         require_form(req)?;
         let Some(given) = req.header("x-mandrill-signature").map(str::trim) else {
-            return Err(WebhookError::Unauthorized("missing_signature"));
+            return Err(WebhookError::Unauthorized(AuthFailure::MissingSignature));
         };
         let given = base64::engine::general_purpose::STANDARD
             .decode(given)
-            .map_err(|_| WebhookError::Unauthorized("bad_signature"))?;
+            .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadSignature))?;
         let mut mac = <HmacSha1 as KeyInit>::new_from_slice(&self.key)
-            .map_err(|_| WebhookError::Unauthorized("bad_key"))?;
+            .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadKey))?;
         mac.update(self.url.as_bytes());
         for (k, v) in form_params(req.body) {
             mac.update(k.as_bytes());
             mac.update(v.as_bytes());
         }
         mac.verify_slice(&given)
-            .map_err(|_| WebhookError::Unauthorized("bad_signature"))
+            .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadSignature))
     }
 }
 
@@ -629,7 +629,7 @@ mod tests {
         );
         assert_eq!(
             verify(&p, &r),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
     }
 
@@ -647,20 +647,20 @@ mod tests {
         )]);
         assert_eq!(
             verify(&p, &tampered),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         let wrong = Req::signed(&random_key(), &[("mandrill_events", &json)]);
         assert_eq!(
             verify(&p, &wrong),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         let mut missing = Req::unsigned(&signed.body);
         missing.headers.remove("x-mandrill-signature");
         assert_eq!(
             verify(&p, &missing),
-            Err(WebhookError::Unauthorized("missing_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::MissingSignature))
         );
 
         let mut garbled = Req::unsigned(&signed.body);
@@ -669,7 +669,7 @@ mod tests {
             .insert("x-mandrill-signature", HeaderValue::from_static("%%%"));
         assert_eq!(
             verify(&p, &garbled),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
         assert_eq!(verify(&p, &signed), Ok(()));
     }

@@ -8,6 +8,7 @@
 //! layer (`http::webhook`, `http::reject`) turns into statuses. It sits beside `pipeline`
 //! and `db` and imports neither.
 
+mod error;
 pub mod mailgun;
 pub mod mandrill;
 pub mod postmark;
@@ -33,6 +34,8 @@ use crate::config::WebhookConfig;
 use crate::event::{DeadLetter, Event, EventType, Record, Source};
 use crate::machine::MachineDetector;
 
+pub use error::{AuthFailure, WebhookError};
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// An ESP's request as received: headers and the exact body bytes the signature covers.
@@ -53,22 +56,6 @@ impl WebhookRequest<'_> {
 /// What parsers share.
 pub struct ParseContext<'a> {
     pub machine: &'a MachineDetector,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WebhookError {
-    /// 401; the reason is logged and never sent back.
-    #[error("unauthorized: {0}")]
-    Unauthorized(&'static str),
-    /// 400 with the message.
-    #[error("{0}")]
-    BadRequest(String),
-    /// 415 with the message.
-    #[error("{0}")]
-    UnsupportedMediaType(String),
-    /// 503: a dependency (SNS certificate host) is unreachable; the ESP retries.
-    #[error("{0}")]
-    Unavailable(String),
 }
 
 /// One ESP's webhook.

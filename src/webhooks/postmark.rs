@@ -40,9 +40,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::{
-    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, basic_auth_ok,
-    content_key, correlate, dead_letter, esp_event, header_message_id, json_body, json_str,
-    json_time, keep_fields,
+    AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
+    basic_auth_ok, content_key, correlate, dead_letter, esp_event, header_message_id, json_body,
+    json_str, json_time, keep_fields,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -82,10 +82,10 @@ impl Provider for Postmark {
     ) -> BoxFuture<'a, Result<(), WebhookError>> {
         Box::pin(async move {
             if !req.headers.contains_key(hyper::header::AUTHORIZATION) {
-                return Err(WebhookError::Unauthorized("missing basic auth credentials"));
+                return Err(WebhookError::Unauthorized(AuthFailure::MissingCredentials));
             }
             if !basic_auth_ok(req.headers, self.credentials.expose()) {
-                return Err(WebhookError::Unauthorized("wrong basic auth credentials"));
+                return Err(WebhookError::Unauthorized(AuthFailure::WrongCredentials));
             }
             Ok(())
         })
@@ -713,14 +713,14 @@ mod tests {
             let req = TestRequest::post("postmark", body.clone()).header("authorization", &header);
             assert_eq!(
                 run(&*p, &req).await.err(),
-                Some(WebhookError::Unauthorized("wrong basic auth credentials")),
+                Some(WebhookError::Unauthorized(AuthFailure::WrongCredentials)),
                 "{header}"
             );
         }
         let none = TestRequest::post("postmark", body);
         assert_eq!(
             run(&*p, &none).await.err(),
-            Some(WebhookError::Unauthorized("missing basic auth credentials"))
+            Some(WebhookError::Unauthorized(AuthFailure::MissingCredentials))
         );
     }
 

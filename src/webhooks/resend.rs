@@ -30,8 +30,8 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 
 use super::{
-    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, correlate,
-    dead_letter, esp_event, id_key, require_json, rfc3339,
+    AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
+    correlate, dead_letter, esp_event, id_key, require_json, rfc3339,
 };
 use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -94,20 +94,20 @@ impl Resend {
             svix_header(req, "timestamp"),
             svix_header(req, "signature"),
         ) else {
-            return Err(WebhookError::Unauthorized("missing_signature_headers"));
+            return Err(WebhookError::Unauthorized(AuthFailure::MissingSignature));
         };
         let ts_secs: i64 = ts
             .parse()
-            .map_err(|_| WebhookError::Unauthorized("bad_timestamp"))?;
+            .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
         let skew = req.received_at.timestamp().saturating_sub(ts_secs);
         if skew.abs() > TIMESTAMP_TOLERANCE_SECS {
-            return Err(WebhookError::Unauthorized("stale_timestamp"));
+            return Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp));
         }
         if sigs.len() > MAX_SIGNATURE_HEADER_BYTES {
-            return Err(WebhookError::Unauthorized("bad_signature"));
+            return Err(WebhookError::Unauthorized(AuthFailure::BadSignature));
         }
         let mut mac = <HmacSha256 as KeyInit>::new_from_slice(&self.key)
-            .map_err(|_| WebhookError::Unauthorized("bad_key"))?;
+            .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadKey))?;
         mac.update(id.as_bytes());
         mac.update(b".");
         mac.update(ts.as_bytes());
@@ -124,7 +124,7 @@ impl Resend {
         if matched {
             Ok(())
         } else {
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         }
     }
 }
@@ -517,7 +517,7 @@ mod tests {
         );
         assert_eq!(
             verify(&provider(&s), &r),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
         // The right signature under another version tag: refused.
         let wrong_version = format!("v2,{}", sign(&key, "msg_1", t, &body));
@@ -532,7 +532,7 @@ mod tests {
         );
         assert_eq!(
             verify(&provider(&s), &r),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
     }
 
@@ -550,14 +550,14 @@ mod tests {
             .into_bytes();
         assert_eq!(
             verify(&p, &tampered),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         let (_, wrong) = secret();
         let r = Req::signed(&wrong, "msg_1", &body, at);
         assert_eq!(
             verify(&p, &r),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         // The id is signed too.
@@ -567,7 +567,7 @@ mod tests {
             .insert("svix-id", HeaderValue::from_static("msg_2"));
         assert_eq!(
             verify(&p, &other_id),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         for missing in ["svix-id", "svix-timestamp", "svix-signature"] {
@@ -575,7 +575,7 @@ mod tests {
             r.headers.remove(missing);
             assert_eq!(
                 verify(&p, &r),
-                Err(WebhookError::Unauthorized("missing_signature_headers")),
+                Err(WebhookError::Unauthorized(AuthFailure::MissingSignature)),
                 "{missing}"
             );
         }
@@ -587,7 +587,7 @@ mod tests {
             let expected = if ok {
                 Ok(())
             } else {
-                Err(WebhookError::Unauthorized("stale_timestamp"))
+                Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp))
             };
             assert_eq!(verify(&p, &r), expected, "{offset}");
         }
@@ -598,7 +598,7 @@ mod tests {
             .insert("svix-timestamp", HeaderValue::from_static("soon"));
         assert_eq!(
             verify(&p, &garbage_ts),
-            Err(WebhookError::Unauthorized("bad_timestamp"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadTimestamp))
         );
     }
 

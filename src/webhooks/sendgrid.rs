@@ -40,8 +40,8 @@ use p256::pkcs8::DecodePublicKey;
 use serde_json::{Map, Value};
 
 use super::{
-    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, content_key,
-    correlate, dead_letter, esp_event, json_body, json_str, json_time, keep_fields,
+    AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
+    content_key, correlate, dead_letter, esp_event, json_body, json_str, json_time, keep_fields,
 };
 use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -100,11 +100,11 @@ pub fn verify_signature(
 ) -> Result<(), WebhookError> {
     let der = STANDARD
         .decode(signature_b64.trim().as_bytes())
-        .map_err(|_| WebhookError::Unauthorized("signature is not base64"))?;
+        .map_err(|_| WebhookError::Unauthorized(AuthFailure::MalformedSignature))?;
     let signature = Signature::from_der(&der)
-        .map_err(|_| WebhookError::Unauthorized("signature is not a DER ECDSA signature"))?;
+        .map_err(|_| WebhookError::Unauthorized(AuthFailure::MalformedSignature))?;
     key.multipart_verify(&[timestamp.as_bytes(), body], &signature)
-        .map_err(|_| WebhookError::Unauthorized("signature mismatch"))
+        .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadSignature))
 }
 
 /// The signed timestamp must be near the arrival time (replay window).
@@ -112,9 +112,9 @@ fn check_fresh(timestamp: &str, now: DateTime<Utc>) -> Result<(), WebhookError> 
     let ts: i64 = timestamp
         .trim()
         .parse()
-        .map_err(|_| WebhookError::Unauthorized("timestamp header is not a number"))?;
+        .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
     if (now.timestamp() - ts).abs() > TIMESTAMP_TOLERANCE_SECS {
-        return Err(WebhookError::Unauthorized("timestamp outside tolerance"));
+        return Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp));
     }
     Ok(())
 }
@@ -123,11 +123,11 @@ impl SendGrid {
     fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
         let signature = req
             .header(SIGNATURE_HEADER)
-            .ok_or(WebhookError::Unauthorized("missing signature header"))?;
+            .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         // The header's exact text is what SendGrid signed: no trimming before verifying.
         let timestamp = req
             .header(TIMESTAMP_HEADER)
-            .ok_or(WebhookError::Unauthorized("missing timestamp header"))?;
+            .ok_or(WebhookError::Unauthorized(AuthFailure::MissingTimestamp))?;
         check_fresh(timestamp, req.received_at)?;
         verify_signature(&self.key, timestamp, req.body, signature)
     }
@@ -652,7 +652,7 @@ mod tests {
         let wrong = signed(&other, &body);
         assert_eq!(
             run(&*p, &wrong).await.err(),
-            Some(WebhookError::Unauthorized("signature mismatch"))
+            Some(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         // The timestamp changed after signing (it is part of the signed bytes).
@@ -660,7 +660,7 @@ mod tests {
         let moved = signed(&sk, &body).header(TIMESTAMP_HEADER, &shifted);
         assert_eq!(
             run(&*p, &moved).await.err(),
-            Some(WebhookError::Unauthorized("signature mismatch"))
+            Some(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         for header in [SIGNATURE_HEADER, TIMESTAMP_HEADER] {
@@ -691,7 +691,7 @@ mod tests {
                 .header(SIGNATURE_HEADER, &sign(&sk, &ts, &body));
             assert_eq!(
                 run(&*p, &stale).await.err(),
-                Some(WebhookError::Unauthorized("timestamp outside tolerance"))
+                Some(WebhookError::Unauthorized(AuthFailure::StaleTimestamp))
             );
         }
         // Nine minutes is inside the window.

@@ -56,8 +56,8 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{
-    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, correlate,
-    dead_letter, esp_event, header_message_id, id_key, rfc3339,
+    AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
+    correlate, dead_letter, esp_event, header_message_id, id_key, rfc3339,
 };
 use crate::config::WebhookConfig;
 use crate::event::{BounceClass, Event, EventType, Record, Source};
@@ -337,22 +337,24 @@ fn to_utc(t: x509_cert::time::Time) -> Option<DateTime<Utc>> {
 }
 
 /// The RSA key and validity of the first certificate of a PEM file.
-fn parse_certificate(pem: &[u8]) -> Result<CachedCert, &'static str> {
+fn parse_certificate(pem: &[u8]) -> Result<CachedCert, AuthFailure> {
     use rsa::pkcs8::DecodePublicKey as _;
     use x509_cert::der::Encode as _;
-    let chain = x509_cert::Certificate::load_pem_chain(pem).map_err(|_| "bad_certificate")?;
-    let cert = chain.first().ok_or("bad_certificate")?;
+    let chain =
+        x509_cert::Certificate::load_pem_chain(pem).map_err(|_| AuthFailure::BadCertificate)?;
+    let cert = chain.first().ok_or(AuthFailure::BadCertificate)?;
     let tbs = cert.tbs_certificate();
     let spki = tbs
         .subject_public_key_info()
         .to_der()
-        .map_err(|_| "bad_certificate")?;
-    let key = rsa::PublicKey::from_public_key_der(&spki).map_err(|_| "bad_certificate")?;
+        .map_err(|_| AuthFailure::BadCertificate)?;
+    let key =
+        rsa::PublicKey::from_public_key_der(&spki).map_err(|_| AuthFailure::BadCertificate)?;
     let validity = tbs.validity();
     Ok(CachedCert {
         key,
-        not_before: to_utc(validity.not_before).ok_or("bad_certificate")?,
-        not_after: to_utc(validity.not_after).ok_or("bad_certificate")?,
+        not_before: to_utc(validity.not_before).ok_or(AuthFailure::BadCertificate)?,
+        not_after: to_utc(validity.not_after).ok_or(AuthFailure::BadCertificate)?,
     })
 }
 
@@ -375,34 +377,41 @@ impl Ses {
             .topic_arn
             .as_deref()
             .filter(|t| self.topics.iter().any(|allowed| allowed == t))
-            .ok_or(WebhookError::Unauthorized("topic_not_allowed"))?;
+            .ok_or(WebhookError::Unauthorized(AuthFailure::TopicNotAllowed))?;
         let version = match envelope.signature_version.as_deref() {
             Some("1") => SignatureVersion::Sha1,
             Some("2") => SignatureVersion::Sha256,
-            _ => return Err(WebhookError::Unauthorized("unsupported_signature_version")),
+            _ => {
+                return Err(WebhookError::Unauthorized(
+                    AuthFailure::UnsupportedSignatureVersion,
+                ));
+            }
         };
-        let region = topic_region(topic).ok_or(WebhookError::Unauthorized("topic_not_allowed"))?;
+        let region =
+            topic_region(topic).ok_or(WebhookError::Unauthorized(AuthFailure::TopicNotAllowed))?;
         let cert_url = envelope
             .signing_cert_url
             .as_deref()
             .and_then(|u| certificate_url(u, region))
-            .ok_or(WebhookError::Unauthorized("certificate_url_not_allowed"))?;
+            .ok_or(WebhookError::Unauthorized(
+                AuthFailure::CertificateUrlNotAllowed,
+            ))?;
         let signature = envelope
             .signature
             .as_deref()
-            .ok_or(WebhookError::Unauthorized("missing_signature"))?;
+            .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         let signature = base64::engine::general_purpose::STANDARD
             .decode(signature.trim())
-            .map_err(|_| WebhookError::Unauthorized("bad_signature"))?;
+            .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadSignature))?;
         let string_to_sign = string_to_sign(&envelope, kind)
             .map_err(|field| WebhookError::BadRequest(format!("SNS message without {field}")))?;
         let sent_at = envelope
             .timestamp
             .as_deref()
             .and_then(rfc3339)
-            .ok_or(WebhookError::Unauthorized("bad_timestamp"))?;
+            .ok_or(WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
         if (req.received_at - sent_at).num_seconds().abs() > TIMESTAMP_TOLERANCE_SECS {
-            return Err(WebhookError::Unauthorized("stale_timestamp"));
+            return Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp));
         }
         let subscribe_url = match kind {
             Kind::SubscriptionConfirmation => Some(
@@ -410,7 +419,9 @@ impl Ses {
                     .subscribe_url
                     .as_deref()
                     .and_then(|u| subscribe_url(u, region, topic))
-                    .ok_or(WebhookError::Unauthorized("subscribe_url_not_allowed"))?,
+                    .ok_or(WebhookError::Unauthorized(
+                        AuthFailure::SubscribeUrlNotAllowed,
+                    ))?,
             ),
             _ => None,
         };
@@ -452,7 +463,7 @@ impl Ses {
             }
         };
         if now < cert.not_before || now > cert.not_after {
-            return Err(WebhookError::Unauthorized("certificate_expired"));
+            return Err(WebhookError::Unauthorized(AuthFailure::CertificateExpired));
         }
         Ok(cert)
     }
@@ -470,7 +481,7 @@ impl Ses {
                 .key
                 .pkcs1v15_verify::<sha2::Sha256>(msg, &checked.signature),
         };
-        verified.map_err(|_| WebhookError::Unauthorized("bad_signature"))?;
+        verified.map_err(|_| WebhookError::Unauthorized(AuthFailure::BadSignature))?;
         Ok(checked)
     }
 }
@@ -500,7 +511,9 @@ impl Provider for Ses {
             }
             let checked = self.authenticate(req).await?;
             let Some(url) = checked.subscribe_url else {
-                return Err(WebhookError::Unauthorized("subscribe_url_not_allowed"));
+                return Err(WebhookError::Unauthorized(
+                    AuthFailure::SubscribeUrlNotAllowed,
+                ));
             };
             self.https.get(&url).await.map_err(|e| {
                 WebhookError::Unavailable(format!("cannot confirm the SNS subscription: {e}"))
@@ -1203,7 +1216,7 @@ mod tests {
         env.insert("SignatureVersion".into(), Value::from("2"));
         assert_eq!(
             verify(&p, &Req::new(&env, at)),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
     }
 
@@ -1222,7 +1235,7 @@ mod tests {
         );
         assert_eq!(
             verify(&p, &Req::new(&tampered, at)),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         let mut other_subject = notification(&message, "2", at);
@@ -1230,14 +1243,14 @@ mod tests {
         other_subject.insert("Subject".into(), Value::from("changed"));
         assert_eq!(
             verify(&p, &Req::new(&other_subject, at)),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         let mut wrong_key = notification(&message, "2", at);
         sign_with(&mut wrong_key, other_key());
         assert_eq!(
             verify(&p, &Req::new(&wrong_key, at)),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
         assert_eq!(seam.calls(), [CERT_URL], "the certificate was fetched once");
 
@@ -1248,19 +1261,21 @@ mod tests {
         unsigned.remove("Signature");
         assert_eq!(
             verify(&p, &Req::new(&unsigned, at)),
-            Err(WebhookError::Unauthorized("missing_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::MissingSignature))
         );
         let mut garbled = notification(&message, "2", at);
         garbled.insert("Signature".into(), Value::from("not base64 !"));
         assert_eq!(
             verify(&p, &Req::new(&garbled, at)),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
         let mut v3 = notification(&message, "3", at);
         sign(&mut v3);
         assert_eq!(
             verify(&p, &Req::new(&v3, at)),
-            Err(WebhookError::Unauthorized("unsupported_signature_version"))
+            Err(WebhookError::Unauthorized(
+                AuthFailure::UnsupportedSignatureVersion
+            ))
         );
         for hours in [-2, 2] {
             let sent = at + chrono::Duration::hours(hours);
@@ -1268,7 +1283,7 @@ mod tests {
             sign(&mut stale);
             assert_eq!(
                 verify(&p, &Req::new(&stale, at)),
-                Err(WebhookError::Unauthorized("stale_timestamp")),
+                Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp)),
                 "{hours}h"
             );
         }
@@ -1277,7 +1292,7 @@ mod tests {
         sign(&mut bad_time);
         assert_eq!(
             verify(&p, &Req::new(&bad_time, at)),
-            Err(WebhookError::Unauthorized("bad_timestamp"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadTimestamp))
         );
         assert!(fresh.calls().is_empty(), "{:?}", fresh.calls());
 
@@ -1322,7 +1337,9 @@ mod tests {
             sign(&mut env);
             assert_eq!(
                 verify(&p, &Req::new(&env, at)),
-                Err(WebhookError::Unauthorized("certificate_url_not_allowed")),
+                Err(WebhookError::Unauthorized(
+                    AuthFailure::CertificateUrlNotAllowed
+                )),
                 "{url}"
             );
         }
@@ -1331,7 +1348,9 @@ mod tests {
         sign(&mut missing);
         assert_eq!(
             verify(&p, &Req::new(&missing, at)),
-            Err(WebhookError::Unauthorized("certificate_url_not_allowed"))
+            Err(WebhookError::Unauthorized(
+                AuthFailure::CertificateUrlNotAllowed
+            ))
         );
         assert!(seam.calls().is_empty(), "{:?}", seam.calls());
     }
@@ -1351,7 +1370,7 @@ mod tests {
             sign(&mut env);
             assert_eq!(
                 verify(&p, &Req::new(&env, at)),
-                Err(WebhookError::Unauthorized("topic_not_allowed")),
+                Err(WebhookError::Unauthorized(AuthFailure::TopicNotAllowed)),
                 "{topic}"
             );
         }
@@ -1359,7 +1378,7 @@ mod tests {
         env.remove("TopicArn");
         assert_eq!(
             verify(&p, &Req::new(&env, at)),
-            Err(WebhookError::Unauthorized("topic_not_allowed"))
+            Err(WebhookError::Unauthorized(AuthFailure::TopicNotAllowed))
         );
         assert!(seam.calls().is_empty(), "{:?}", seam.calls());
     }
@@ -1386,11 +1405,11 @@ mod tests {
         let r = Req::new(&unsigned, at);
         assert_eq!(
             verify(&p, &r),
-            Err(WebhookError::Unauthorized("missing_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::MissingSignature))
         );
         assert_eq!(
             after_verify(&p, &r),
-            Err(WebhookError::Unauthorized("missing_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::MissingSignature))
         );
         assert!(seam.calls().is_empty(), "{:?}", seam.calls());
 
@@ -1402,11 +1421,11 @@ mod tests {
         let r = Req::new(&forged, at);
         assert_eq!(
             verify(&p, &r),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
         assert_eq!(
             after_verify(&p, &r),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
         assert_eq!(seam.calls(), [CERT_URL]);
 
@@ -1420,7 +1439,7 @@ mod tests {
         );
         assert_eq!(
             verify(&p, &Req::new(&swapped, at)),
-            Err(WebhookError::Unauthorized("bad_signature"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadSignature))
         );
 
         // A SubscribeURL elsewhere, even correctly signed, is never visited.
@@ -1441,7 +1460,9 @@ mod tests {
             let r = Req::new(&env, at);
             assert_eq!(
                 verify(&p, &r),
-                Err(WebhookError::Unauthorized("subscribe_url_not_allowed")),
+                Err(WebhookError::Unauthorized(
+                    AuthFailure::SubscribeUrlNotAllowed
+                )),
                 "{url}"
             );
             assert!(after_verify(&p, &r).is_err(), "{url}");
@@ -1505,12 +1526,12 @@ mod tests {
         let p = provider(&garbage);
         assert_eq!(
             verify(&p, &r),
-            Err(WebhookError::Unauthorized("bad_certificate"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadCertificate))
         );
         // Not cached: the next message fetches again.
         assert_eq!(
             verify(&p, &r),
-            Err(WebhookError::Unauthorized("bad_certificate"))
+            Err(WebhookError::Unauthorized(AuthFailure::BadCertificate))
         );
         assert_eq!(garbage.calls().len(), 2);
 
@@ -1522,7 +1543,7 @@ mod tests {
         sign(&mut env);
         assert_eq!(
             verify(&p, &Req::new(&env, later)),
-            Err(WebhookError::Unauthorized("certificate_expired"))
+            Err(WebhookError::Unauthorized(AuthFailure::CertificateExpired))
         );
     }
 

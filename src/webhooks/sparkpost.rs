@@ -40,9 +40,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::{
-    BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest, basic_auth_ok,
-    content_key, correlate, dead_letter, esp_event, id_key, json_body, json_str, json_time,
-    keep_fields, secrets_equal,
+    AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
+    basic_auth_ok, content_key, correlate, dead_letter, esp_event, id_key, json_body, json_str,
+    json_time, keep_fields, secrets_equal,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -88,7 +88,7 @@ impl SparkPost {
         let authorization = req.headers.get(hyper::header::AUTHORIZATION);
         let legacy = req.headers.get(LEGACY_TOKEN_HEADER);
         if authorization.is_none() && legacy.is_none() {
-            return Err(WebhookError::Unauthorized("missing credentials"));
+            return Err(WebhookError::Unauthorized(AuthFailure::MissingCredentials));
         }
         let basic_ok = self
             .basic
@@ -106,7 +106,7 @@ impl SparkPost {
         if basic_ok || token_ok {
             Ok(())
         } else {
-            Err(WebhookError::Unauthorized("wrong credentials"))
+            Err(WebhookError::Unauthorized(AuthFailure::WrongCredentials))
         }
     }
 }
