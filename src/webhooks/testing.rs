@@ -115,7 +115,7 @@ pub const M_DROPPED: &str = "0190a6f0-0000-7000-8000-00000000a006";
 
 /// RFC 3339 to a time, for expectations.
 pub fn t(s: &str) -> DateTime<Utc> {
-    super::rfc3339(s).unwrap_or_else(|| panic!("bad test time {s}"))
+    super::extract::rfc3339(s).unwrap_or_else(|| panic!("bad test time {s}"))
 }
 
 /// An empty [`crate::config::WebhookConfig`] (every provider unconfigured).

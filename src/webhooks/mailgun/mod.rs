@@ -35,13 +35,13 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use hmac::{KeyInit, Mac};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::extract::{header_message_id, json_body, json_str, json_time};
+use super::records::{Engagement, Facts, Metadata, content_key, id_key};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
-    content_key, correlate, dead_letter, esp_event, header_message_id, id_key, json_body, json_str,
-    json_time, keep_fields,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -292,41 +292,25 @@ fn map_event(
     ctx: &ParseContext<'_>,
 ) -> Record {
     let raw = data.to_string();
+    facts(data, token, &raw).into_record(SOURCE, &raw, received_at, ctx.machine)
+}
+
+/// What one Mailgun event says; `token` (the signature's) keys an event without an id.
+fn facts<'a>(data: &'a Value, token: Option<&str>, raw: &str) -> Facts<'a> {
     let kind = json_str(data, "event");
     let key = match json_str(data, "id").or(token) {
         Some(id) => id_key(SOURCE, id),
-        None => content_key(SOURCE, &["dead_letter", &raw]),
+        None => content_key(SOURCE, &["dead_letter", raw]),
     };
-    let Some((event_type, bounce_class)) = map_type(data) else {
-        return dead_letter(SOURCE, "unknown_event_type", &raw, Some(key), kind);
-    };
+    let mapped = map_type(data);
     // `user-variables` is an object of the `v:` variables, or `[]` when there are none.
     let vars = data.get("user-variables").filter(|v| v.is_object());
-    let message_raw = vars
+    let message_id = vars
         .and_then(|v| json_str(v, "reachly_message_id"))
         .or_else(|| header_id(data));
-    let org_raw = vars.and_then(|v| json_str(v, "reachly_organization_id"));
-    let (message_id, organization_id) = match correlate(message_raw, org_raw) {
-        Ok(ids) => ids,
-        Err(reason) => return dead_letter(SOURCE, reason, &raw, Some(key), kind),
-    };
-    let occurred_at = data
-        .get("timestamp")
-        .and_then(json_time)
-        .unwrap_or(received_at);
-    let mut e = esp_event(
-        SOURCE,
-        message_id,
-        organization_id,
-        event_type,
-        occurred_at,
-        key,
-    );
-    e.bounce_class = bounce_class;
 
-    let mut metadata = Map::new();
-    keep_fields(
-        &mut metadata,
+    let mut metadata = Metadata::default();
+    metadata.keep(
         Some(data),
         &[
             ("id", "mailgun_event_id"),
@@ -335,13 +319,11 @@ fn map_event(
             ("recipient-domain", "recipient_domain"),
         ],
     );
-    keep_fields(
-        &mut metadata,
+    metadata.keep(
         data.get("message").and_then(|m| m.get("headers")),
         &[("message-id", "esp_message_id")],
     );
-    keep_fields(
-        &mut metadata,
+    metadata.keep(
         data.get("delivery-status"),
         &[
             ("code", "delivery_code"),
@@ -355,8 +337,7 @@ fn map_event(
         ],
     );
     let client = data.get("client-info");
-    keep_fields(
-        &mut metadata,
+    metadata.keep(
         client,
         &[
             ("client-name", "client_name"),
@@ -364,38 +345,37 @@ fn map_event(
             ("bot", "bot"),
         ],
     );
-    keep_fields(
-        &mut metadata,
-        data.get("geolocation"),
-        &[("country", "country")],
-    );
+    metadata.keep(data.get("geolocation"), &[("country", "country")]);
 
-    match event_type {
-        EventType::Opened | EventType::Clicked | EventType::Unsubscribed => {
-            // As Mailgun reports it; the webhook handler then applies REACHLY_IP_MODE
-            // (`apply_ip_mode`), as for our own endpoints.
-            e.ip_address = json_str(data, "ip").map(str::to_owned);
-            e.user_agent = client
-                .and_then(|c| json_str(c, "user-agent"))
-                .map(str::to_owned);
-            if event_type == EventType::Clicked {
-                e.link_url = json_str(data, "url").map(str::to_owned);
-            }
-            if event_type != EventType::Unsubscribed {
-                e.machine_reason = match client.and_then(|c| json_str(c, "bot")) {
-                    Some(bot) => Some(format!("mailgun_bot:{bot}")),
-                    None => ctx.machine.classify_reported(e.user_agent.as_deref()),
-                };
-            }
+    let mut engagement = Engagement::default();
+    let mut error = None;
+    match mapped.map(|(t, _)| t) {
+        Some(EventType::Opened | EventType::Clicked | EventType::Unsubscribed) => {
+            engagement.ip = json_str(data, "ip");
+            engagement.user_agent = client.and_then(|c| json_str(c, "user-agent"));
+            engagement.link_url = json_str(data, "url");
+            engagement.machine = client
+                .and_then(|c| json_str(c, "bot"))
+                .map(|bot| format!("mailgun_bot:{bot}"));
         }
-        EventType::Bounced | EventType::Deferred | EventType::Dropped => {
-            e.error_message =
-                Some(diagnostic(data).unwrap_or_else(|| kind.unwrap_or("failed").to_owned()));
+        Some(EventType::Bounced | EventType::Deferred | EventType::Dropped) => {
+            error = Some(diagnostic(data).unwrap_or_else(|| kind.unwrap_or("failed").to_owned()));
         }
         _ => {}
     }
-    e.metadata = metadata;
-    Record::Event(e)
+    Facts {
+        kind: kind.map(Into::into),
+        mapped,
+        key: Some(key),
+        dead_letter_key: None,
+        message_id,
+        organization_id: vars.and_then(|v| json_str(v, "reachly_organization_id")),
+        occurred_at: data.get("timestamp").and_then(json_time),
+        engagement,
+        error,
+        metadata,
+        ..Facts::default()
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 //! verification (Mandrill's HEAD carries no signature); the test batch Mandrill posts when a
 //! webhook is saved, `mandrill_events=[]`, is signed and answers 200 with no records.
 //!
-//! Mapping: `send` → sent, `delivered` → delivered, `deferral` → deferred, `hard_bounce` →
+//! Mapping ([`EVENTS`] in code): `send` → sent, `delivered` → delivered, `deferral` → deferred, `hard_bounce` →
 //! bounced (hard), `soft_bounce` → bounced (soft), `open` → opened, `click` → clicked (`url`),
 //! `spam` → complained, `unsub` → unsubscribed, `reject` → dropped. Sync events (`type`
 //! `blacklist`/`whitelist`, no `event`) and inbound messages are dead-lettered as
@@ -32,9 +32,10 @@ use hmac::{KeyInit, Mac};
 use serde_json::{Map, Value};
 use sha1::Sha1;
 
+use super::extract::{obj_at, str_at, unix_time};
+use super::records::{Engagement, EventTable, Facts, Metadata, content_key, lookup, malformed};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
-    content_key, correlate, dead_letter, esp_event, unix_time,
 };
 use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -146,13 +147,6 @@ impl Provider for Mandrill {
     }
 }
 
-fn str_at<'a>(obj: Option<&'a Map<String, Value>>, field: &str) -> Option<&'a str> {
-    obj?.get(field)?
-        .as_str()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-}
-
 /// A JSON number or numeric string as text, for dedup keys (`ts` is an integer in practice).
 fn number_text(v: Option<&Value>) -> String {
     match v {
@@ -162,116 +156,67 @@ fn number_text(v: Option<&Value>) -> String {
     }
 }
 
-fn event_type(event: &str) -> Option<EventType> {
-    Some(match event {
-        "send" => EventType::Sent,
-        "delivered" => EventType::Delivered,
-        "deferral" => EventType::Deferred,
-        "hard_bounce" | "soft_bounce" => EventType::Bounced,
-        "open" => EventType::Opened,
-        "click" => EventType::Clicked,
-        "spam" => EventType::Complained,
-        "unsub" => EventType::Unsubscribed,
-        "reject" => EventType::Dropped,
-        _ => return None,
-    })
-}
+/// Mandrill's message events (the module's mapping).
+const EVENTS: &EventTable = &[
+    ("send", EventType::Sent, None),
+    ("delivered", EventType::Delivered, None),
+    ("deferral", EventType::Deferred, None),
+    ("hard_bounce", EventType::Bounced, Some(BounceClass::Hard)),
+    ("soft_bounce", EventType::Bounced, Some(BounceClass::Soft)),
+    ("open", EventType::Opened, None),
+    ("click", EventType::Clicked, None),
+    ("spam", EventType::Complained, None),
+    ("unsub", EventType::Unsubscribed, None),
+    ("reject", EventType::Dropped, None),
+];
 
 fn map_event(item: &Value, req: &WebhookRequest<'_>, ctx: &ParseContext<'_>) -> Record {
     let raw = serde_json::to_string(item).unwrap_or_default();
     let Some(obj) = item.as_object() else {
-        return dead_letter(Source::Mandrill, "invalid_event", &raw, None, None);
+        return malformed(Source::Mandrill, &raw);
     };
+    facts(obj).into_record(Source::Mandrill, &raw, req.received_at, ctx.machine)
+}
+
+/// What one Mandrill event says.
+fn facts(obj: &Map<String, Value>) -> Facts<'_> {
     let Some(event) = str_at(Some(obj), "event") else {
         // A sync event (allowlist/denylist change) or something newer: not about a message.
-        let kind = str_at(Some(obj), "type");
-        return dead_letter(Source::Mandrill, "unknown_event_type", &raw, None, kind);
+        return Facts {
+            kind: str_at(Some(obj), "type").map(Into::into),
+            ..Facts::default()
+        };
     };
     let id = str_at(Some(obj), "_id").unwrap_or_default();
     let ts = number_text(obj.get("ts"));
     let url = str_at(Some(obj), "url");
-    let key = content_key(
-        Source::Mandrill,
-        &[
-            id,
-            event,
-            &ts,
-            if event == "click" {
-                url.unwrap_or("")
-            } else {
-                ""
-            },
-        ],
-    );
-    let Some(event_type) = event_type(event) else {
-        return dead_letter(
-            Source::Mandrill,
-            "unknown_event_type",
-            &raw,
-            Some(key),
-            Some(event),
-        );
-    };
-    let msg = obj.get("msg").and_then(Value::as_object);
-    let metadata = msg
-        .and_then(|m| m.get("metadata"))
-        .and_then(Value::as_object);
-    let (message_id, org_id) = match correlate(
-        str_at(metadata, "reachly_message_id"),
-        str_at(metadata, "reachly_organization_id"),
-    ) {
-        Ok(ids) => ids,
-        Err(reason) => {
-            return dead_letter(Source::Mandrill, reason, &raw, Some(key), Some(event));
-        }
-    };
-    let occurred_at = obj
-        .get("ts")
-        .and_then(|v| v.as_f64().or_else(|| v.as_str()?.trim().parse().ok()))
-        .and_then(unix_time)
-        .unwrap_or(req.received_at);
-    let mut e = esp_event(
-        Source::Mandrill,
-        message_id,
-        org_id,
-        event_type,
-        occurred_at,
-        key,
-    );
-    let meta = &mut e.metadata;
-    meta.insert("mandrill_event".into(), Value::from(event));
-    if !id.is_empty() {
-        meta.insert("mandrill_message_id".into(), Value::from(id));
-    }
-    if let Some(state) = str_at(msg, "state") {
-        meta.insert("mandrill_state".into(), Value::from(state));
-    }
+    let click_url = if event == "click" { url } else { None };
+    let key = content_key(Source::Mandrill, &[id, event, &ts, click_url.unwrap_or("")]);
+    let msg = obj_at(Some(obj), "msg");
+    let ids = obj_at(msg, "metadata");
+
+    let mut metadata = Metadata::default();
+    metadata.text("mandrill_event", Some(event));
+    metadata.text("mandrill_message_id", Some(id));
+    metadata.text("mandrill_state", str_at(msg, "state"));
+    let mut engagement = Engagement::default();
+    let mut error = None;
     match event {
         "hard_bounce" | "soft_bounce" => {
-            e.bounce_class = Some(if event == "hard_bounce" {
-                BounceClass::Hard
-            } else {
-                BounceClass::Soft
-            });
             let description = str_at(msg, "bounce_description");
             let diag = str_at(msg, "diag");
-            if let Some(d) = description {
-                e.metadata
-                    .insert("bounce_description".into(), Value::from(d));
-            }
-            if let Some(d) = diag {
-                e.metadata.insert("diagnostic_code".into(), Value::from(d));
-            }
+            metadata.text("bounce_description", description);
+            metadata.text("diagnostic_code", diag);
             if let Some(code) = msg
                 .and_then(|m| m.get("bgtools_code"))
                 .filter(|c| c.is_number())
             {
-                e.metadata.insert("bgtools_code".into(), code.clone());
+                metadata.value("bgtools_code", code.clone());
             }
-            e.error_message = diag
-                .or(description)
-                .map(str::to_owned)
-                .or_else(|| Some(event.replace('_', " ")));
+            error = Some(
+                diag.or(description)
+                    .map_or_else(|| event.replace('_', " "), str::to_owned),
+            );
         }
         "deferral" => {
             // The latest SMTP attempt says why.
@@ -284,33 +229,41 @@ fn map_event(item: &Value, req: &WebhookRequest<'_>, ctx: &ParseContext<'_>) -> 
                         .rev()
                         .find_map(|a| str_at(a.as_object(), "diag"))
                 });
-            if let Some(d) = diag {
-                e.metadata.insert("diagnostic_code".into(), Value::from(d));
-            }
-            e.error_message = Some(diag.unwrap_or("delivery deferred").to_owned());
+            metadata.text("diagnostic_code", diag);
+            error = Some(diag.unwrap_or("delivery deferred").to_owned());
         }
         "reject" => {
-            let reject = msg.and_then(|m| m.get("reject")).and_then(Value::as_object);
-            let reason = str_at(reject, "reason").or_else(|| str_at(msg, "reject_reason"));
-            if let Some(r) = reason {
-                e.metadata.insert("reason".into(), Value::from(r));
-            }
-            e.error_message = Some(match reason {
+            let reason =
+                str_at(obj_at(msg, "reject"), "reason").or_else(|| str_at(msg, "reject_reason"));
+            metadata.text("reason", reason);
+            error = Some(match reason {
                 Some(r) => format!("rejected by Mandrill: {r}"),
                 None => "rejected by Mandrill".to_owned(),
             });
         }
         "open" | "click" => {
-            e.ip_address = str_at(Some(obj), "ip").map(str::to_owned);
-            e.user_agent = str_at(Some(obj), "user_agent").map(str::to_owned);
-            e.machine_reason = ctx.machine.classify_reported(e.user_agent.as_deref());
-            if event == "click" {
-                e.link_url = url.map(str::to_owned);
-            }
+            engagement.ip = str_at(Some(obj), "ip");
+            engagement.user_agent = str_at(Some(obj), "user_agent");
+            engagement.link_url = url;
         }
         _ => {}
     }
-    Record::Event(e)
+    Facts {
+        kind: Some(event.into()),
+        mapped: lookup(EVENTS, event),
+        key: Some(key),
+        dead_letter_key: None,
+        message_id: str_at(ids, "reachly_message_id"),
+        organization_id: str_at(ids, "reachly_organization_id"),
+        occurred_at: obj
+            .get("ts")
+            .and_then(|v| v.as_f64().or_else(|| v.as_str()?.trim().parse().ok()))
+            .and_then(unix_time),
+        engagement,
+        error,
+        metadata,
+        ..Facts::default()
+    }
 }
 
 #[cfg(test)]

@@ -395,7 +395,7 @@ fn malformed_bodies_and_wrong_content_types_are_refused_without_panic() {
             Record::Event(_) => "event",
         })
         .collect();
-    assert_eq!(reasons, ["invalid_event", "unknown_event_type"]);
+    assert_eq!(reasons, ["malformed_event", "unknown_event_type"]);
 }
 
 #[test]

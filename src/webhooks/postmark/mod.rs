@@ -37,12 +37,13 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use super::auth::basic_auth_ok;
+use super::extract::{header_message_id, json_body, json_str, json_time};
+use super::records::{Engagement, Facts, Metadata, content_key};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
-    basic_auth_ok, content_key, correlate, dead_letter, esp_event, header_message_id, json_body,
-    json_str, json_time, keep_fields,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -233,14 +234,25 @@ fn header_id(rec: &Value) -> Option<&str> {
 /// The record to an event or a dead letter. Never fails.
 fn map_record(rec: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> Record {
     let raw = rec.to_string();
+    facts(rec, &raw).into_record(SOURCE, &raw, received_at, ctx.machine)
+}
+
+/// What one Postmark record says.
+fn facts<'a>(rec: &'a Value, raw: &str) -> Facts<'a> {
     let record_type = json_str(rec, "RecordType").unwrap_or("");
-    let kind = classify(rec);
-    let (time_field, recipient_field) = match &kind {
-        Ok(k) => (k.time_field, k.recipient_field),
-        Err(_) => ("", ""),
+    let kind = match classify(rec) {
+        Ok(k) => k,
+        Err(name) => {
+            // Unknown records have no known time field: key the whole record.
+            return Facts {
+                kind: Some(name.into()),
+                key: Some(content_key(SOURCE, &["dead_letter", raw])),
+                ..Facts::default()
+            };
+        }
     };
     let ts_raw = rec
-        .get(time_field)
+        .get(kind.time_field)
         .map(Value::to_string)
         .unwrap_or_default();
     let key = content_key(
@@ -249,46 +261,14 @@ fn map_record(rec: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -
             record_type,
             json_str(rec, "MessageID").unwrap_or(""),
             &ts_raw,
-            json_str(rec, recipient_field).unwrap_or(""),
+            json_str(rec, kind.recipient_field).unwrap_or(""),
             json_str(rec, "OriginalLink").unwrap_or(""),
         ],
     );
-    let kind = match kind {
-        Ok(k) => k,
-        Err(name) => {
-            // Unknown records have no known time field: key the whole record.
-            let key = content_key(SOURCE, &["dead_letter", &raw]);
-            return dead_letter(SOURCE, "unknown_event_type", &raw, Some(key), Some(&name));
-        }
-    };
     let metadata_ids = rec.get("Metadata").filter(|m| m.is_object());
-    let message_raw = metadata_ids
-        .and_then(|m| json_str(m, "reachly_message_id"))
-        .or_else(|| header_id(rec));
-    let org_raw = metadata_ids.and_then(|m| json_str(m, "reachly_organization_id"));
-    let (message_id, organization_id) = match correlate(message_raw, org_raw) {
-        Ok(ids) => ids,
-        Err(reason) => {
-            return dead_letter(SOURCE, reason, &raw, Some(key), Some(record_type));
-        }
-    };
-    let occurred_at = rec
-        .get(kind.time_field)
-        .and_then(json_time)
-        .unwrap_or(received_at);
-    let mut e = esp_event(
-        SOURCE,
-        message_id,
-        organization_id,
-        kind.event_type,
-        occurred_at,
-        key,
-    );
-    e.bounce_class = kind.bounce_class;
 
-    let mut metadata = Map::new();
-    keep_fields(
-        &mut metadata,
+    let mut metadata = Metadata::default();
+    metadata.keep(
         Some(rec),
         &[
             ("RecordType", "record_type"),
@@ -309,34 +289,24 @@ fn map_record(rec: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -
             ("SuppressionReason", "suppression_reason"),
         ],
     );
-    keep_fields(&mut metadata, rec.get("Client"), &[("Name", "client_name")]);
-    keep_fields(&mut metadata, rec.get("OS"), &[("Name", "os_name")]);
-    keep_fields(
-        &mut metadata,
-        rec.get("Geo"),
-        &[("CountryISOCode", "country")],
-    );
+    metadata.keep(rec.get("Client"), &[("Name", "client_name")]);
+    metadata.keep(rec.get("OS"), &[("Name", "os_name")]);
+    metadata.keep(rec.get("Geo"), &[("CountryISOCode", "country")]);
 
+    let mut engagement = Engagement::default();
+    let mut error = None;
     match kind.event_type {
         EventType::Opened | EventType::Clicked => {
-            // As Postmark reports it; the webhook handler then applies REACHLY_IP_MODE
-            // (`apply_ip_mode`), as for our own endpoints.
-            e.ip_address = rec
-                .get("Geo")
-                .and_then(|g| json_str(g, "IP"))
-                .map(str::to_owned);
-            e.user_agent = json_str(rec, "UserAgent").map(str::to_owned);
-            if kind.event_type == EventType::Clicked {
-                e.link_url = json_str(rec, "OriginalLink").map(str::to_owned);
-            }
-            e.machine_reason = ctx.machine.classify_reported(e.user_agent.as_deref());
+            engagement.ip = rec.get("Geo").and_then(|g| json_str(g, "IP"));
+            engagement.user_agent = json_str(rec, "UserAgent");
+            engagement.link_url = json_str(rec, "OriginalLink");
         }
         EventType::Bounced | EventType::Dropped => {
             let name = json_str(rec, "Name")
                 .or(json_str(rec, "Type"))
                 .or(json_str(rec, "SuppressionReason"))
                 .unwrap_or("bounce");
-            e.error_message = Some(
+            error = Some(
                 match json_str(rec, "Details").or(json_str(rec, "Description")) {
                     Some(details) => format!("{name}: {details}"),
                     None => name.to_owned(),
@@ -345,8 +315,21 @@ fn map_record(rec: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -
         }
         _ => {}
     }
-    e.metadata = metadata;
-    Record::Event(e)
+    Facts {
+        kind: Some(record_type.into()),
+        mapped: Some((kind.event_type, kind.bounce_class)),
+        key: Some(key),
+        dead_letter_key: None,
+        message_id: metadata_ids
+            .and_then(|m| json_str(m, "reachly_message_id"))
+            .or_else(|| header_id(rec)),
+        organization_id: metadata_ids.and_then(|m| json_str(m, "reachly_organization_id")),
+        occurred_at: rec.get(kind.time_field).and_then(json_time),
+        engagement,
+        error,
+        metadata,
+        ..Facts::default()
+    }
 }
 
 #[cfg(test)]

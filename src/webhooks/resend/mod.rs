@@ -14,7 +14,7 @@
 //!   the reference documents as an array of `{name, value}` while its examples show an object
 //!   (both are read).
 //!
-//! Mapping: `email.sent` → sent, `email.delivered` → delivered, `email.delivery_delayed` →
+//! Mapping ([`EVENTS`] in code): `email.sent` → sent, `email.delivered` → delivered, `email.delivery_delayed` →
 //! deferred, `email.complained` → complained, `email.bounced` → bounced (`Permanent` hard,
 //! anything else soft), `email.opened` → opened, `email.clicked` → clicked (`click.link`),
 //! `email.failed` and `email.suppressed` → dropped (Resend never handed the message to the
@@ -24,14 +24,14 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
-use chrono::{DateTime, Utc};
 use hmac::{KeyInit, Mac};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
+use super::extract::{obj_at, require_json, rfc3339, str_at};
+use super::records::{Engagement, EventTable, Facts, Metadata, id_key, lookup};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
-    correlate, dead_letter, esp_event, id_key, require_json, rfc3339,
 };
 use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -160,29 +160,32 @@ impl Provider for Resend {
         };
         let raw = String::from_utf8_lossy(req.body);
         let key = id_key(Source::Resend, svix_id);
-        Ok(vec![map_event(obj, kind, &raw, key, req.received_at, ctx)])
+        Ok(vec![facts(obj, kind, key).into_record(
+            Source::Resend,
+            &raw,
+            req.received_at,
+            ctx.machine,
+        )])
     }
 }
 
-/// The SPEC type of a Resend event type; `None` for the types not mapped.
-fn event_type(kind: &str) -> Option<EventType> {
-    Some(match kind {
-        "email.sent" => EventType::Sent,
-        "email.delivered" => EventType::Delivered,
-        "email.delivery_delayed" => EventType::Deferred,
-        "email.complained" => EventType::Complained,
-        "email.bounced" => EventType::Bounced,
-        "email.opened" => EventType::Opened,
-        "email.clicked" => EventType::Clicked,
-        "email.failed" | "email.suppressed" => EventType::Dropped,
-        _ => return None,
-    })
-}
+/// Resend's `email.*` types (the module's mapping); a bounce's class comes from `bounce.type`.
+const EVENTS: &EventTable = &[
+    ("email.sent", EventType::Sent, None),
+    ("email.delivered", EventType::Delivered, None),
+    ("email.delivery_delayed", EventType::Deferred, None),
+    ("email.complained", EventType::Complained, None),
+    ("email.bounced", EventType::Bounced, None),
+    ("email.opened", EventType::Opened, None),
+    ("email.clicked", EventType::Clicked, None),
+    ("email.failed", EventType::Dropped, None),
+    ("email.suppressed", EventType::Dropped, None),
+];
 
 /// `data.tags[name]`, whether tags is an object (`{"name": "value"}`, as in Resend's examples)
 /// or an array of `{name, value}` (as in its reference).
-fn tag<'a>(data: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
-    match data.get("tags")? {
+fn tag<'a>(data: Option<&'a Map<String, Value>>, name: &str) -> Option<&'a str> {
+    match data?.get("tags")? {
         Value::Object(map) => map.get(name).and_then(Value::as_str),
         Value::Array(items) => items
             .iter()
@@ -194,74 +197,29 @@ fn tag<'a>(data: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
     }
 }
 
-fn str_at<'a>(obj: Option<&'a Map<String, Value>>, field: &str) -> Option<&'a str> {
-    obj?.get(field)?
-        .as_str()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-}
+/// What the request's one event says; `key` is its `svix-id` key.
+fn facts<'a>(obj: &'a Map<String, Value>, kind: &'a str, key: String) -> Facts<'a> {
+    let data = obj_at(Some(obj), "data");
+    let mut mapped = lookup(EVENTS, kind);
+    let click = obj_at(data, "click");
+    let action = click.or(obj_at(data, "open"));
 
-fn map_event(
-    obj: &Map<String, Value>,
-    kind: &str,
-    raw: &str,
-    key: String,
-    received_at: DateTime<Utc>,
-    ctx: &ParseContext<'_>,
-) -> Record {
-    let Some(event_type) = event_type(kind) else {
-        return dead_letter(
-            Source::Resend,
-            "unknown_event_type",
-            raw,
-            Some(key),
-            Some(kind),
-        );
-    };
-    let empty = Map::new();
-    let data = obj.get("data").and_then(Value::as_object).unwrap_or(&empty);
-    let (message_id, org_id) = match correlate(
-        tag(data, "reachly_message_id"),
-        tag(data, "reachly_organization_id"),
-    ) {
-        Ok(ids) => ids,
-        Err(reason) => return dead_letter(Source::Resend, reason, raw, Some(key), Some(kind)),
-    };
-    let click = data.get("click").and_then(Value::as_object);
-    let open = data.get("open").and_then(Value::as_object);
-    let action = click.or(open);
-    // The event's own time: the click's (or open's) timestamp, else the event's created_at.
-    let occurred_at = str_at(action, "timestamp")
-        .and_then(rfc3339)
-        .or_else(|| str_at(Some(obj), "created_at").and_then(rfc3339))
-        .unwrap_or(received_at);
-    let mut e = esp_event(
-        Source::Resend,
-        message_id,
-        org_id,
-        event_type,
-        occurred_at,
-        key,
-    );
-    let meta = &mut e.metadata;
-    meta.insert("resend_event_type".into(), Value::from(kind));
-    for (field, name) in [
-        ("email_id", "resend_email_id"),
-        ("broadcast_id", "resend_broadcast_id"),
-    ] {
-        if let Some(v) = str_at(Some(data), field) {
-            meta.insert(name.into(), Value::from(v));
-        }
-    }
-    match event_type {
-        EventType::Bounced => {
-            let bounce = data.get("bounce").and_then(Value::as_object);
+    let mut metadata = Metadata::default();
+    metadata.text("resend_event_type", Some(kind));
+    metadata.text("resend_email_id", str_at(data, "email_id"));
+    metadata.text("resend_broadcast_id", str_at(data, "broadcast_id"));
+    let mut engagement = Engagement::default();
+    let mut error = None;
+    match mapped.map(|(t, _)| t) {
+        Some(EventType::Bounced) => {
+            let bounce = obj_at(data, "bounce");
             let bounce_type = str_at(bounce, "type");
-            e.bounce_class = Some(if bounce_type == Some("Permanent") {
+            let class = if bounce_type == Some("Permanent") {
                 BounceClass::Hard
             } else {
                 BounceClass::Soft
-            });
+            };
+            mapped = Some((EventType::Bounced, Some(class)));
             let diagnostic: Vec<&str> = bounce
                 .and_then(|b| b.get("diagnosticCode"))
                 .map(|d| match d {
@@ -270,47 +228,49 @@ fn map_event(
                     _ => Vec::new(),
                 })
                 .unwrap_or_default();
-            let meta = &mut e.metadata;
-            if let Some(t) = bounce_type {
-                meta.insert("bounce_type".into(), Value::from(t));
-            }
-            if let Some(t) = str_at(bounce, "subType") {
-                meta.insert("bounce_sub_type".into(), Value::from(t));
-            }
-            if !diagnostic.is_empty() {
-                meta.insert("diagnostic_code".into(), Value::from(diagnostic.join("; ")));
-            }
-            e.error_message = str_at(bounce, "message")
+            let diagnostic = (!diagnostic.is_empty()).then(|| diagnostic.join("; "));
+            metadata.text("bounce_type", bounce_type);
+            metadata.text("bounce_sub_type", str_at(bounce, "subType"));
+            metadata.text("diagnostic_code", diagnostic.as_deref());
+            error = str_at(bounce, "message")
                 .map(str::to_owned)
-                .or_else(|| (!diagnostic.is_empty()).then(|| diagnostic.join("; ")))
+                .or(diagnostic)
                 .or_else(|| bounce_type.map(|t| format!("{t} bounce")));
         }
-        EventType::Dropped => {
-            let reason = str_at(data.get("failed").and_then(Value::as_object), "reason")
-                .or_else(|| str_at(data.get("suppressed").and_then(Value::as_object), "message"));
-            if let Some(r) = reason {
-                e.metadata.insert("reason".into(), Value::from(r));
-            }
-            e.error_message = Some(match (kind, reason) {
+        Some(EventType::Dropped) => {
+            let reason = str_at(obj_at(data, "failed"), "reason")
+                .or_else(|| str_at(obj_at(data, "suppressed"), "message"));
+            metadata.text("reason", reason);
+            error = Some(match (kind, reason) {
                 (_, Some(r)) => r.to_owned(),
                 ("email.suppressed", None) => "suppressed by Resend".to_owned(),
                 _ => "Resend failed to send the email".to_owned(),
             });
         }
-        EventType::Deferred => {
-            e.error_message = Some("delivery delayed".to_owned());
-        }
-        EventType::Opened | EventType::Clicked => {
-            e.ip_address = str_at(action, "ipAddress").map(str::to_owned);
-            e.user_agent = str_at(action, "userAgent").map(str::to_owned);
-            e.machine_reason = ctx.machine.classify_reported(e.user_agent.as_deref());
-            if event_type == EventType::Clicked {
-                e.link_url = str_at(click, "link").map(str::to_owned);
-            }
+        Some(EventType::Deferred) => error = Some("delivery delayed".to_owned()),
+        Some(EventType::Opened | EventType::Clicked) => {
+            engagement.ip = str_at(action, "ipAddress");
+            engagement.user_agent = str_at(action, "userAgent");
+            engagement.link_url = str_at(click, "link");
         }
         _ => {}
     }
-    Record::Event(e)
+    Facts {
+        kind: Some(kind.into()),
+        mapped,
+        key: Some(key),
+        dead_letter_key: None,
+        message_id: tag(data, "reachly_message_id"),
+        organization_id: tag(data, "reachly_organization_id"),
+        // The event's own time: the click's (or open's) timestamp, else the event's created_at.
+        occurred_at: str_at(action, "timestamp")
+            .and_then(rfc3339)
+            .or_else(|| str_at(Some(obj), "created_at").and_then(rfc3339)),
+        engagement,
+        error,
+        metadata,
+        ..Facts::default()
+    }
 }
 
 #[cfg(test)]

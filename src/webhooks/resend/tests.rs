@@ -3,6 +3,7 @@
 use super::*;
 use crate::event::Event;
 use crate::machine::MachineDetector;
+use chrono::{DateTime, Utc};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Uri};
 

@@ -37,11 +37,12 @@ use chrono::{DateTime, Utc};
 use p256::ecdsa::signature::MultipartVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use super::extract::{json_body, json_str, json_time};
+use super::records::{Engagement, Facts, Metadata, content_key, malformed};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
-    content_key, correlate, dead_letter, esp_event, json_body, json_str, json_time, keep_fields,
 };
 use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -205,8 +206,13 @@ const KEPT: &[(&str, &str)] = &[
 fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> Record {
     let raw = ev.to_string();
     if !ev.is_object() {
-        return dead_letter(SOURCE, "malformed_event", &raw, None, None);
+        return malformed(SOURCE, &raw);
     }
+    facts(ev).into_record(SOURCE, &raw, received_at, ctx.machine)
+}
+
+/// What one SendGrid event says.
+fn facts(ev: &Value) -> Facts<'_> {
     let kind = json_str(ev, "event");
     let bounce_type = json_str(ev, "type");
     let ts_raw = ev
@@ -218,97 +224,77 @@ fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> 
     let message_raw = json_str(ev, "reachly_message_id");
     // A dead letter's key leaves out sg_event_id (it changes on re-delivery) and adds the
     // recipient, which tells apart uncorrelated events that share everything else.
-    let dead_key = || {
-        content_key(
-            SOURCE,
-            &[
-                "dead_letter",
-                message_raw.unwrap_or(""),
-                kind.unwrap_or(""),
-                bounce_type.unwrap_or(""),
-                &ts_raw,
-                url,
-                sg_message_id,
-                json_str(ev, "email").unwrap_or(""),
-            ],
-        )
-    };
-
-    let Some((event_type, bounce_class)) = kind.and_then(|k| map_type(k, bounce_type)) else {
-        return dead_letter(SOURCE, "unknown_event_type", &raw, Some(dead_key()), kind);
-    };
-    let (message_id, organization_id) =
-        match correlate(message_raw, json_str(ev, "reachly_organization_id")) {
-            Ok(ids) => ids,
-            Err(reason) => return dead_letter(SOURCE, reason, &raw, Some(dead_key()), kind),
-        };
-    let occurred_at = ev
-        .get("timestamp")
-        .and_then(json_time)
-        .unwrap_or(received_at);
-    let key = content_key(
+    let dead_letter_key = content_key(
         SOURCE,
         &[
-            &message_id.to_string(),
+            "dead_letter",
+            message_raw.unwrap_or(""),
             kind.unwrap_or(""),
             bounce_type.unwrap_or(""),
             &ts_raw,
             url,
             sg_message_id,
+            json_str(ev, "email").unwrap_or(""),
         ],
     );
-    let mut e = esp_event(
-        SOURCE,
-        message_id,
-        organization_id,
-        event_type,
-        occurred_at,
-        key,
-    );
-    e.bounce_class = bounce_class;
-    let mut metadata = Map::new();
-    keep_fields(&mut metadata, Some(ev), KEPT);
-
-    match event_type {
-        EventType::Opened | EventType::Clicked | EventType::Unsubscribed => {
-            // The recipient's address and client as SendGrid saw them; the webhook handler
-            // then applies REACHLY_IP_MODE (`apply_ip_mode`), as for our own endpoints.
-            e.ip_address = json_str(ev, "ip").map(str::to_owned);
-            e.user_agent = json_str(ev, "useragent").map(str::to_owned);
-            if event_type == EventType::Clicked {
-                e.link_url = json_str(ev, "url").map(str::to_owned);
-            } else if let Some(u) = json_str(ev, "url") {
-                metadata.insert(
-                    "url".into(),
-                    Value::from(crate::event::pg_text(u, crate::event::MAX_TEXT_BYTES)),
-                );
+    // The event's key names the message as parsed (a malformed id is a dead letter anyway).
+    let key = message_raw
+        .and_then(|m| uuid::Uuid::parse_str(m).ok())
+        .map(|message| {
+            content_key(
+                SOURCE,
+                &[
+                    &message.to_string(),
+                    kind.unwrap_or(""),
+                    bounce_type.unwrap_or(""),
+                    &ts_raw,
+                    url,
+                    sg_message_id,
+                ],
+            )
+        });
+    let mapped = kind.and_then(|k| map_type(k, bounce_type));
+    let mut metadata = Metadata::default();
+    metadata.keep(Some(ev), KEPT);
+    let mut engagement = Engagement::default();
+    let mut error = None;
+    match mapped.map(|(t, _)| t) {
+        Some(t @ (EventType::Opened | EventType::Clicked | EventType::Unsubscribed)) => {
+            engagement.ip = json_str(ev, "ip");
+            engagement.user_agent = json_str(ev, "useragent");
+            engagement.link_url = json_str(ev, "url");
+            if t != EventType::Clicked {
+                metadata.text("url", json_str(ev, "url"));
             }
-            if event_type != EventType::Unsubscribed {
-                e.machine_reason = if ev.get("sg_machine_open") == Some(&Value::Bool(true)) {
-                    Some("sendgrid_machine_open".into())
-                } else {
-                    ctx.machine.classify_reported(e.user_agent.as_deref())
-                };
+            if ev.get("sg_machine_open") == Some(&Value::Bool(true)) {
+                engagement.machine = Some("sendgrid_machine_open".into());
             }
         }
-        EventType::Bounced => {
-            e.error_message = Some(diagnostic(ev, "bounce"));
-        }
-        EventType::Deferred => {
-            e.error_message = Some(
+        Some(EventType::Bounced) => error = Some(diagnostic(ev, "bounce")),
+        Some(EventType::Deferred) => {
+            error = Some(
                 json_str(ev, "response")
                     .or(json_str(ev, "reason"))
                     .unwrap_or("deferred")
                     .to_owned(),
             );
         }
-        EventType::Dropped => {
-            e.error_message = Some(diagnostic(ev, "dropped"));
-        }
+        Some(EventType::Dropped) => error = Some(diagnostic(ev, "dropped")),
         _ => {}
     }
-    e.metadata = metadata;
-    Record::Event(e)
+    Facts {
+        kind: kind.map(Into::into),
+        mapped,
+        key,
+        dead_letter_key: Some(dead_letter_key),
+        message_id: message_raw,
+        organization_id: json_str(ev, "reachly_organization_id"),
+        occurred_at: ev.get("timestamp").and_then(json_time),
+        engagement,
+        error,
+        metadata,
+        ..Facts::default()
+    }
 }
 
 /// "reason (status x.y.z)", or what there is of it.

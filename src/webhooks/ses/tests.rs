@@ -1,7 +1,12 @@
 //! Unit tests of the SES provider: verification and extraction without a server.
 
+use super::sns::*;
 use super::*;
+use crate::event::{BounceClass, Event, EventType};
+use crate::machine::MachineDetector;
+use serde_json::Map;
 use std::sync::OnceLock;
+use uuid::Uuid;
 
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Uri};

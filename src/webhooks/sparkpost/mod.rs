@@ -11,6 +11,8 @@
 //! - authentication: <https://www.sparkpost.com/docs/tech-resources/webhook-authentication/>
 //! - bounce classes: <https://support.sparkpost.com/docs/deliverability/bounce-classification-codes>
 //!
+//! The table, in code as [`EVENTS`]:
+//!
 //! | SparkPost `type` | SPEC type |
 //! | --- | --- |
 //! | `injection` | sent |
@@ -37,12 +39,15 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use super::auth::{basic_auth_ok, secrets_equal};
+use super::extract::{json_body, json_str, json_time};
+use super::records::{
+    Engagement, EventTable, Facts, Metadata, content_key, id_key, lookup, malformed,
+};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
-    basic_auth_ok, content_key, correlate, dead_letter, esp_event, id_key, json_body, json_str,
-    json_time, keep_fields, secrets_equal,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
@@ -144,13 +149,7 @@ impl Provider for SparkPost {
                         records.push(map_event(event, req.received_at, ctx));
                     }
                 }
-                None => records.push(dead_letter(
-                    SOURCE,
-                    "malformed_event",
-                    &item.to_string(),
-                    None,
-                    None,
-                )),
+                None => records.push(malformed(SOURCE, &item.to_string())),
             }
         }
         Ok(records)
@@ -170,23 +169,26 @@ fn bounce_class(ev: &Value) -> BounceClass {
     }
 }
 
-fn map_type(kind: &str, ev: &Value) -> Option<(EventType, Option<BounceClass>)> {
-    let t = match kind {
-        "injection" => (EventType::Sent, None),
-        "delivery" => (EventType::Delivered, None),
-        "bounce" | "out_of_band" => (EventType::Bounced, Some(bounce_class(ev))),
-        "delay" => (EventType::Deferred, None),
-        "policy_rejection" | "generation_rejection" | "generation_failure" => {
-            (EventType::Dropped, None)
-        }
-        "spam_complaint" => (EventType::Complained, None),
-        "open" | "initial_open" | "amp_open" | "amp_initial_open" => (EventType::Opened, None),
-        "click" | "amp_click" => (EventType::Clicked, None),
-        "list_unsubscribe" | "link_unsubscribe" => (EventType::Unsubscribed, None),
-        _ => return None,
-    };
-    Some(t)
-}
+/// SparkPost's event types (the module table); a bounce's class comes from [`bounce_class`].
+const EVENTS: &EventTable = &[
+    ("injection", EventType::Sent, None),
+    ("delivery", EventType::Delivered, None),
+    ("bounce", EventType::Bounced, None),
+    ("out_of_band", EventType::Bounced, None),
+    ("delay", EventType::Deferred, None),
+    ("policy_rejection", EventType::Dropped, None),
+    ("generation_rejection", EventType::Dropped, None),
+    ("generation_failure", EventType::Dropped, None),
+    ("spam_complaint", EventType::Complained, None),
+    ("open", EventType::Opened, None),
+    ("initial_open", EventType::Opened, None),
+    ("amp_open", EventType::Opened, None),
+    ("amp_initial_open", EventType::Opened, None),
+    ("click", EventType::Clicked, None),
+    ("amp_click", EventType::Clicked, None),
+    ("list_unsubscribe", EventType::Unsubscribed, None),
+    ("link_unsubscribe", EventType::Unsubscribed, None),
+];
 
 /// A Reachly id from `rcpt_meta`, then `metadata`.
 fn meta<'a>(ev: &'a Value, key: &str) -> Option<&'a str> {
@@ -199,40 +201,27 @@ fn meta<'a>(ev: &'a Value, key: &str) -> Option<&'a str> {
 fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> Record {
     let raw = ev.to_string();
     if !ev.is_object() {
-        return dead_letter(SOURCE, "malformed_event", &raw, None, None);
+        return malformed(SOURCE, &raw);
     }
+    facts(ev, &raw).into_record(SOURCE, &raw, received_at, ctx.machine)
+}
+
+/// What one SparkPost event says.
+fn facts<'a>(ev: &'a Value, raw: &str) -> Facts<'a> {
     let kind = json_str(ev, "type");
     let key = match json_str(ev, "event_id") {
         Some(id) => id_key(SOURCE, &format!("{}:{id}", kind.unwrap_or(""))),
-        None => content_key(SOURCE, &["no_event_id", &raw]),
+        None => content_key(SOURCE, &["no_event_id", raw]),
     };
-    let Some((event_type, class)) = kind.and_then(|k| map_type(k, ev)) else {
-        return dead_letter(SOURCE, "unknown_event_type", &raw, Some(key), kind);
-    };
-    let (message_id, organization_id) = match correlate(
-        meta(ev, "reachly_message_id"),
-        meta(ev, "reachly_organization_id"),
-    ) {
-        Ok(ids) => ids,
-        Err(reason) => return dead_letter(SOURCE, reason, &raw, Some(key), kind),
-    };
-    let occurred_at = ev
-        .get("timestamp")
-        .and_then(json_time)
-        .unwrap_or(received_at);
-    let mut e = esp_event(
-        SOURCE,
-        message_id,
-        organization_id,
-        event_type,
-        occurred_at,
-        key,
-    );
-    e.bounce_class = class;
+    let mapped = kind
+        .and_then(|k| lookup(EVENTS, k))
+        .map(|(t, class)| match t {
+            EventType::Bounced => (t, Some(bounce_class(ev))),
+            _ => (t, class),
+        });
 
-    let mut metadata = Map::new();
-    keep_fields(
-        &mut metadata,
+    let mut metadata = Metadata::default();
+    metadata.keep(
         Some(ev),
         &[
             ("type", "sparkpost_type"),
@@ -249,26 +238,21 @@ fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> 
             ("subaccount_id", "subaccount_id"),
         ],
     );
-    keep_fields(&mut metadata, ev.get("geo_ip"), &[("country", "country")]);
+    metadata.keep(ev.get("geo_ip"), &[("country", "country")]);
 
-    match event_type {
-        EventType::Opened | EventType::Clicked | EventType::Unsubscribed => {
-            // As SparkPost reports it; the webhook handler then applies REACHLY_IP_MODE
-            // (`apply_ip_mode`), as for our own endpoints. (On message events `ip_address` is the
-            // receiving server's, so it is not copied there.)
-            e.ip_address = json_str(ev, "ip_address").map(str::to_owned);
-            e.user_agent = json_str(ev, "user_agent").map(str::to_owned);
-            if event_type == EventType::Clicked {
-                e.link_url = json_str(ev, "target_link_url").map(str::to_owned);
-            }
-            if event_type != EventType::Unsubscribed {
-                e.machine_reason = ctx.machine.classify_reported(e.user_agent.as_deref());
-            }
+    let mut engagement = Engagement::default();
+    let mut error = None;
+    match mapped.map(|(t, _)| t) {
+        Some(EventType::Opened | EventType::Clicked | EventType::Unsubscribed) => {
+            // (On message events `ip_address` is the receiving server's: not copied there.)
+            engagement.ip = json_str(ev, "ip_address");
+            engagement.user_agent = json_str(ev, "user_agent");
+            engagement.link_url = json_str(ev, "target_link_url");
         }
-        EventType::Bounced | EventType::Deferred | EventType::Dropped => {
+        Some(EventType::Bounced | EventType::Deferred | EventType::Dropped) => {
             // `reason` is SparkPost's text with addresses masked; `raw_reason` is the fallback.
             let text = json_str(ev, "reason").or(json_str(ev, "raw_reason"));
-            e.error_message = Some(match (json_str(ev, "error_code"), text) {
+            error = Some(match (json_str(ev, "error_code"), text) {
                 (Some(code), Some(text)) => format!("{code} {text}"),
                 (None, Some(text)) => text.to_owned(),
                 (Some(code), None) => format!("SMTP {code}"),
@@ -277,8 +261,19 @@ fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> 
         }
         _ => {}
     }
-    e.metadata = metadata;
-    Record::Event(e)
+    Facts {
+        kind: kind.map(Into::into),
+        mapped,
+        key: Some(key),
+        dead_letter_key: None,
+        message_id: meta(ev, "reachly_message_id"),
+        organization_id: meta(ev, "reachly_organization_id"),
+        occurred_at: ev.get("timestamp").and_then(json_time),
+        engagement,
+        error,
+        metadata,
+        ..Facts::default()
+    }
 }
 
 #[cfg(test)]
