@@ -19,8 +19,8 @@ pub mod resend;
 pub mod sendgrid;
 pub mod ses;
 pub mod sparkpost;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -2,7 +2,8 @@
 
 use super::*;
 use crate::event::Event;
-use crate::webhooks::testing::*;
+use crate::webhooks::testkit::sign::mailgun_signature as hmac_hex;
+use crate::webhooks::testkit::*;
 
 const KEY: &str = "key-3ax6xnjp29jd6fds4gc373sgvjxteol0";
 
@@ -12,13 +13,6 @@ fn provider() -> Arc<dyn Provider> {
     from_config(&cfg, &no_network())
         .expect("valid")
         .expect("configured")
-}
-
-fn hmac_hex(key: &str, timestamp: &str, token: &str) -> String {
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key.as_bytes()).expect("any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(token.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
 }
 
 /// The fixture with its documented signature replaced by one made now with `key`.

@@ -1,6 +1,11 @@
 //! Unit tests of the Mandrill provider: verification and extraction without a server.
 
 use super::*;
+use crate::webhooks::testkit::sign::mandrill_signature as sign;
+
+fn form(params: &[(&str, &str)]) -> Vec<u8> {
+    crate::webhooks::testkit::sign::form(params).into_bytes()
+}
 use crate::event::Event;
 use crate::machine::MachineDetector;
 use chrono::{DateTime, Utc};
@@ -24,29 +29,6 @@ fn provider(key: &str) -> Mandrill {
         key: key.as_bytes().to_vec(),
         url: URL.to_owned(),
     }
-}
-
-/// Mandrill's signature, computed independently of `check`: HMAC-SHA1 over the URL and
-/// the sorted decoded POST variables, base64.
-fn sign(key: &str, url: &str, params: &[(&str, &str)]) -> String {
-    let mut sorted = params.to_vec();
-    sorted.sort();
-    let mut data = url.to_owned();
-    for (k, v) in sorted {
-        data.push_str(k);
-        data.push_str(v);
-    }
-    let mut mac = <HmacSha1 as KeyInit>::new_from_slice(key.as_bytes()).unwrap();
-    mac.update(data.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
-fn form(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut s = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in params {
-        s.append_pair(k, v);
-    }
-    s.finish().into_bytes()
 }
 
 struct Req {

@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::event::Event;
-use crate::webhooks::testing::*;
-use base64::Engine as _;
+use crate::webhooks::testkit::sign::basic;
+use crate::webhooks::testkit::*;
 
 const CREDENTIALS: &str = "postmark:s3cret-pässword";
 
@@ -13,13 +13,6 @@ fn provider() -> Arc<dyn Provider> {
     from_config(&cfg, &no_network())
         .expect("valid")
         .expect("configured")
-}
-
-fn basic(credentials: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(credentials)
-    )
 }
 
 fn authed(body: impl Into<Vec<u8>>) -> TestRequest {

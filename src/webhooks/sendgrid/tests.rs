@@ -3,28 +3,9 @@
 use super::*;
 use crate::config::Secret;
 use crate::event::Event;
-use crate::webhooks::testing::*;
+use crate::webhooks::testkit::sign::{sendgrid_keypair as keypair, sendgrid_signature as sign};
+use crate::webhooks::testkit::*;
 use p256::ecdsa::SigningKey;
-use p256::ecdsa::signature::Signer;
-use p256::elliptic_curve::Generate;
-use p256::pkcs8::EncodePublicKey;
-
-/// A fresh key pair: the signing key and the public key as SendGrid shows it.
-fn keypair() -> (SigningKey, String) {
-    let sk = SigningKey::generate();
-    let der = sk
-        .verifying_key()
-        .to_public_key_der()
-        .expect("DER encoding of a P-256 key");
-    (sk, STANDARD.encode(der.as_bytes()))
-}
-
-fn sign(sk: &SigningKey, timestamp: &str, body: &[u8]) -> String {
-    let mut msg = timestamp.as_bytes().to_vec();
-    msg.extend_from_slice(body);
-    let sig: Signature = sk.sign(&msg);
-    STANDARD.encode(sig.to_der().as_bytes())
-}
 
 fn provider(public_key_b64: &str) -> Arc<dyn Provider> {
     let mut cfg = no_secrets();

@@ -1,134 +1,26 @@
 //! Unit tests of the SES provider: verification and extraction without a server.
 
+use hyper::header::{HeaderMap, HeaderValue};
+use hyper::{Method, Uri};
+use serde_json::Map;
+use uuid::Uuid;
+
 use super::sns::*;
 use super::*;
 use crate::event::{BounceClass, Event, EventType};
 use crate::machine::MachineDetector;
-use serde_json::Map;
-use std::sync::OnceLock;
-use uuid::Uuid;
+use crate::webhooks::testkit::sns::{
+    CERT_URL, SUBSCRIBE_URL, Seam, TOPIC, certificate as test_key, other_key, sign, sign_with,
+    sns_time,
+};
 
-use hyper::header::{HeaderMap, HeaderValue};
-use hyper::{Method, Uri};
-use serde_json::json;
-
-/// The test seam's certificate URL (allowlisted: https, `sns.us-east-1.amazonaws.com`).
-const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
-const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:MyTopic";
-const SUBSCRIBE_URL: &str = "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=arn:aws:sns:us-east-1:123456789012:MyTopic&Token=2336412f37fb687f5d51e6e241d09c805a5a57b30d712f794cc5f6a988666d92768dd60a747ba6f3beb71854e285d6ad02428b09ceece29417f1f02d609c582afbacc99c583a916b9981dd2728f4ae6fdb82efd087cc3b7849e05798d2d2785c03b0879594eeac82c01f235d0e717736";
 const SNS_ID: &str = "22b80b92-fdea-4c2c-8f9d-bdfb0c7bf324";
 const MESSAGE: &str = "0190a6f0-0000-7000-8000-000000000002";
 const ORG: &str = "0190a6f0-0000-7000-8000-000000000001";
 
-/// A locally generated RSA key and a self-signed certificate for it (PEM), made once.
-struct TestKey {
-    key: rsa::PrivateKey,
-    pem: Vec<u8>,
-}
-
-fn generate() -> TestKey {
-    use std::str::FromStr;
-    use x509_cert::builder::profile::BuilderProfile;
-    use x509_cert::builder::{Builder, CertificateBuilder};
-    use x509_cert::der::EncodePem;
-    use x509_cert::name::Name;
-    use x509_cert::serial_number::SerialNumber;
-    use x509_cert::spki::SubjectPublicKeyInfo;
-    use x509_cert::time::Validity;
-
-    /// Self-signed, no extensions: all SNS verification reads is the key and validity.
-    struct SelfSigned(Name);
-    impl BuilderProfile for SelfSigned {
-        fn get_issuer(&self, subject: &Name) -> Name {
-            subject.clone()
-        }
-        fn get_subject(&self) -> Name {
-            self.0.clone()
-        }
-        fn build_extensions(
-            &self,
-            _spk: x509_cert::spki::SubjectPublicKeyInfoRef<'_>,
-            _issuer_spk: x509_cert::spki::SubjectPublicKeyInfoRef<'_>,
-            _tbs: &x509_cert::TbsCertificate,
-        ) -> x509_cert::builder::Result<Vec<x509_cert::ext::Extension>> {
-            Ok(Vec::new())
-        }
-    }
-
-    let key = rsa::PrivateKey::new(&mut rand::rng(), 2048).expect("RSA key generation");
-    let spki = SubjectPublicKeyInfo::from_key(&key.to_public_key()).expect("SPKI");
-    let profile = SelfSigned(Name::from_str("CN=sns.amazonaws.com").expect("name"));
-    // Valid from an hour ago (tests may take their "now" before the key exists) for a day.
-    let now = std::time::SystemTime::now();
-    let hour = std::time::Duration::from_secs(3600);
-    let validity = Validity::new(
-        x509_cert::time::Time::try_from(now - hour).expect("time"),
-        x509_cert::time::Time::try_from(now + 24 * hour).expect("time"),
-    );
-    let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(key.clone());
-    let cert = CertificateBuilder::new(profile, SerialNumber::from(42u32), validity, spki)
-        .expect("builder")
-        .build::<_, rsa::pkcs1v15::Signature>(&signer)
-        .expect("self-signed certificate");
-    let pem = cert
-        .to_pem(x509_cert::der::pem::LineEnding::LF)
-        .expect("PEM");
-    TestKey {
-        key,
-        pem: pem.into_bytes(),
-    }
-}
-
-fn test_key() -> &'static TestKey {
-    static KEY: OnceLock<TestKey> = OnceLock::new();
-    KEY.get_or_init(generate)
-}
-
-/// A second key, whose signatures the certificate above must not accept.
-fn other_key() -> &'static rsa::PrivateKey {
-    static KEY: OnceLock<rsa::PrivateKey> = OnceLock::new();
-    KEY.get_or_init(|| rsa::PrivateKey::new(&mut rand::rng(), 2048).expect("RSA key"))
-}
-
-/// The test `HttpsGet`: serves the test certificate at [`CERT_URL`], answers the
-/// subscription URL, and records every URL it is asked for.
-struct Seam {
-    calls: Mutex<Vec<String>>,
-    cert: Result<Vec<u8>, String>,
-}
-
-impl Seam {
-    fn new() -> Arc<Seam> {
-        Seam::serving(Ok(test_key().pem.clone()))
-    }
-
-    fn serving(cert: Result<Vec<u8>, String>) -> Arc<Seam> {
-        Arc::new(Seam {
-            calls: Mutex::new(Vec::new()),
-            cert,
-        })
-    }
-
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-}
-
-impl HttpsGet for Seam {
-    fn get<'a>(&'a self, url: &'a Url) -> BoxFuture<'a, Result<Vec<u8>, String>> {
-        self.calls.lock().unwrap().push(url.to_string());
-        let answer = if url.as_str() == CERT_URL {
-            self.cert.clone()
-        } else if url
-            .as_str()
-            .starts_with("https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription")
-        {
-            Ok(b"<ConfirmSubscriptionResponse/>".to_vec())
-        } else {
-            Err(format!("unexpected URL {url}"))
-        };
-        Box::pin(async move { answer })
-    }
+/// An SNS notification of the test message id carrying `message`, not yet signed.
+fn notification(message: &str, version: &str, at: DateTime<Utc>) -> Map<String, Value> {
+    crate::webhooks::testkit::sns::notification(message, SNS_ID, version, at)
 }
 
 fn provider(seam: &Arc<Seam>) -> Ses {
@@ -136,68 +28,6 @@ fn provider(seam: &Arc<Seam>) -> Ses {
         vec![TOPIC.to_owned()],
         Arc::clone(seam) as Arc<dyn HttpsGet>,
     )
-}
-
-fn sns_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
-
-/// The string to sign, built independently of the module: every signable key present, in
-/// the documented (alphabetical) order, name and value each followed by a newline.
-fn canonical(env: &Map<String, Value>) -> String {
-    let mut s = String::new();
-    for k in [
-        "Message",
-        "MessageId",
-        "Subject",
-        "SubscribeURL",
-        "Timestamp",
-        "Token",
-        "TopicArn",
-        "Type",
-    ] {
-        if let Some(v) = env.get(k).and_then(Value::as_str) {
-            s.push_str(&format!("{k}\n{v}\n"));
-        }
-    }
-    s
-}
-
-/// Signs the envelope (per its `SignatureVersion`) with `key`.
-fn sign_with(env: &mut Map<String, Value>, key: &rsa::PrivateKey) {
-    let text = canonical(env);
-    let sig = match env["SignatureVersion"].as_str() {
-        Some("1") => key.pkcs1v15_sign::<sha1::Sha1>(text.as_bytes()),
-        _ => key.pkcs1v15_sign::<sha2::Sha256>(text.as_bytes()),
-    }
-    .expect("signature");
-    env.insert(
-        "Signature".into(),
-        Value::from(base64::engine::general_purpose::STANDARD.encode(sig)),
-    );
-}
-
-fn sign(env: &mut Map<String, Value>) {
-    sign_with(env, &test_key().key);
-}
-
-/// An SNS notification carrying `message`, as SNS posts it (not yet signed).
-fn notification(message: &str, version: &str, at: DateTime<Utc>) -> Map<String, Value> {
-    let v = json!({
-        "Type": "Notification",
-        "MessageId": SNS_ID,
-        "TopicArn": TOPIC,
-        "Subject": "Amazon SES Email Event Notification",
-        "Message": message,
-        "Timestamp": sns_time(at),
-        "SignatureVersion": version,
-        "SigningCertURL": CERT_URL,
-        "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe&SubscriptionArn=arn:aws:sns:us-east-1:123456789012:MyTopic:c9135db0-26c4-47ec-8998-413945fb5a96"
-    });
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
 }
 
 fn fixture(name: &str) -> String {

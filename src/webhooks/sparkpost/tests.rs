@@ -2,8 +2,8 @@
 
 use super::*;
 use crate::event::Event;
-use crate::webhooks::testing::*;
-use base64::Engine as _;
+use crate::webhooks::testkit::sign::basic;
+use crate::webhooks::testkit::*;
 
 const BASIC: &str = "sparkpost:hook-password";
 const TOKEN: &str = "d2a9b8f7e6c5d4e3f2a1b0c9d8e7f6a5";
@@ -15,13 +15,6 @@ fn provider(basic: Option<&str>, token: Option<&str>) -> Arc<dyn Provider> {
     from_config(&cfg, &no_network())
         .expect("valid")
         .expect("configured")
-}
-
-fn basic(credentials: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(credentials)
-    )
 }
 
 fn authed(body: impl Into<Vec<u8>>) -> TestRequest {
