@@ -1,12 +1,28 @@
-//! ESP webhooks, from bytes to records. Each provider is one module implementing
-//! [`Provider`]: `verify` authenticates the raw request (nothing in the body is trusted
-//! before it returns `Ok`), `parse` turns it into records: events mapped to SPEC.md's types,
-//! and dead letters for what cannot be correlated or mapped. Adding a provider is one file
-//! plus one line in [`Registry::from_config`].
+//! ESP webhooks, from bytes to records. Each provider is one folder implementing
+//! [`Provider`] and doing two things only: `verify` authenticates the raw request (nothing in
+//! the body is trusted before it returns `Ok`; a refusal says why as an [`AuthFailure`]),
+//! and `parse` extracts typed [`records::Facts`] from each ESP event (its name and SPEC type,
+//! dedup key material, the echoed Reachly ids, time, engagement data, error text, fields
+//! worth keeping). One shared path, [`records`], turns facts into records: correlation, dead
+//! letters with one vocabulary ([`records::DeadReason`]), the arrival-time fallback, the
+//! machine-traffic verdict, and bounded, NUL-free text. [`extract`] reads JSON fields and
+//! times the same way for every ESP; [`auth`] holds the shared-secret checks.
 //!
-//! This layer builds no HTTP responses: refusals are [`WebhookError`]s, which the HTTP
-//! layer (`http::webhook`, `http::reject`) turns into statuses. It sits beside `pipeline`
-//! and `db` and imports neither.
+//! ```text
+//! webhooks/
+//!   mod.rs       Provider, WebhookRequest, HttpsGet, Registry
+//!   error.rs     WebhookError, AuthFailure (reason() is a log field)
+//!   records.rs   Facts -> Record
+//!   extract.rs   JSON body, fields, times, echoed headers
+//!   auth.rs      constant-time secrets, basic auth
+//!   <esp>/       mod.rs (verify + extract), tests.rs; ses/ also sns.rs and mapping.rs
+//!   testkit/     signers, SNS certificate and seam, fixtures (tests and feature "testkit")
+//! ```
+//!
+//! Adding a provider is one folder plus one line in [`Registry::from_config`]. This layer
+//! builds no HTTP responses: refusals are [`WebhookError`]s, which the HTTP layer
+//! (`http::webhook`, `http::reject`) turns into statuses. It sits beside `pipeline` and `db`
+//! and imports neither.
 
 pub mod auth;
 mod error;

@@ -310,6 +310,37 @@ pub fn malformed(source: Source, raw: &str) -> Record {
     dead_letter(source, DeadReason::MalformedEvent, raw, None, None)
 }
 
+/// Asserts that a module doc (`source`, the module's text) shows `table`: every name is in
+/// a table row whose SPEC column starts with its type (and names its bounce class).
+#[cfg(test)]
+pub(crate) fn assert_doc_shows(source: &str, table: &EventTable) {
+    let rows: Vec<(&str, &str)> = source
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! |"))
+        .filter_map(|row| {
+            let mut cells = row.split('|').map(str::trim);
+            Some((cells.next()?, cells.next()?))
+        })
+        .collect();
+    for (name, event_type, class) in table {
+        let quoted = format!("`{name}`");
+        let row = rows
+            .iter()
+            .find(|(names, _)| names.split(", ").any(|n| n.trim() == quoted));
+        let Some((_, spec)) = row else {
+            panic!("the module doc has no row for {quoted}");
+        };
+        assert!(spec.starts_with(event_type.as_str()), "{quoted}: {spec}");
+        if let Some(c) = class {
+            assert!(
+                spec.contains(c.as_str()),
+                "{quoted}: {spec} names no {}",
+                c.as_str()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -451,6 +482,70 @@ mod tests {
             "only opens and clicks are classified"
         );
         assert!(e.user_agent.is_some());
+    }
+
+    #[test]
+    fn several_recipients_are_several_keyed_events_but_one_dead_letter() {
+        let at = DateTime::from_timestamp(1_700_000_000, 0).expect("time");
+        let machine = MachineDetector::default();
+        let parts = || {
+            (0..2)
+                .map(|i| {
+                    let mut metadata = Metadata::default();
+                    metadata.text("status", Some(&format!("5.1.{i}")));
+                    Part {
+                        error: Some(format!("550 {i}")),
+                        metadata,
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        let facts = Facts {
+            mapped: Some((EventType::Bounced, Some(BounceClass::Hard))),
+            key: Some("ses:id:n".into()),
+            message_id: Some(M),
+            error: Some("shared".into()),
+            ..Facts::default()
+        };
+        let records = facts
+            .clone()
+            .into_records(Source::Ses, "{}", at, &machine, parts());
+        let keys: Vec<_> = records
+            .iter()
+            .map(|r| match r {
+                Record::Event(e) => (
+                    e.dedup_key.clone(),
+                    e.error_message.clone(),
+                    e.metadata["status"].clone(),
+                ),
+                Record::DeadLetter(_) => panic!("a correlated bounce is events"),
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (
+                    Some("ses:id:n#0".into()),
+                    Some("550 0".into()),
+                    json!("5.1.0")
+                ),
+                (
+                    Some("ses:id:n#1".into()),
+                    Some("550 1".into()),
+                    json!("5.1.1")
+                ),
+            ]
+        );
+        let uncorrelated = Facts {
+            message_id: None,
+            ..facts
+        };
+        let records = uncorrelated.into_records(Source::Ses, "{}", at, &machine, parts());
+        let [Record::DeadLetter(d)] = records.as_slice() else {
+            panic!("one dead letter, not one per recipient: {records:?}");
+        };
+        assert_eq!(d.reason, "no_message_id");
+        assert_eq!(d.dedup_key.as_deref(), Some("ses:id:n"));
     }
 
     #[test]

@@ -17,11 +17,24 @@
 //! verification (Mandrill's HEAD carries no signature); the test batch Mandrill posts when a
 //! webhook is saved, `mandrill_events=[]`, is signed and answers 200 with no records.
 //!
-//! Mapping ([`EVENTS`] in code): `send` → sent, `delivered` → delivered, `deferral` → deferred, `hard_bounce` →
-//! bounced (hard), `soft_bounce` → bounced (soft), `open` → opened, `click` → clicked (`url`),
-//! `spam` → complained, `unsub` → unsubscribed, `reject` → dropped. Sync events (`type`
-//! `blacklist`/`whitelist`, no `event`) and inbound messages are dead-lettered as
-//! `unknown_event_type`: they concern addresses, not a Reachly message, but nothing is dropped.
+//! Mapping, in code as [`EVENTS`]:
+//!
+//! | Mandrill `event` | SPEC type |
+//! | --- | --- |
+//! | `send` | sent |
+//! | `delivered` | delivered |
+//! | `deferral` | deferred (the last SMTP attempt's `diag` is the error) |
+//! | `hard_bounce` | bounced, hard |
+//! | `soft_bounce` | bounced, soft |
+//! | `open` | opened |
+//! | `click` | clicked (`url` → `link_url`) |
+//! | `spam` | complained |
+//! | `unsub` | unsubscribed |
+//! | `reject` | dropped |
+//! | sync events (`type` `blacklist`/`whitelist`, no `event`), inbound, anything else | dead letter `unknown_event_type` |
+//!
+//! Sync events and inbound messages concern addresses, not a Reachly message, but nothing
+//! is dropped: they are dead letters.
 //! The dedup key hashes `_id`, `event`, `ts` (and the URL of a click, so two links clicked in
 //! the same second stay two events).
 
@@ -157,7 +170,7 @@ fn number_text(v: Option<&Value>) -> String {
 }
 
 /// Mandrill's message events (the module's mapping).
-const EVENTS: &EventTable = &[
+pub const EVENTS: &EventTable = &[
     ("send", EventType::Sent, None),
     ("delivered", EventType::Delivered, None),
     ("deferral", EventType::Deferred, None),

@@ -432,3 +432,8 @@ fn the_webhook_url_is_required_with_the_key() {
     none.mandrill_webhook_key = None;
     assert!(matches!(from_config(&none, &https), Ok(None)));
 }
+
+#[test]
+fn the_module_doc_shows_the_event_table() {
+    crate::webhooks::records::assert_doc_shows(include_str!("mod.rs"), EVENTS);
+}

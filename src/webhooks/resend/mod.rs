@@ -14,12 +14,19 @@
 //!   the reference documents as an array of `{name, value}` while its examples show an object
 //!   (both are read).
 //!
-//! Mapping ([`EVENTS`] in code): `email.sent` → sent, `email.delivered` → delivered, `email.delivery_delayed` →
-//! deferred, `email.complained` → complained, `email.bounced` → bounced (`Permanent` hard,
-//! anything else soft), `email.opened` → opened, `email.clicked` → clicked (`click.link`),
-//! `email.failed` and `email.suppressed` → dropped (Resend never handed the message to the
-//! recipient's server). Every other type (`email.scheduled`, `email.received`, `contact.*`,
-//! `domain.*`, ...) is dead-lettered as `unknown_event_type`.
+//! Mapping, in code as [`EVENTS`]:
+//!
+//! | Resend `type` | SPEC type |
+//! | --- | --- |
+//! | `email.sent` | sent |
+//! | `email.delivered` | delivered |
+//! | `email.delivery_delayed` | deferred |
+//! | `email.complained` | complained |
+//! | `email.bounced` | bounced (`bounce.type` `Permanent` hard, anything else soft) |
+//! | `email.opened` | opened |
+//! | `email.clicked` | clicked (`click.link` → `link_url`) |
+//! | `email.failed`, `email.suppressed` | dropped (Resend never handed the message to the recipient's server) |
+//! | anything else (`email.scheduled`, `email.received`, `contact.*`, `domain.*`, ...) | dead letter `unknown_event_type` |
 
 use std::sync::Arc;
 
@@ -170,7 +177,7 @@ impl Provider for Resend {
 }
 
 /// Resend's `email.*` types (the module's mapping); a bounce's class comes from `bounce.type`.
-const EVENTS: &EventTable = &[
+pub const EVENTS: &EventTable = &[
     ("email.sent", EventType::Sent, None),
     ("email.delivered", EventType::Delivered, None),
     ("email.delivery_delayed", EventType::Deferred, None),

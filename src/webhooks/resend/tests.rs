@@ -447,3 +447,8 @@ impl HttpsGet for NoNetwork {
         Box::pin(async { Err("no network in tests".to_string()) })
     }
 }
+
+#[test]
+fn the_module_doc_shows_the_event_table() {
+    crate::webhooks::records::assert_doc_shows(include_str!("mod.rs"), EVENTS);
+}

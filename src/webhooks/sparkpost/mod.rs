@@ -170,7 +170,7 @@ fn bounce_class(ev: &Value) -> BounceClass {
 }
 
 /// SparkPost's event types (the module table); a bounce's class comes from [`bounce_class`].
-const EVENTS: &EventTable = &[
+pub const EVENTS: &EventTable = &[
     ("injection", EventType::Sent, None),
     ("delivery", EventType::Delivered, None),
     ("bounce", EventType::Bounced, None),

@@ -312,3 +312,8 @@ fn from_config_takes_either_secret_and_refuses_malformed_ones() {
             .is_some_and(|e| e.contains("REACHLY_SPARKPOST_TOKEN"))
     );
 }
+
+#[test]
+fn the_module_doc_shows_the_event_table() {
+    crate::webhooks::records::assert_doc_shows(include_str!("mod.rs"), EVENTS);
+}
