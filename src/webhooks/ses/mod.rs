@@ -44,6 +44,10 @@
 //! as `unparseable_message`. The dedup key is the SNS `MessageId` (stable across SNS
 //! retries), suffixed `#<index>` when one notification carries several recipients
 //! (bounce, complaint, delivery, delay recipient lists), so they do not collide.
+//!
+//! Files by role: this one is the provider (verification order, certificate fetch,
+//! subscription confirmation, `parse`); `sns.rs` the envelope, string to sign, allowlists
+//! and certificate cache; `mapping.rs` SES messages to facts; `tests.rs` the unit tests.
 
 mod mapping;
 mod sns;

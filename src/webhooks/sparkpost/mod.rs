@@ -169,7 +169,7 @@ fn bounce_class(ev: &Value) -> BounceClass {
     }
 }
 
-/// SparkPost's event types (the module table); a bounce's class comes from [`bounce_class`].
+/// SparkPost's event types (the module table); a bounce's class comes from `bounce_class`.
 pub const EVENTS: &EventTable = &[
     ("injection", EventType::Sent, None),
     ("delivery", EventType::Delivered, None),
