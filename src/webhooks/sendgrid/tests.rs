@@ -314,8 +314,15 @@ async fn tampered_body_wrong_key_missing_headers_and_stale_time_are_unauthorized
     );
 
     // The timestamp changed after signing (it is part of the signed bytes).
-    let shifted = (good.received_at.timestamp() + 1).to_string();
-    let moved = signed(&sk, &body).header(TIMESTAMP_HEADER, &shifted);
+    // Signed at a fixed second, presented one second later: signing "now" twice could
+    // straddle a second boundary and sign exactly the shifted time.
+    let at = Utc::now();
+    let signed_ts = at.timestamp().to_string();
+    let shifted = (at.timestamp() + 1).to_string();
+    let moved = TestRequest::post("sendgrid", body.clone())
+        .at(at)
+        .header(TIMESTAMP_HEADER, &shifted)
+        .header(SIGNATURE_HEADER, &sign(&sk, &signed_ts, &body));
     assert_eq!(
         run(&*p, &moved).await.err(),
         Some(WebhookError::Unauthorized(AuthFailure::BadSignature))
