@@ -10,7 +10,10 @@
 //! 5. one set-based `UPDATE contacts` for suppressions, in id order;
 //! 6. the dead letters, `ON CONFLICT DO NOTHING`.
 //!
-//! The organization written to every row is the message row's, never the request's.
+//! The organization written to every row is the message row's, never the request's; a dead
+//! letter carries the organization of the message it names when that message exists, else
+//! none (under row-level security, a request claiming tenant B for tenant A's message must not
+//! show B a dead letter about A's message).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -82,8 +85,12 @@ async fn write_in(
         }
     }
 
-    // 1. The messages, once.
-    let mut ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
+    // 1. The messages, once (those dead letters name too: their organization comes from here).
+    let mut ids: Vec<Uuid> = events
+        .iter()
+        .map(|e| e.message_id)
+        .chain(dead.iter().filter_map(|d| d.message_id))
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     let mut messages: HashMap<Uuid, MessageRow> = HashMap::with_capacity(ids.len());
@@ -198,9 +205,13 @@ async fn write_in(
         }
     }
 
-    // 6. Dead letters.
+    // 6. Dead letters, with the organization of the message row (never the claimed one).
     if !dead.is_empty() {
-        for d in &dead {
+        for d in &mut dead {
+            d.organization_id = d
+                .message_id
+                .and_then(|m| messages.get(&m))
+                .map(|m| m.organization_id);
             *outcome.dead_lettered.entry(d.reason.clone()).or_default() += 1;
         }
         insert_dead_letters(tx, &dead).await?;

@@ -514,3 +514,57 @@ async fn two_instances_on_one_database_neither_deadlock_nor_lose_updates() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_carries_the_message_rows_organization_never_the_claimed_one() {
+    let app = spawn_app().await;
+    let a = app.seed().await;
+    let b = app.seed().await;
+    // Claims tenant B for tenant A's message.
+    let mut foreign = esp_event(&a, EventType::Delivered, "claims-b");
+    foreign.claimed_organization_id = Some(b.org);
+    // Claims tenant B for a message that does not exist.
+    let mut unknown = esp_event(&b, EventType::Delivered, "no-such-message");
+    unknown.message_id = Uuid::new_v4();
+    // A dead letter a webhook made itself, naming A's message.
+    let mut brought = reachly_ingest::event::DeadLetter::new("sendgrid", "no_event_type", "{}");
+    brought.message_id = Some(a.message);
+    brought.organization_id = Some(b.org);
+    app.state
+        .ingest
+        .submit_durable(vec![
+            Record::Event(foreign.clone()),
+            Record::Event(unknown.clone()),
+            Record::DeadLetter(brought.clone()),
+        ])
+        .await
+        .expect("durable");
+    let rows: Vec<(String, Option<Uuid>, Option<Uuid>)> = app
+        .db
+        .query(
+            "SELECT reason, message_id, organization_id FROM webhook_dead_letters ORDER BY reason",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("no_event_type".to_string(), Some(a.message), Some(a.org)),
+            (
+                "organization_mismatch".to_string(),
+                Some(a.message),
+                Some(a.org)
+            ),
+            (
+                "unknown_message".to_string(),
+                Some(unknown.message_id),
+                None
+            ),
+        ]
+    );
+    assert_eq!(app.count("SELECT count(*) FROM email_events").await, 0);
+}
