@@ -172,6 +172,19 @@ pub struct PipelineArgs {
     /// Bytes the spool may hold; past it events are dropped and counted.
     #[arg(long, env = "REACHLY_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
     pub spool_max_bytes: u64,
+    /// Milliseconds a statement of a batch transaction may run (SET LOCAL statement_timeout);
+    /// past it the batch fails, is counted and retried. 0: the server's setting.
+    #[arg(
+        long,
+        env = "REACHLY_DB_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub db_statement_timeout_ms: u64,
+    /// Milliseconds a batch transaction may wait for a lock (SET LOCAL lock_timeout), e.g. on
+    /// a campaign_messages row someone holds; past it the batch fails, is counted and
+    /// retried. 0: the server's setting.
+    #[arg(long, env = "REACHLY_DB_LOCK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub db_lock_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -417,8 +430,15 @@ pub struct PipelineConfig {
     pub writers: usize,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
-    /// Time budget of the final drain on shutdown (shared with the HTTP drain).
+    /// Budget of the pipeline's final flush (`Pipeline::shutdown`), which starts once the
+    /// HTTP drain is over; what is not committed within it is spooled. The same value
+    /// (`REACHLY_SHUTDOWN_TIMEOUT_S`) as `HttpConfig::shutdown_timeout`, but each phase has
+    /// it in full, so a stop can take up to twice as long.
     pub shutdown_timeout: Duration,
+    /// `statement_timeout` of each batch transaction (`None`: the server's).
+    pub statement_timeout: Option<Duration>,
+    /// `lock_timeout` of each batch transaction (`None`: the server's).
+    pub lock_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -491,6 +511,10 @@ impl Config {
                 spool_dir: args.pipeline.spool_dir,
                 spool_max_bytes: args.pipeline.spool_max_bytes,
                 shutdown_timeout,
+                statement_timeout: (args.pipeline.db_statement_timeout_ms > 0)
+                    .then(|| Duration::from_millis(args.pipeline.db_statement_timeout_ms)),
+                lock_timeout: (args.pipeline.db_lock_timeout_ms > 0)
+                    .then(|| Duration::from_millis(args.pipeline.db_lock_timeout_ms)),
             },
             partitions: PartitionConfig {
                 premake_days: args.partitions.partition_premake_days,

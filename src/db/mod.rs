@@ -1,6 +1,8 @@
 //! Database access: the connection pool, migrations (`migrate`), partition maintenance
 //! (`partitions`) and the startup schema check that fails with a hint instead of letting the
-//! first batch discover a missing column.
+//! first batch discover a missing column. [`describe_error`] renders a database error with
+//! everything PostgreSQL said (SQLSTATE, message, detail, hint, where, the object), since
+//! tokio-postgres's own `Display` of a server error is only "db error".
 
 pub mod migrate;
 pub mod partitions;
@@ -76,4 +78,69 @@ pub async fn check_schema(client: &tokio_postgres::Client) -> anyhow::Result<()>
         })?;
     }
     Ok(())
+}
+
+/// The SQLSTATE of the first server error in `e`'s chain, if any (a log field and a metric
+/// label source).
+pub fn sqlstate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
+            return Some(db.code().code().to_owned());
+        }
+        if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>()
+            && let Some(db) = pg.as_db_error()
+        {
+            return Some(db.code().code().to_owned());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// `e` and every error under it, joined by ": ", with a server error rendered in full:
+/// `ERROR 55P03: canceling statement due to lock timeout (detail: ...; where: ...)`. A link
+/// whose text the previous one already ends with (a wrapper printing its source) is skipped.
+pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
+            Some(describe_db_error(db))
+        } else if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+            // Its Display is "db error"; the server error is its source, rendered next.
+            pg.as_db_error().is_none().then(|| pg.to_string())
+        } else {
+            Some(err.to_string())
+        };
+        if let Some(text) = text.filter(|t| !t.is_empty() && !out.ends_with(t.as_str())) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cur = err.source();
+    }
+    out
+}
+
+fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
+    let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    let extras = [
+        ("detail", db.detail()),
+        ("hint", db.hint()),
+        ("where", db.where_()),
+        ("schema", db.schema()),
+        ("table", db.table()),
+        ("column", db.column()),
+        ("constraint", db.constraint()),
+    ];
+    let extras: Vec<String> = extras
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}: {v}")))
+        .collect();
+    if !extras.is_empty() {
+        s.push_str(&format!(" ({})", extras.join("; ")));
+    }
+    s
 }

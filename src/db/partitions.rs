@@ -247,7 +247,8 @@ pub async fn run_periodically(
                     .increment(1);
                 metrics.db_error("partition_maintenance");
                 tracing::warn!(
-                    error = format!("{e:#}"),
+                    error = super::describe_error(e.as_ref()),
+                    sqlstate = super::sqlstate(e.as_ref()).unwrap_or_default(),
                     "partition maintenance failed; retrying in a minute"
                 );
                 tokio::select! {

@@ -243,7 +243,12 @@ impl Pipeline {
         let rx = Arc::new(Mutex::new(rx));
         let ctx = writer::WriterContext {
             ingest: ingest.clone(),
+            spool: ingest.shared.spool.clone(),
             pool,
+            limits: store::BatchLimits {
+                statement_timeout: cfg.statement_timeout,
+                lock_timeout: cfg.lock_timeout,
+            },
             metrics,
             flush_max_events: cfg.flush_max_events,
             flush_interval: cfg.flush_interval,

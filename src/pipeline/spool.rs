@@ -48,7 +48,8 @@ pub struct Spool {
     dir: PathBuf,
 }
 
-/// What the spool thread needs; returned by [`Spool::open`] with its join handle.
+/// The spool thread, returned by [`Spool::open`]: joined on shutdown, after
+/// [`Spool::close`], so the last appends are on disk before the process exits.
 pub struct SpoolThread {
     pub handle: JoinHandle<()>,
 }

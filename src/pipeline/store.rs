@@ -1,4 +1,11 @@
 //! What one batch does to the database, in one transaction:
+//! 0. one round trip of settings local to the transaction ([`BatchLimits`]: statement and
+//!    lock timeouts, so a lock held on `campaign_messages` fails the batch, which is then
+//!    retried, instead of stalling every writer silently; `client_min_messages = warning`, so
+//!    the `CREATE TEMP TABLE IF NOT EXISTS` of the staging table, sent with them, does not
+//!    send a NOTICE ("already exists, skipping") that tokio-postgres would log on every
+//!    batch). `SET LOCAL` ends with the transaction: nothing leaks to a pooled server
+//!    connection (PgBouncer transaction pooling);
 //! 1. look up the batch's messages once (tenant and contact of each);
 //! 2. events naming an unknown message, or a tenant other than the message's, become dead
 //!    letters (they never fail the batch);
@@ -16,6 +23,7 @@
 //! show B a dead letter about A's message).
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::pin_mut;
@@ -54,18 +62,63 @@ impl BatchOutcome {
     }
 }
 
+/// Limits set with `SET LOCAL` at the start of each batch transaction; `None` leaves the
+/// server's (or role's) setting in force.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// `statement_timeout`: a statement running longer is cancelled (SQLSTATE 57014).
+    pub statement_timeout: Option<Duration>,
+    /// `lock_timeout`: a lock waited for longer fails the statement (SQLSTATE 55P03).
+    pub lock_timeout: Option<Duration>,
+}
+
+impl BatchLimits {
+    /// The transaction's first statements: the limits, and the staging table.
+    fn preamble(&self) -> String {
+        let mut sql = String::from("SET LOCAL client_min_messages = warning; ");
+        for (name, limit) in [
+            ("statement_timeout", self.statement_timeout),
+            ("lock_timeout", self.lock_timeout),
+        ] {
+            if let Some(d) = limit {
+                // At least 1 ms: 0 would mean "no limit" to PostgreSQL.
+                sql.push_str(&format!(
+                    "SET LOCAL {name} = {}; ",
+                    d.as_millis().clamp(1, i32::MAX as u128)
+                ));
+            }
+        }
+        sql.push_str(
+            "CREATE TEMP TABLE IF NOT EXISTS reachly_stage_events \
+             (LIKE public.email_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+        );
+        sql
+    }
+}
+
 struct MessageRow {
     organization_id: Uuid,
     contact_id: Uuid,
 }
 
-/// Writes `records` in one transaction. Errors are the database's; the caller decides
-/// whether they are transient (retry) or caused by a row (split the batch).
+/// Writes `records` in one transaction, with the server's own timeouts. Errors are the
+/// database's; the caller decides whether they are transient (retry) or caused by a row
+/// (split the batch).
 pub async fn write_batch(
     client: &mut Client,
     records: &[&Record],
 ) -> Result<BatchOutcome, tokio_postgres::Error> {
+    write_batch_limited(client, records, &BatchLimits::default()).await
+}
+
+/// [`write_batch`] under `limits`.
+pub async fn write_batch_limited(
+    client: &mut Client,
+    records: &[&Record],
+    limits: &BatchLimits,
+) -> Result<BatchOutcome, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    tx.batch_execute(&limits.preamble()).await?;
     let outcome = write_in(&tx, records).await?;
     tx.commit().await?;
     Ok(outcome)
@@ -121,13 +174,8 @@ async fn write_in(
         }
     }
 
-    // 3. Events: COPY into staging, then an idempotent insert.
+    // 3. Events: COPY into staging (made by the preamble), then an idempotent insert.
     if !good.is_empty() {
-        tx.batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS reachly_stage_events \
-             (LIKE public.email_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-        )
-        .await?;
         let sink = tx
             .copy_in(&format!(
                 "COPY pg_temp.reachly_stage_events ({}) FROM STDIN (FORMAT binary)",
