@@ -569,8 +569,9 @@ async fn a_dead_letter_carries_the_message_rows_organization_never_the_claimed_o
     assert_eq!(app.count("SELECT count(*) FROM email_events").await, 0);
 }
 
-/// Holds a lock on a message row while an event for it is written; `configure` sets the
-/// timeouts. Returns the app's metrics text seen while the lock was held.
+/// Holds a lock on a message row while an event for it is written (`configure` sets the
+/// timeouts): the timeout of `kind` is counted while the lock is held, nothing is committed,
+/// the event is written once the lock is gone, and no pooled connection keeps the settings.
 async fn write_past_a_held_row_lock(
     configure: impl FnOnce(&mut reachly_ingest::config::ServeArgs),
     kind: &str,
