@@ -99,8 +99,9 @@ pub fn sqlstate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 }
 
 /// `e` and every error under it, joined by ": ", with a server error rendered in full:
-/// `ERROR 55P03: canceling statement due to lock timeout (detail: ...; where: ...)`. A link
-/// whose text the previous one already ends with (a wrapper printing its source) is skipped.
+/// `ERROR 55P03: canceling statement due to lock timeout (detail: ...; where: ...)`, except a
+/// failing row's content. A link whose text the previous one already ends with (a wrapper
+/// printing its source) is skipped.
 pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = String::new();
     let mut cur = Some(e);
@@ -126,8 +127,17 @@ pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
     let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    // A check or partition-constraint failure's detail is the whole row (addresses, user
+    // agents, payloads): logs say which row failed by the constraint, never its content.
+    let detail = db.detail().map(|d| {
+        if d.starts_with("Failing row contains") {
+            "Failing row contains (row data not logged)"
+        } else {
+            d
+        }
+    });
     let extras = [
-        ("detail", db.detail()),
+        ("detail", detail),
         ("hint", db.hint()),
         ("where", db.where_()),
         ("schema", db.schema()),

@@ -104,13 +104,8 @@ fn is_row_error(e: &tokio_postgres::Error) -> Option<String> {
     let db = e.as_db_error()?;
     let code = db.code().code();
     let row_class = code.starts_with("22") || code.starts_with("23") || code.starts_with("54");
-    (row_class && !db.message().contains("partition constraint")).then(|| {
-        let mut reason = format!("rejected_by_database: {code} {}", db.message());
-        if let Some(detail) = db.detail() {
-            reason.push_str(&format!(" ({detail})"));
-        }
-        reason
-    })
+    (row_class && !db.message().contains("partition constraint"))
+        .then(|| format!("rejected_by_database: {code} {}", db.message()))
 }
 
 pub(super) async fn run_writer(

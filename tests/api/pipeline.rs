@@ -741,3 +741,26 @@ async fn a_database_error_is_described_with_its_sqlstate_message_and_detail() {
         Some("23505")
     );
 }
+
+#[tokio::test]
+async fn a_described_check_failure_names_the_constraint_but_not_the_rows_content() {
+    let url = fresh_database().await;
+    let db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    let err = db
+        .execute(
+            "INSERT INTO email_events (organization_id, message_id, event_type, user_agent) \
+             VALUES ($1, $2, 'exploded', 'secret-agent')",
+            &[&s.org, &s.message],
+        )
+        .await
+        .expect_err("check constraint");
+    let text = reachly_ingest::db::describe_error(&err);
+    assert!(text.starts_with("ERROR 23514: "), "{text}");
+    assert!(
+        text.contains("constraint: email_events_event_type_check"),
+        "{text}"
+    );
+    assert!(text.contains("row data not logged"), "{text}");
+    assert!(!text.contains("secret-agent"), "{text}");
+}
