@@ -764,3 +764,62 @@ async fn a_described_check_failure_names_the_constraint_but_not_the_rows_content
     assert!(text.contains("row data not logged"), "{text}");
     assert!(!text.contains("secret-agent"), "{text}");
 }
+
+#[tokio::test]
+async fn a_lock_timeout_is_logged_with_its_sqlstate_and_message() {
+    let url = fresh_database().await;
+    let mut db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    let spool = temp_dir("lock-log-spool");
+    let service = ServeProcess::spawn(
+        &url,
+        &spool,
+        &[
+            ("REACHLY_FLUSH_INTERVAL_MS", "5"),
+            ("REACHLY_DB_LOCK_TIMEOUT_MS", "200"),
+            ("REACHLY_MIGRATE_ON_START", "false"),
+        ],
+    );
+    service.wait_admin_ok("/readyz").await;
+    let tx = db.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM campaign_messages WHERE id = $1 FOR UPDATE",
+        &[&s.message],
+    )
+    .await
+    .unwrap();
+    let open = token::mint(&test_token_keys(), Purpose::Open, s.org, s.message, None).unwrap();
+    let r = http_client()
+        .get(service.url(&format!("/o/{open}.gif")))
+        .header("user-agent", BROWSER_UA)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let line = loop {
+        let found = service
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("database write failed"))
+            .cloned();
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no log line of the lock timeout");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["sqlstate"], "55P03", "{line}");
+    assert_eq!(v["fields"]["timeout"], "lock_timeout", "{line}");
+    let error = v["fields"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("ERROR 55P03: canceling statement due to lock timeout"),
+        "{line}"
+    );
+    tx.rollback().await.unwrap();
+    wait_for_count(&db, "SELECT count(*) FROM email_events", 1).await;
+    service.kill9();
+}
