@@ -71,6 +71,8 @@ pub async fn check_schema(client: &tokio_postgres::Client) -> anyhow::Result<()>
         "SELECT id, organization_id, contact_id, status, sent_at, delivered_at, opened_at, clicked_at, error_message, error_at, updated_at FROM public.campaign_messages LIMIT 0".to_string(),
         "SELECT id, organization_id, status, updated_at FROM public.contacts LIMIT 0".to_string(),
         "SELECT id, received_at, provider, reason, organization_id, message_id, event_type, dedup_key, payload FROM public.webhook_dead_letters LIMIT 0".to_string(),
+        // Partition maintenance secures each partition it makes with it (migration V5).
+        "SELECT 'public.reachly_secure_tenant_relation(regclass)'::regprocedure".to_string(),
     ];
     for sql in probes {
         client.simple_query(&sql).await.with_context(|| {

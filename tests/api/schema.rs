@@ -474,3 +474,22 @@ async fn every_relation_with_tenant_rows_partitions_included_shows_a_tenant_only
         "only {checked_with_both} (relation, tenant) pairs had rows of both tenants"
     );
 }
+
+#[tokio::test]
+async fn the_startup_check_refuses_a_schema_without_the_partition_security_function() {
+    let db = connect(&fresh_database().await).await;
+    reachly_ingest::db::check_schema(&db)
+        .await
+        .expect("a migrated schema passes");
+    db.batch_execute("DROP FUNCTION public.reachly_secure_tenant_relation(regclass)")
+        .await
+        .unwrap();
+    let err = reachly_ingest::db::check_schema(&db)
+        .await
+        .expect_err("the function is missing");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("reachly_secure_tenant_relation") && text.contains("reachly-ingest migrate"),
+        "{text}"
+    );
+}
