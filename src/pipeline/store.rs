@@ -378,3 +378,30 @@ async fn insert_dead_letters(
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_local_to_the_transaction_and_a_tiny_one_is_not_sent_as_no_limit() {
+        let none = BatchLimits::default().preamble();
+        assert!(!none.contains("timeout"), "{none}");
+        assert!(none.starts_with("SET LOCAL client_min_messages = warning; "));
+        let sql = BatchLimits {
+            statement_timeout: Some(Duration::from_secs(30)),
+            lock_timeout: Some(Duration::from_micros(10)),
+        }
+        .preamble();
+        assert!(
+            sql.contains("SET LOCAL statement_timeout = 30000; "),
+            "{sql}"
+        );
+        assert!(sql.contains("SET LOCAL lock_timeout = 1; "), "{sql}");
+        assert!(
+            !sql.contains("SET statement") && !sql.contains("SET lock"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("ON COMMIT DELETE ROWS"), "{sql}");
+    }
+}
