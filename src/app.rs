@@ -103,7 +103,8 @@ impl App {
             {
                 Ok(r) => partitions_ready = !r.skipped,
                 Err(e) => tracing::warn!(
-                    error = format!("{e:#}"),
+                    error = db::describe_error(e.as_ref()),
+                    sqlstate = db::sqlstate(e.as_ref()).unwrap_or_default(),
                     "partition maintenance at start failed; retrying in the background"
                 ),
             }

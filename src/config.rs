@@ -294,6 +294,15 @@ pub struct PipelineConfig {
     /// Bytes the spool may hold; past it events are dropped and counted.
     #[arg(long, env = "REACHLY_SPOOL_MAX_BYTES", default_value_t = 1 << 30)]
     pub spool_max_bytes: u64,
+    /// Milliseconds a statement of a batch transaction may run (SET LOCAL statement_timeout);
+    /// past it the batch fails, is counted and retried. 0: the server's setting.
+    #[arg(long = "db-statement-timeout-ms", env = "REACHLY_DB_STATEMENT_TIMEOUT_MS", default_value = "30000", value_parser = millis)]
+    pub statement_timeout: Duration,
+    /// Milliseconds a batch transaction may wait for a lock (SET LOCAL lock_timeout), e.g. on
+    /// a campaign_messages row someone holds; past it the batch fails, is counted and
+    /// retried. 0: the server's setting.
+    #[arg(long = "db-lock-timeout-ms", env = "REACHLY_DB_LOCK_TIMEOUT_MS", default_value = "5000", value_parser = millis)]
+    pub lock_timeout: Duration,
 }
 
 /// Daily partitions of `email_events`: made ahead, dropped past retention.

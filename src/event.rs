@@ -263,7 +263,9 @@ impl DeadLetter {
             received_at: Utc::now(),
             provider: event.source.label().to_owned(),
             reason: reason.to_owned(),
-            organization_id: event.claimed_organization_id,
+            // The claimed organization is unverified (it stays in the payload); the writer
+            // sets the message row's organization when the message exists.
+            organization_id: None,
             message_id: Some(event.message_id),
             event_type: Some(event.event_type.as_str().to_owned()),
             dedup_key: event.dedup_key.clone(),

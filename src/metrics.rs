@@ -40,6 +40,7 @@ pub const SPOOL_BYTES: &str = "reachly_spool_bytes";
 pub const FLUSH_DURATION_SECONDS: &str = "reachly_flush_duration_seconds";
 pub const FLUSH_BATCH_SIZE: &str = "reachly_flush_batch_size";
 pub const DB_ERRORS_TOTAL: &str = "reachly_db_errors_total";
+pub const DB_TIMEOUTS_TOTAL: &str = "reachly_db_timeouts_total";
 pub const INVALID_TOKENS_TOTAL: &str = "reachly_invalid_tokens_total";
 pub const WEBHOOK_AUTH_FAILURES_TOTAL: &str = "reachly_webhook_auth_failures_total";
 pub const PARTITION_MAINTENANCE_TOTAL: &str = "reachly_partition_maintenance_total";
@@ -237,6 +238,10 @@ impl Metrics {
         d(
             DB_ERRORS_TOTAL,
             "Database errors met by the writer and maintenance, by operation.",
+        );
+        d(
+            DB_TIMEOUTS_TOTAL,
+            "Batch transactions that hit REACHLY_DB_STATEMENT_TIMEOUT_MS or REACHLY_DB_LOCK_TIMEOUT_MS (then retried), by kind.",
         );
         d(
             INVALID_TOKENS_TOTAL,

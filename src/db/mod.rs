@@ -1,6 +1,8 @@
 //! Database access: the connection pool, migrations (`migrate`), partition maintenance
 //! (`partitions`) and the startup schema check that fails with a hint instead of letting the
-//! first batch discover a missing column.
+//! first batch discover a missing column. [`describe_error`] renders a database error with
+//! everything PostgreSQL said (SQLSTATE, message, detail, hint, where, the object), since
+//! tokio-postgres's own `Display` of a server error is only "db error".
 
 pub mod migrate;
 pub mod partitions;
@@ -70,6 +72,8 @@ pub async fn check_schema(client: &tokio_postgres::Client) -> anyhow::Result<()>
         "SELECT id, organization_id, contact_id, status, sent_at, delivered_at, opened_at, clicked_at, error_message, error_at, updated_at FROM public.campaign_messages LIMIT 0".to_string(),
         "SELECT id, organization_id, status, updated_at FROM public.contacts LIMIT 0".to_string(),
         "SELECT id, received_at, provider, reason, organization_id, message_id, event_type, dedup_key, payload FROM public.webhook_dead_letters LIMIT 0".to_string(),
+        // Partition maintenance secures each partition it makes with it (migration V5).
+        "SELECT 'public.reachly_secure_tenant_relation(regclass)'::regprocedure".to_string(),
     ];
     for sql in probes {
         client.simple_query(&sql).await.with_context(|| {
@@ -77,4 +81,79 @@ pub async fn check_schema(client: &tokio_postgres::Client) -> anyhow::Result<()>
         })?;
     }
     Ok(())
+}
+
+/// The SQLSTATE of the first server error in `e`'s chain, if any (a log field and a metric
+/// label source).
+pub fn sqlstate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
+            return Some(db.code().code().to_owned());
+        }
+        if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>()
+            && let Some(db) = pg.as_db_error()
+        {
+            return Some(db.code().code().to_owned());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// `e` and every error under it, joined by ": ", with a server error rendered in full:
+/// `ERROR 55P03: canceling statement due to lock timeout (detail: ...; where: ...)`, except a
+/// failing row's content. A link whose text the previous one already ends with (a wrapper
+/// printing its source) is skipped.
+pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = String::new();
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        let text = if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
+            Some(describe_db_error(db))
+        } else if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+            // Its Display is "db error"; the server error is its source, rendered next.
+            pg.as_db_error().is_none().then(|| pg.to_string())
+        } else {
+            Some(err.to_string())
+        };
+        if let Some(text) = text.filter(|t| !t.is_empty() && !out.ends_with(t.as_str())) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        cur = err.source();
+    }
+    out
+}
+
+fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
+    let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+    // A check or partition-constraint failure's detail is the whole row (addresses, user
+    // agents, payloads): logs say which row failed by the constraint, never its content.
+    let detail = db.detail().map(|d| {
+        if d.starts_with("Failing row contains") {
+            "Failing row contains (row data not logged)"
+        } else {
+            d
+        }
+    });
+    let extras = [
+        ("detail", detail),
+        ("hint", db.hint()),
+        ("where", db.where_()),
+        ("schema", db.schema()),
+        ("table", db.table()),
+        ("column", db.column()),
+        ("constraint", db.constraint()),
+    ];
+    let extras: Vec<String> = extras
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k}: {v}")))
+        .collect();
+    if !extras.is_empty() {
+        s.push_str(&format!(" ({})", extras.join("; ")));
+    }
+    s
 }

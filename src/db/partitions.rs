@@ -10,6 +10,14 @@
 //! With the day's partitions made before the first event, and days made a week ahead, only
 //! far-dated events ever meet that window, and the writer's split-and-retry absorbs it.
 //!
+//! Row-level security: PostgreSQL applies the policies of the relation a query names, and
+//! policies are not inherited by partitions, so a tenant role reading a partition directly
+//! would see every tenant's rows unless the partition has RLS and a policy of its own. Each
+//! partition gets both (`public.reachly_secure_tenant_relation`, migration V5) in the
+//! transaction that creates it, before it is attached or visible to anyone; every round also
+//! re-applies it to every partition (a no-op, without a lock, when already done), so a
+//! partition made by hand is covered too.
+//!
 //! Several instances may run this at once: a session advisory lock elects one; the others
 //! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
 //! never queues an exclusive lock in front of the writers for long; it retries next round.
@@ -43,6 +51,8 @@ pub struct MaintenanceReport {
     pub moved_rows: u64,
     /// Rows older than the retention deleted from the default partition.
     pub expired_default_rows: u64,
+    /// Existing partitions that lacked row-level security or its policy and were given them.
+    pub secured: u64,
 }
 
 pub fn partition_name(day: NaiveDate) -> String {
@@ -119,6 +129,15 @@ async fn maintain_locked(
             .with_context(|| format!("dropping {name}"))?;
         report.dropped.push(name);
     }
+    report.secured = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE public.reachly_secure_tenant_relation(i.inhrelid::regclass)) \
+             FROM pg_inherits i WHERE i.inhparent = 'public.email_events'::regclass",
+            &[],
+        )
+        .await
+        .context("enabling row-level security on the partitions")?
+        .get::<_, i64>(0) as u64;
     report.expired_default_rows = client
         .execute(
             "DELETE FROM public.email_events_default WHERE created_at < $1::date::timestamp AT TIME ZONE 'UTC'",
@@ -184,6 +203,13 @@ async fn create_partition(client: &mut Client, day: NaiveDate) -> anyhow::Result
     ))
     .await
     .with_context(|| format!("creating {name}"))?;
+    // Before anyone can see it: RLS and the tenant policy (not inherited from the parent).
+    tx.execute(
+        "SELECT public.reachly_secure_tenant_relation($1::text::regclass)",
+        &[&format!("public.{name}")],
+    )
+    .await
+    .with_context(|| format!("enabling row-level security on {name}"))?;
     let moved = tx
         .execute(
             &format!(
@@ -243,8 +269,12 @@ pub async fn run_periodically(
                         &[("outcome", if r.skipped { "skipped" } else { "ok" })],
                     )
                     .increment(1);
-                if !r.created.is_empty() || !r.dropped.is_empty() || r.moved_rows > 0 {
-                    tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, "partition maintenance");
+                if !r.created.is_empty()
+                    || !r.dropped.is_empty()
+                    || r.moved_rows > 0
+                    || r.secured > 0
+                {
+                    tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, secured = r.secured, "partition maintenance");
                 }
                 record_horizon(&pool, &metrics).await;
             }
@@ -254,7 +284,8 @@ pub async fn run_periodically(
                     .increment(1);
                 metrics.db_error("partition_maintenance");
                 tracing::warn!(
-                    error = format!("{e:#}"),
+                    error = super::describe_error(e.as_ref()),
+                    sqlstate = super::sqlstate(e.as_ref()).unwrap_or_default(),
                     "partition maintenance failed; retrying in a minute"
                 );
                 tokio::select! {

@@ -301,7 +301,13 @@ impl Pipeline {
         let rx = Arc::new(Mutex::new(rx));
         let ctx = writer::WriterContext {
             ingest: ingest.clone(),
+            spool: ingest.shared.spool.clone(),
             pool,
+            limits: store::BatchLimits {
+                // Zero keeps the server's setting.
+                statement_timeout: Some(cfg.statement_timeout).filter(|d| !d.is_zero()),
+                lock_timeout: Some(cfg.lock_timeout).filter(|d| !d.is_zero()),
+            },
             metrics,
             flush_max_events: cfg.flush_max_events,
             flush_interval: cfg.flush_interval,

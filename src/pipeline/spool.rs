@@ -6,7 +6,9 @@
 //! record per accepted envelope. One thread owns the active segment; it takes appends over a
 //! crossbeam channel, writes every append waiting in the channel, `fdatasync`s once (group
 //! commit), and only then acknowledges them: a webhook is answered 2xx after its record is
-//! on disk. The replayer asks the thread to *seal* the active segment, reads sealed segments
+//! on disk. If any write or sync of a group fails, every envelope of the group is rejected
+//! (its sender answers 503 and retries), not only the one whose write failed, and the
+//! group's bytes are cut off the segment again. The replayer asks the thread to *seal* the active segment, reads sealed segments
 //! back, and deletes each one once its events are committed. A record cut short by a crash
 //! (or whose checksum fails) ends its segment's replay and is counted, never replayed as
 //! garbage. A lock file keeps two processes from sharing one spool directory.
@@ -48,7 +50,8 @@ pub struct Spool {
     dir: PathBuf,
 }
 
-/// What the spool thread needs; returned by [`Spool::open`] with its join handle.
+/// The spool thread, returned by [`Spool::open`]: joined on shutdown, after
+/// [`Spool::close`], so the last appends are on disk before the process exits.
 pub struct SpoolThread {
     pub handle: JoinHandle<()>,
 }
@@ -181,6 +184,29 @@ struct ThreadState {
     metrics: Metrics,
 }
 
+/// The appends written since the last `fdatasync` (group commit): acknowledged together once
+/// it succeeds; all rejected if any write of the group, the sync of a segment it filled, or
+/// its own sync fails. A failed group is cut off the segments again (best effort), so the
+/// spool holds what it held before the group and a rejected envelope is not replayed.
+#[derive(Default)]
+struct Group {
+    acks: Vec<(Option<Ack>, usize)>,
+    /// Where the group's bytes begin in each segment it wrote to (one, or two if the active
+    /// segment was rotated during the group).
+    starts: Vec<(PathBuf, u64)>,
+    /// Bytes of the group's complete records (accounted in `ThreadState::bytes`).
+    bytes: u64,
+}
+
+/// Why an append was not written.
+enum AppendError {
+    /// Refused before anything was written (spool full, unserialisable, no new segment):
+    /// the rest of the group is unaffected.
+    Refused(NotDurable),
+    /// A write or sync failed: the whole group fails.
+    Io,
+}
+
 impl ThreadState {
     fn run(mut self, rx: Receiver<Command>) {
         let gauge = self.metrics.gauge(metrics::SPOOL_BYTES, &[]);
@@ -188,37 +214,33 @@ impl ThreadState {
         while !closed {
             let Ok(first) = rx.recv() else { break };
             // Group commit: everything already waiting is written before one fdatasync.
-            let mut pending: Vec<(Option<Ack>, usize)> = Vec::new();
-            let mut dirty = false;
+            let mut group = Group::default();
             for cmd in std::iter::once(first).chain(rx.try_iter().take(4096)) {
                 match cmd {
                     Command::Append(env) => {
                         let n = env.records.len();
-                        match self.write(&env.records) {
-                            Ok(()) => {
-                                dirty = true;
-                                pending.push((env.ack, n));
-                            }
-                            Err(why) => {
+                        match self.write(&env.records, &mut group) {
+                            Ok(()) => group.acks.push((env.ack, n)),
+                            Err(AppendError::Refused(why)) => {
                                 self.metrics.dropped(why.reason(), n as u64);
                                 reject(env.ack, why);
+                            }
+                            Err(AppendError::Io) => {
+                                self.metrics.dropped(NotDurable::SpoolIo.reason(), n as u64);
+                                reject(env.ack, NotDurable::SpoolIo);
+                                self.fail(&mut group);
                             }
                         }
                     }
                     Command::Seal(reply) => {
-                        if dirty {
-                            self.sync(&mut pending);
-                            dirty = false;
-                        }
+                        self.commit(&mut group);
                         self.active = None;
                         let _ = reply.send(list_segments(&self.dir).unwrap_or_default());
                     }
                     Command::Close => closed = true,
                 }
             }
-            if dirty {
-                self.sync(&mut pending);
-            }
+            self.commit(&mut group);
             gauge.set(self.bytes.load(Ordering::Relaxed) as f64);
         }
         // Anything sent after Close is refused and counted, not silently dropped.
@@ -231,21 +253,32 @@ impl ThreadState {
         }
     }
 
-    fn write(&mut self, records: &[Record]) -> Result<(), NotDurable> {
-        let payload = serde_json::to_vec(records).map_err(|_| NotDurable::SpoolIo)?;
+    fn write(&mut self, records: &[Record], group: &mut Group) -> Result<(), AppendError> {
+        let refused = AppendError::Refused;
+        let payload = serde_json::to_vec(records).map_err(|_| refused(NotDurable::SpoolIo))?;
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|l| *l <= MAX_RECORD_BYTES)
-            .ok_or(NotDurable::SpoolFull)?;
+            .ok_or(refused(NotDurable::SpoolFull))?;
         let total = HEADER_BYTES + u64::from(len);
         if self.bytes.load(Ordering::Relaxed) + total > self.max_bytes {
-            return Err(NotDurable::SpoolFull);
+            return Err(refused(NotDurable::SpoolFull));
         }
         if self
             .active
             .as_ref()
             .is_some_and(|(_, _, size)| *size >= SEGMENT_TARGET_BYTES)
         {
+            // The group's records in the full segment must be on disk before it is let go:
+            // only the active segment is synced at the end of the group.
+            let synced = self.active.as_ref().is_some_and(|(path, f, _)| {
+                f.sync_data()
+                    .inspect_err(|e| tracing::error!(error = %e, path = %path.display(), "spool sync failed"))
+                    .is_ok()
+            });
+            if !synced {
+                return Err(AppendError::Io);
+            }
             self.active = None;
         }
         if self.active.is_none() {
@@ -253,48 +286,92 @@ impl ThreadState {
             self.next_seq += 1;
             let file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(|e| {
                 tracing::error!(error = %e, path = %path.display(), "cannot create spool segment");
-                NotDurable::SpoolIo
+                refused(NotDurable::SpoolIo)
             })?;
             // The new file's directory entry must survive a crash too.
             let _ = File::open(&self.dir).and_then(|d| d.sync_all());
             self.active = Some((path, file, 0));
         }
-        let Some((_, file, size)) = self.active.as_mut() else {
-            return Err(NotDurable::SpoolIo);
+        let Some((path, file, size)) = self.active.as_mut() else {
+            return Err(refused(NotDurable::SpoolIo));
         };
+        if !group.starts.iter().any(|(p, _)| p == path) {
+            group.starts.push((path.clone(), *size));
+        }
         let mut buf = Vec::with_capacity(total as usize);
         buf.extend_from_slice(&len.to_le_bytes());
         buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         buf.extend_from_slice(&payload);
         if let Err(e) = file.write_all(&buf) {
-            tracing::error!(error = %e, "spool write failed");
-            // The segment may now end in a partial record: seal it (replay detects the tear).
-            self.active = None;
-            return Err(NotDurable::SpoolIo);
+            tracing::error!(error = %e, path = %path.display(), "spool write failed");
+            return Err(AppendError::Io);
         }
         *size += total;
+        group.bytes += total;
         self.bytes.fetch_add(total, Ordering::Relaxed);
-        self.metrics
-            .counter(metrics::EVENTS_SPOOLED_TOTAL, &[])
-            .increment(records.len() as u64);
         Ok(())
     }
 
-    fn sync(&mut self, pending: &mut Vec<(Option<Ack>, usize)>) {
-        let ok = match &self.active {
-            Some((_, f, _)) => f.sync_data().is_ok(),
-            None => true, // sealed after a failed write: those were already rejected
+    /// Ends the group: one fdatasync of the active segment, then every ack; or, if it fails,
+    /// the group fails.
+    fn commit(&mut self, group: &mut Group) {
+        if group.acks.is_empty() && group.starts.is_empty() {
+            return;
+        }
+        let synced = match &self.active {
+            Some((path, f, _)) => f
+                .sync_data()
+                .inspect_err(
+                    |e| tracing::error!(error = %e, path = %path.display(), "spool sync failed"),
+                )
+                .is_ok(),
+            // Rotated away during the group: that segment was synced then.
+            None => true,
         };
-        for (ack, n) in pending.drain(..) {
-            if ok {
-                if let Some(ack) = ack {
-                    let _ = ack.send(Ok(()));
-                }
-            } else {
-                self.metrics.dropped("spool_io_error", n as u64);
-                reject(ack, NotDurable::SpoolIo);
+        if !synced {
+            self.fail(group);
+            return;
+        }
+        let spooled: usize = group.acks.iter().map(|(_, n)| n).sum();
+        for (ack, _) in group.acks.drain(..) {
+            if let Some(ack) = ack {
+                let _ = ack.send(Ok(()));
             }
         }
+        self.metrics
+            .counter(metrics::EVENTS_SPOOLED_TOTAL, &[])
+            .increment(spooled as u64);
+        *group = Group::default();
+    }
+
+    /// Rejects every envelope of the group, cuts the group's bytes off the segments it wrote
+    /// to, and seals the active segment (after a failed write or sync its state is unknown:
+    /// later appends go to a new one).
+    fn fail(&mut self, group: &mut Group) {
+        for (ack, n) in group.acks.drain(..) {
+            self.metrics.dropped(NotDurable::SpoolIo.reason(), n as u64);
+            reject(ack, NotDurable::SpoolIo);
+        }
+        for (path, start) in group.starts.drain(..) {
+            let cut = match &self.active {
+                Some((p, f, _)) if *p == path => f.set_len(start).and_then(|()| f.sync_data()),
+                _ => OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(start).and_then(|()| f.sync_data())),
+            };
+            if let Err(e) = cut {
+                // Its complete records may then be replayed: at least once, never acked-and-lost.
+                tracing::error!(error = %e, path = %path.display(), "cannot cut a failed spool group off its segment");
+            }
+        }
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(group.bytes))
+            });
+        *group = Group::default();
+        self.active = None;
     }
 }
 
@@ -452,6 +529,135 @@ mod tests {
         assert_eq!(contents.envelopes.len(), 0);
         assert_eq!(contents.torn_records, 1);
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A tmpfs of `bytes` mounted on a fresh directory (the test runs as root, as the suite
+    /// does); unmounted and removed on drop, however the test ends.
+    struct TinyFilesystem(PathBuf);
+
+    impl TinyFilesystem {
+        fn mount(bytes: u64) -> TinyFilesystem {
+            let dir = tempdir();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(&dir)
+                .output()
+                .expect("run mount");
+            assert!(
+                out.status.success(),
+                "this test mounts a small tmpfs to make a real write fail (needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            TinyFilesystem(dir)
+        }
+    }
+
+    impl Drop for TinyFilesystem {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn envelope(
+        records: Vec<Record>,
+    ) -> (
+        Envelope,
+        tokio::sync::oneshot::Receiver<Result<(), NotDurable>>,
+    ) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            Envelope {
+                records,
+                ack: Some(tx),
+                accepted_ms: 0,
+            },
+            rx,
+        )
+    }
+
+    fn outcome(
+        mut rx: tokio::sync::oneshot::Receiver<Result<(), NotDurable>>,
+    ) -> Result<(), NotDurable> {
+        rx.try_recv().expect("every envelope is answered")
+    }
+
+    #[test]
+    fn a_failed_write_fails_every_envelope_of_its_group_and_leaves_the_spool_as_before() {
+        let fs_ = TinyFilesystem::mount(64 << 10);
+        let dir = fs_.0.join("spool");
+        fs::create_dir_all(&dir).unwrap();
+        let metrics = Metrics::new();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let state = ThreadState {
+            dir: dir.clone(),
+            lock: File::create(dir.join("spool.lock")).unwrap(),
+            active: None,
+            next_seq: 1,
+            bytes: bytes.clone(),
+            max_bytes: 1 << 30,
+            metrics: metrics.clone(),
+        };
+        let big = |n: usize| -> Vec<Record> {
+            (0..n)
+                .map(|_| {
+                    let mut e =
+                        Event::new(Uuid::new_v4(), EventType::Opened, Utc::now(), Source::Pixel);
+                    e.user_agent = Some("x".repeat(1000));
+                    Record::Event(e)
+                })
+                .collect()
+        };
+        let (before, before_rx) = envelope(records(2));
+        let (a, a_rx) = envelope(records(2));
+        let (b, b_rx) = envelope(records(3));
+        // About 100 KiB: more than the whole filesystem.
+        let (c, c_rx) = envelope(big(100));
+        let (after, after_rx) = envelope(records(4));
+        let kept = [before.records.clone(), after.records.clone()];
+        // Queued before the thread runs, so the groups are exactly: [before] (ended by the
+        // seal), then [a, b, c] (c's write fails), then [after].
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (seal_tx, seal_rx) = crossbeam_channel::bounded(1);
+        tx.send(Command::Append(before)).unwrap();
+        tx.send(Command::Seal(seal_tx)).unwrap();
+        for env in [a, b, c, after] {
+            tx.send(Command::Append(env)).unwrap();
+        }
+        tx.send(Command::Close).unwrap();
+        state.run(rx);
+
+        assert_eq!(seal_rx.try_recv().unwrap().len(), 1);
+        assert_eq!(outcome(before_rx), Ok(()));
+        assert_eq!(
+            outcome(a_rx),
+            Err(NotDurable::SpoolIo),
+            "a was in the failed group"
+        );
+        assert_eq!(
+            outcome(b_rx),
+            Err(NotDurable::SpoolIo),
+            "b was in the failed group"
+        );
+        assert_eq!(outcome(c_rx), Err(NotDurable::SpoolIo));
+        assert_eq!(outcome(after_rx), Ok(()), "the next group starts afresh");
+        // On disk: exactly the acknowledged envelopes, no torn record of the failed group.
+        let mut envelopes = Vec::new();
+        let mut on_disk = 0;
+        for seg in list_segments(&dir).unwrap() {
+            let contents = read_segment(&seg).unwrap();
+            assert_eq!(contents.torn_records, 0, "{}", seg.display());
+            envelopes.extend(contents.envelopes);
+            on_disk += fs::metadata(&seg).unwrap().len();
+        }
+        assert_eq!(envelopes, kept);
+        assert_eq!(bytes.load(Ordering::Relaxed), on_disk, "accounted bytes");
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"reachly_events_dropped_total{reason="spool_io_error"} 105"#),
+            "{text}"
+        );
+        assert!(text.contains("reachly_events_spooled_total 6"), "{text}");
     }
 
     #[test]

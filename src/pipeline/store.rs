@@ -1,4 +1,11 @@
 //! What one batch does to the database, in one transaction:
+//! 0. one round trip of settings local to the transaction ([`BatchLimits`]: statement and
+//!    lock timeouts, so a lock held on `campaign_messages` fails the batch, which is then
+//!    retried, instead of stalling every writer silently; `client_min_messages = warning`, so
+//!    the `CREATE TEMP TABLE IF NOT EXISTS` of the staging table, sent with them, does not
+//!    send a NOTICE ("already exists, skipping") that tokio-postgres would log on every
+//!    batch). `SET LOCAL` ends with the transaction: nothing leaks to a pooled server
+//!    connection (PgBouncer transaction pooling);
 //! 1. look up the batch's messages once (tenant and contact of each);
 //! 2. events naming an unknown message, or a tenant other than the message's, become dead
 //!    letters (they never fail the batch);
@@ -10,9 +17,13 @@
 //! 5. one set-based `UPDATE contacts` for suppressions, in id order;
 //! 6. the dead letters, `ON CONFLICT DO NOTHING`.
 //!
-//! The organization written to every row is the message row's, never the request's.
+//! The organization written to every row is the message row's, never the request's; a dead
+//! letter carries the organization of the message it names when that message exists, else
+//! none (under row-level security, a request claiming tenant B for tenant A's message must not
+//! show B a dead letter about A's message).
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::pin_mut;
@@ -51,18 +62,63 @@ impl BatchOutcome {
     }
 }
 
+/// Limits set with `SET LOCAL` at the start of each batch transaction; `None` leaves the
+/// server's (or role's) setting in force.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// `statement_timeout`: a statement running longer is cancelled (SQLSTATE 57014).
+    pub statement_timeout: Option<Duration>,
+    /// `lock_timeout`: a lock waited for longer fails the statement (SQLSTATE 55P03).
+    pub lock_timeout: Option<Duration>,
+}
+
+impl BatchLimits {
+    /// The transaction's first statements: the limits, and the staging table.
+    fn preamble(&self) -> String {
+        let mut sql = String::from("SET LOCAL client_min_messages = warning; ");
+        for (name, limit) in [
+            ("statement_timeout", self.statement_timeout),
+            ("lock_timeout", self.lock_timeout),
+        ] {
+            if let Some(d) = limit {
+                // At least 1 ms: 0 would mean "no limit" to PostgreSQL.
+                sql.push_str(&format!(
+                    "SET LOCAL {name} = {}; ",
+                    d.as_millis().clamp(1, i32::MAX as u128)
+                ));
+            }
+        }
+        sql.push_str(
+            "CREATE TEMP TABLE IF NOT EXISTS reachly_stage_events \
+             (LIKE public.email_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+        );
+        sql
+    }
+}
+
 struct MessageRow {
     organization_id: Uuid,
     contact_id: Uuid,
 }
 
-/// Writes `records` in one transaction. Errors are the database's; the caller decides
-/// whether they are transient (retry) or caused by a row (split the batch).
+/// Writes `records` in one transaction, with the server's own timeouts. Errors are the
+/// database's; the caller decides whether they are transient (retry) or caused by a row
+/// (split the batch).
 pub async fn write_batch(
     client: &mut Client,
     records: &[&Record],
 ) -> Result<BatchOutcome, tokio_postgres::Error> {
+    write_batch_limited(client, records, &BatchLimits::default()).await
+}
+
+/// [`write_batch`] under `limits`.
+pub async fn write_batch_limited(
+    client: &mut Client,
+    records: &[&Record],
+    limits: &BatchLimits,
+) -> Result<BatchOutcome, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    tx.batch_execute(&limits.preamble()).await?;
     let outcome = write_in(&tx, records).await?;
     tx.commit().await?;
     Ok(outcome)
@@ -82,8 +138,12 @@ async fn write_in(
         }
     }
 
-    // 1. The messages, once.
-    let mut ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
+    // 1. The messages, once (those dead letters name too: their organization comes from here).
+    let mut ids: Vec<Uuid> = events
+        .iter()
+        .map(|e| e.message_id)
+        .chain(dead.iter().filter_map(|d| d.message_id))
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     let mut messages: HashMap<Uuid, MessageRow> = HashMap::with_capacity(ids.len());
@@ -114,13 +174,8 @@ async fn write_in(
         }
     }
 
-    // 3. Events: COPY into staging, then an idempotent insert.
+    // 3. Events: COPY into staging (made by the preamble), then an idempotent insert.
     if !good.is_empty() {
-        tx.batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS reachly_stage_events \
-             (LIKE public.email_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-        )
-        .await?;
         let sink = tx
             .copy_in(&format!(
                 "COPY pg_temp.reachly_stage_events ({}) FROM STDIN (FORMAT binary)",
@@ -198,9 +253,13 @@ async fn write_in(
         }
     }
 
-    // 6. Dead letters.
+    // 6. Dead letters, with the organization of the message row (never the claimed one).
     if !dead.is_empty() {
-        for d in &dead {
+        for d in &mut dead {
+            d.organization_id = d
+                .message_id
+                .and_then(|m| messages.get(&m))
+                .map(|m| m.organization_id);
             *outcome.dead_lettered.entry(d.reason.clone()).or_default() += 1;
         }
         insert_dead_letters(tx, &dead).await?;
@@ -318,4 +377,31 @@ async fn insert_dead_letters(
         &[&ids, &received, &provider, &reason, &org, &msg, &etype, &key, &payload],
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_local_to_the_transaction_and_a_tiny_one_is_not_sent_as_no_limit() {
+        let none = BatchLimits::default().preamble();
+        assert!(!none.contains("timeout"), "{none}");
+        assert!(none.starts_with("SET LOCAL client_min_messages = warning; "));
+        let sql = BatchLimits {
+            statement_timeout: Some(Duration::from_secs(30)),
+            lock_timeout: Some(Duration::from_micros(10)),
+        }
+        .preamble();
+        assert!(
+            sql.contains("SET LOCAL statement_timeout = 30000; "),
+            "{sql}"
+        );
+        assert!(sql.contains("SET LOCAL lock_timeout = 1; "), "{sql}");
+        assert!(
+            !sql.contains("SET statement") && !sql.contains("SET lock"),
+            "{sql}"
+        );
+        assert!(sql.ends_with("ON COMMIT DELETE ROWS"), "{sql}");
+    }
 }

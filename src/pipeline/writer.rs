@@ -9,10 +9,18 @@
 //! - a *row* error (SQLSTATE classes 22, 23, 54: bad data, a constraint) splits the batch in
 //!   halves until the offending record is alone; it is then kept as a dead letter, and every
 //!   record beside it is written;
-//! - anything else (connection lost, schema broken, deadlock) is *transient*: the batch's
-//!   durable envelopes are spooled at once (their senders get a prompt, durable answer), the
-//!   rest is retried with exponential backoff while new events pile up in memory and then in
-//!   the spool. Retrying is safe: every insert is idempotent on the event id.
+//! - anything else (connection lost, schema broken, deadlock, a statement or lock timeout)
+//!   is *transient*: the batch's durable envelopes are spooled at once (their senders get a
+//!   prompt, durable answer), the rest is retried with exponential backoff while new events
+//!   pile up in memory and then in the spool. Retrying is safe: every insert is idempotent
+//!   on the event id.
+//!
+//! Every batch transaction runs under `REACHLY_DB_STATEMENT_TIMEOUT_MS` and
+//! `REACHLY_DB_LOCK_TIMEOUT_MS` ([`BatchLimits`]), so a lock someone holds on
+//! `campaign_messages` shows up as counted, logged timeouts
+//! (`reachly_db_timeouts_total{kind}`) and retries, not as writers stalled in silence.
+//! Database errors are logged with their SQLSTATE and everything the server said
+//! ([`crate::db::describe_error`]).
 //!
 //! The replayer replays sealed spool segments through the same path whenever there is room,
 //! deleting each segment once all its events are committed. A torn record is counted and
@@ -24,8 +32,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::spool::read_segment;
-use super::store::{self, BatchOutcome};
+use super::spool::{Spool, read_segment};
+use super::store::{self, BatchLimits, BatchOutcome};
 use super::{Envelope, Ingest};
 use crate::event::{DeadLetter, Record};
 use crate::metrics::{self, Metrics};
@@ -38,7 +46,11 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub(super) struct WriterContext {
     pub ingest: Ingest,
+    /// Where durable envelopes of a failed batch go, and what the replayer replays.
+    pub spool: Spool,
     pub pool: deadpool_postgres::Pool,
+    /// Statement and lock timeouts of every batch transaction.
+    pub limits: BatchLimits,
     pub metrics: Metrics,
     pub flush_max_events: usize,
     pub flush_interval: Duration,
@@ -53,10 +65,36 @@ pub(super) struct WriterContext {
 /// Why a write did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    #[error("database unavailable: {0}")]
+    // The source is printed by `describe_error`, which walks the chain.
+    #[error("database unavailable")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("database error: {0}")]
+    #[error("database error")]
     Db(#[from] tokio_postgres::Error),
+}
+
+/// Counts and logs a failed database write with everything the server said; a statement or
+/// lock timeout is counted as such too.
+fn report_write_error(ctx: &WriterContext, operation: &'static str, e: &WriteError, events: usize) {
+    ctx.metrics.db_error(operation);
+    let sqlstate = crate::db::sqlstate(e);
+    let kind = match sqlstate.as_deref() {
+        Some("57014") => Some("statement_timeout"),
+        Some("55P03") => Some("lock_timeout"),
+        _ => None,
+    };
+    if let Some(kind) = kind {
+        ctx.metrics
+            .counter(metrics::DB_TIMEOUTS_TOTAL, &[("kind", kind)])
+            .increment(1);
+    }
+    tracing::warn!(
+        operation,
+        error = crate::db::describe_error(e),
+        sqlstate = sqlstate.as_deref().unwrap_or(""),
+        timeout = kind.unwrap_or(""),
+        events,
+        "database write failed; retrying"
+    );
 }
 
 /// SQLSTATE classes caused by a row's content: splitting the batch isolates the row.
@@ -175,8 +213,7 @@ async fn flush(ctx: &WriterContext, mut pending: Vec<Envelope>) {
             }
             Some(Err(e)) => {
                 ctx.ingest.set_db_healthy(false);
-                ctx.metrics.db_error("write_batch");
-                tracing::warn!(error = %e, events = n, retry_in_ms = backoff.as_millis() as u64, "batch write failed");
+                report_write_error(ctx, "write_batch", &e, n);
                 // Durable envelopes go to disk now: their senders are waiting.
                 let (durable, rest): (Vec<Envelope>, Vec<Envelope>) =
                     pending.into_iter().partition(|e| e.ack.is_some());
@@ -207,7 +244,7 @@ async fn flush(ctx: &WriterContext, mut pending: Vec<Envelope>) {
 
 fn spool_envelope(ctx: &WriterContext, env: Envelope) {
     ctx.ingest.release(env.len());
-    ctx.ingest.shared.spool.append(env);
+    ctx.spool.append(env);
 }
 
 /// Writes `records`; a row the database rejects is isolated by splitting and kept as a dead
@@ -220,7 +257,7 @@ async fn write_isolating(
     let mut outcome = BatchOutcome::default();
     let mut stack: Vec<&[&Record]> = vec![records];
     while let Some(part) = stack.pop() {
-        match store::write_batch(&mut conn, part).await {
+        match store::write_batch_limited(&mut conn, part, &ctx.limits).await {
             Ok(o) => outcome.absorb(o),
             Err(e) => {
                 let Some(reason) = is_row_error(&e) else {
@@ -243,10 +280,19 @@ async fn write_isolating(
                         ..d.clone()
                     },
                 };
-                match store::write_batch(&mut conn, &[&Record::DeadLetter(dead)]).await {
+                match store::write_batch_limited(
+                    &mut conn,
+                    &[&Record::DeadLetter(dead)],
+                    &ctx.limits,
+                )
+                .await
+                {
                     Ok(o) => outcome.absorb(o),
                     Err(e2) if is_row_error(&e2).is_some() => {
-                        tracing::error!(error = %e2, "a rejected record could not be dead-lettered either; dropping it");
+                        tracing::error!(
+                            error = crate::db::describe_error(&e2),
+                            "a rejected record could not be dead-lettered either; dropping it"
+                        );
                         ctx.metrics.dropped("rejected", 1);
                     }
                     Err(e2) => return Err(e2.into()),
@@ -282,21 +328,22 @@ pub(super) async fn run_replayer(ctx: WriterContext) {
             _ = tokio::time::sleep(wait) => {}
         }
         wait = Duration::from_secs(1);
-        if ctx.ingest.shared.spool.is_empty() || ctx.ingest.above_high_water() {
+        if ctx.spool.is_empty() || ctx.ingest.above_high_water() {
             continue;
         }
         if let Err(e) = replay_once(&ctx).await {
             ctx.ingest.set_db_healthy(false);
-            ctx.metrics.db_error("spool_replay");
-            tracing::warn!(error = %e, "spool replay paused");
+            report_write_error(&ctx, "spool_replay", &e, 0);
             wait = BACKOFF_MAX;
         }
     }
 }
 
-/// Replays every sealed segment once. Public to the crate for tests driving one step.
-pub(super) async fn replay_once(ctx: &WriterContext) -> Result<(), WriteError> {
-    let spool = ctx.ingest.shared.spool.clone();
+/// Replays every sealed segment once (sealing the active one first), deleting each segment
+/// whose records are all committed; stops at the first transient failure, leaving that
+/// segment and the later ones for the next call.
+async fn replay_once(ctx: &WriterContext) -> Result<(), WriteError> {
+    let spool = ctx.spool.clone();
     let segments = tokio::task::spawn_blocking(move || spool.seal())
         .await
         .unwrap_or_default();
@@ -329,7 +376,7 @@ pub(super) async fn replay_once(ctx: &WriterContext) -> Result<(), WriteError> {
                 .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])
                 .increment(chunk.len() as u64);
         }
-        if let Err(e) = ctx.ingest.shared.spool.remove_segment(&seg, &ctx.metrics) {
+        if let Err(e) = ctx.spool.remove_segment(&seg, &ctx.metrics) {
             tracing::error!(error = %e, segment = %seg.display(), "cannot delete a replayed spool segment");
         }
         tracing::info!(segment = %seg.display(), events = records.len(), "spool segment replayed");

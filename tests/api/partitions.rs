@@ -122,3 +122,50 @@ async fn two_instances_maintaining_at_once_agree() {
             .contains(&"email_events_p20300306".to_string())
     );
 }
+
+#[tokio::test]
+async fn a_partition_made_by_hand_gets_row_level_security_at_the_next_round() {
+    let url = fresh_database().await;
+    let mut db = connect(&url).await;
+    db.batch_execute(
+        "CREATE TABLE email_events_p20400101 PARTITION OF email_events \
+         FOR VALUES FROM ('2040-01-01 00:00:00+00') TO ('2040-01-02 00:00:00+00')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(rls_of_2040(&db).await, (false, 0), "made by hand: nothing");
+    let r = maintain(
+        &mut db,
+        NaiveDate::from_ymd_opt(2040, 1, 1).unwrap(),
+        0,
+        4000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.secured, 1, "{r:?}");
+    assert_eq!(rls_of_2040(&db).await, (true, 1));
+    let again = maintain(
+        &mut db,
+        NaiveDate::from_ymd_opt(2040, 1, 1).unwrap(),
+        0,
+        4000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        again.secured, 0,
+        "a second round changes nothing: {again:?}"
+    );
+}
+
+async fn rls_of_2040(db: &tokio_postgres::Client) -> (bool, i64) {
+    let r = db
+        .query_one(
+            "SELECT c.relrowsecurity, (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) \
+             FROM pg_class c WHERE c.oid = 'public.email_events_p20400101'::regclass",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}

@@ -526,3 +526,312 @@ async fn two_instances_on_one_database_neither_deadlock_nor_lose_updates() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_carries_the_message_rows_organization_never_the_claimed_one() {
+    let app = spawn_app().await;
+    let a = app.seed().await;
+    let b = app.seed().await;
+    // Claims tenant B for tenant A's message.
+    let mut foreign = esp_event(&a, EventType::Delivered, "claims-b");
+    foreign.claimed_organization_id = Some(b.org);
+    // Claims tenant B for a message that does not exist.
+    let mut unknown = esp_event(&b, EventType::Delivered, "no-such-message");
+    unknown.message_id = Uuid::new_v4();
+    // A dead letter a webhook made itself, naming A's message.
+    let mut brought = reachly_ingest::event::DeadLetter::new("sendgrid", "no_event_type", "{}");
+    brought.message_id = Some(a.message);
+    brought.organization_id = Some(b.org);
+    app.state
+        .ingest
+        .submit_durable(vec![
+            Record::Event(foreign.clone()),
+            Record::Event(unknown.clone()),
+            Record::DeadLetter(brought.clone()),
+        ])
+        .await
+        .expect("durable");
+    let rows: Vec<(String, Option<Uuid>, Option<Uuid>)> = app
+        .db
+        .query(
+            "SELECT reason, message_id, organization_id FROM webhook_dead_letters ORDER BY reason",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("no_event_type".to_string(), Some(a.message), Some(a.org)),
+            (
+                "organization_mismatch".to_string(),
+                Some(a.message),
+                Some(a.org)
+            ),
+            (
+                "unknown_message".to_string(),
+                Some(unknown.message_id),
+                None
+            ),
+        ]
+    );
+    assert_eq!(app.count("SELECT count(*) FROM email_events").await, 0);
+}
+
+/// Holds a lock on a message row while an event for it is written (`configure` sets the
+/// timeouts): the timeout of `kind` is counted while the lock is held, nothing is committed,
+/// the event is written once the lock is gone, and no pooled connection keeps the settings.
+async fn write_past_a_held_row_lock(
+    configure: impl FnOnce(&mut reachly_ingest::config::ServeArgs),
+    kind: &str,
+) {
+    let app = spawn_app_with(configure).await;
+    let s = app.seed().await;
+    let mut locker = connect(&app.db_url).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM campaign_messages WHERE id = $1 FOR UPDATE",
+        &[&s.message],
+    )
+    .await
+    .unwrap();
+    app.state.ingest.submit(vec![Record::Event(esp_event(
+        &s,
+        EventType::Delivered,
+        "behind-a-lock",
+    ))]);
+    let sample = format!(r#"reachly_db_timeouts_total{{kind="{kind}"}}"#);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.metric(&sample).await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} counted while the row was locked:\n{}",
+            app.metrics_text().await
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        app.metric(r#"reachly_db_errors_total{operation="write_batch"}"#)
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_events").await,
+        0,
+        "nothing is committed while the lock is held"
+    );
+    tx.rollback().await.unwrap();
+    app.wait_count("SELECT count(*) FROM email_events", 1).await;
+    assert_eq!(
+        app.message(s.message).await.status.as_deref(),
+        Some("delivered")
+    );
+    // SET LOCAL: no pooled connection keeps the batch's timeouts.
+    let pool = &app.state.pool;
+    let mut held = Vec::new();
+    for _ in 0..pool.status().max_size {
+        held.push(pool.get().await.unwrap());
+    }
+    for c in &held {
+        for setting in ["lock_timeout", "statement_timeout", "client_min_messages"] {
+            let v: String = c
+                .query_one(&format!("SHOW {setting}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            let server_default = if setting == "client_min_messages" {
+                "notice"
+            } else {
+                "0"
+            };
+            assert_eq!(v, server_default, "{setting} leaked to a pooled connection");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lock_held_on_a_message_row_times_out_is_counted_and_the_batch_is_written_later() {
+    write_past_a_held_row_lock(
+        |a| {
+            a.pipeline.lock_timeout = Duration::from_millis(200);
+            a.pipeline.statement_timeout = Duration::ZERO;
+        },
+        "lock_timeout",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_statement_stuck_behind_a_lock_hits_the_statement_timeout_and_is_retried() {
+    write_past_a_held_row_lock(
+        |a| {
+            a.pipeline.lock_timeout = Duration::ZERO;
+            a.pipeline.statement_timeout = Duration::from_millis(300);
+        },
+        "statement_timeout",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn batches_log_no_notice_of_the_staging_table() {
+    let url = fresh_database().await;
+    let db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    let spool = temp_dir("notice-spool");
+    let service = ServeProcess::spawn(
+        &url,
+        &spool,
+        &[
+            ("REACHLY_FLUSH_INTERVAL_MS", "5"),
+            ("REACHLY_MIGRATE_ON_START", "false"),
+        ],
+    );
+    service.wait_admin_ok("/readyz").await;
+    let open = token::mint(&test_token_keys(), Purpose::Open, s.org, s.message, None).unwrap();
+    let client = http_client();
+    // One batch per hit: each waits until the previous one is committed.
+    for n in 1..=12 {
+        let r = client
+            .get(service.url(&format!("/o/{open}.gif")))
+            .header("user-agent", BROWSER_UA)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        wait_for_count(&db, "SELECT count(*) FROM email_events", n).await;
+    }
+    let log = service.log.lock().unwrap().clone();
+    service.kill9();
+    let notices: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("NOTICE") || l.contains("already exists"))
+        .collect();
+    assert!(notices.is_empty(), "{notices:#?}");
+    assert!(
+        log.iter().any(|l| l.contains("serving")),
+        "the log was captured: {log:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_database_error_is_described_with_its_sqlstate_message_and_detail() {
+    let url = fresh_database().await;
+    let db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    let err = db
+        .execute(
+            "INSERT INTO contacts (organization_id, email) SELECT organization_id, email FROM contacts WHERE organization_id = $1",
+            &[&s.org],
+        )
+        .await
+        .expect_err("a duplicate contact");
+    let text = reachly_ingest::db::describe_error(&err);
+    assert!(
+        text.starts_with("ERROR 23505: duplicate key value violates unique constraint"),
+        "{text}"
+    );
+    assert!(
+        text.contains("detail: Key (organization_id, email)="),
+        "{text}"
+    );
+    assert!(
+        text.contains("constraint: contacts_organization_id_email_key"),
+        "{text}"
+    );
+    assert!(!text.contains("db error"), "{text}");
+    let wrapped = anyhow::Error::new(err).context("seeding");
+    assert!(
+        reachly_ingest::db::describe_error(wrapped.as_ref()).starts_with("seeding: ERROR 23505: "),
+        "{wrapped:#}"
+    );
+    assert_eq!(
+        reachly_ingest::db::sqlstate(wrapped.as_ref()).as_deref(),
+        Some("23505")
+    );
+}
+
+#[tokio::test]
+async fn a_described_check_failure_names_the_constraint_but_not_the_rows_content() {
+    let url = fresh_database().await;
+    let db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    let err = db
+        .execute(
+            "INSERT INTO email_events (organization_id, message_id, event_type, user_agent) \
+             VALUES ($1, $2, 'exploded', 'secret-agent')",
+            &[&s.org, &s.message],
+        )
+        .await
+        .expect_err("check constraint");
+    let text = reachly_ingest::db::describe_error(&err);
+    assert!(text.starts_with("ERROR 23514: "), "{text}");
+    assert!(
+        text.contains("constraint: email_events_event_type_check"),
+        "{text}"
+    );
+    assert!(text.contains("row data not logged"), "{text}");
+    assert!(!text.contains("secret-agent"), "{text}");
+}
+
+#[tokio::test]
+async fn a_lock_timeout_is_logged_with_its_sqlstate_and_message() {
+    let url = fresh_database().await;
+    let mut db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    let spool = temp_dir("lock-log-spool");
+    let service = ServeProcess::spawn(
+        &url,
+        &spool,
+        &[
+            ("REACHLY_FLUSH_INTERVAL_MS", "5"),
+            ("REACHLY_DB_LOCK_TIMEOUT_MS", "200"),
+            ("REACHLY_MIGRATE_ON_START", "false"),
+        ],
+    );
+    service.wait_admin_ok("/readyz").await;
+    let tx = db.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM campaign_messages WHERE id = $1 FOR UPDATE",
+        &[&s.message],
+    )
+    .await
+    .unwrap();
+    let open = token::mint(&test_token_keys(), Purpose::Open, s.org, s.message, None).unwrap();
+    let r = http_client()
+        .get(service.url(&format!("/o/{open}.gif")))
+        .header("user-agent", BROWSER_UA)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let line = loop {
+        let found = service
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("database write failed"))
+            .cloned();
+        if let Some(l) = found {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no log line of the lock timeout");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["fields"]["sqlstate"], "55P03", "{line}");
+    assert_eq!(v["fields"]["timeout"], "lock_timeout", "{line}");
+    let error = v["fields"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("ERROR 55P03: canceling statement due to lock timeout"),
+        "{line}"
+    );
+    tx.rollback().await.unwrap();
+    wait_for_count(&db, "SELECT count(*) FROM email_events", 1).await;
+    service.kill9();
+}

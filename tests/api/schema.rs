@@ -293,3 +293,203 @@ async fn row_level_security_shows_a_tenant_only_its_own_rows() {
     let all: i64 = count("email_events").await.get(0);
     assert_eq!(all, 2, "the owner (the service) sees every tenant");
 }
+
+/// Every relation with an `organization_id` column (tables, partitioned tables, every
+/// partition of email_events), oldest first.
+async fn tenant_relations(db: &tokio_postgres::Client) -> Vec<String> {
+    db.query(
+        "SELECT c.oid::regclass::text FROM pg_attribute a \
+         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE a.attname = 'organization_id' AND NOT a.attisdropped AND c.relkind IN ('r', 'p') \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY c.oid",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+async fn tenant_rows(db: &tokio_postgres::Client, s: &Seeded, tag: &str) {
+    let user = Uuid::new_v4();
+    db.execute(
+        "INSERT INTO auth.users (id, email, password_hash) VALUES ($1, $2, 'x')",
+        &[&user, &format!("{tag}-{}@example.com", user.simple())],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO organization_members (organization_id, user_id) VALUES ($1, $2)",
+        &[&s.org, &user],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO contact_lists (organization_id, name) VALUES ($1, $2)",
+        &[&s.org, &tag],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO email_templates (organization_id, name) VALUES ($1, $2)",
+        &[&s.org, &tag],
+    )
+    .await
+    .unwrap();
+    // Events today (a partition made at start), far in the future (the default partition)
+    // and on a day whose partition maintenance makes later in the test.
+    for at in [
+        "now()",
+        "'2031-06-15 12:00:00+00'",
+        "'2032-01-01 08:00:00+00'",
+    ] {
+        db.execute(
+            &format!(
+                "INSERT INTO email_events (organization_id, message_id, event_type, created_at) \
+                 VALUES ($1, $2, 'opened', {at})"
+            ),
+            &[&s.org, &s.message],
+        )
+        .await
+        .unwrap();
+    }
+    db.execute(
+        "INSERT INTO webhook_dead_letters (provider, reason, organization_id, message_id, payload) \
+         VALUES ('sendgrid', 'test', $1, $2, '{}')",
+        &[&s.org, &s.message],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn every_relation_with_tenant_rows_partitions_included_shows_a_tenant_only_its_own() {
+    let app = spawn_app().await;
+    let owner = connect(&app.db_url).await;
+    let role = format!("tenant_{}", Uuid::new_v4().simple());
+    // Supabase-style grants: SELECT on every table there is, and on every table made later.
+    owner
+        .batch_execute(&format!(
+            "CREATE ROLE {role} NOLOGIN NOBYPASSRLS; \
+             GRANT USAGE ON SCHEMA public TO {role}; \
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}; \
+             ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO {role};"
+        ))
+        .await
+        .unwrap();
+    let a = app.seed().await;
+    let b = app.seed().await;
+    // Partitions maintenance makes now, after the grants (the app made today's at start).
+    let mut maint = connect(&app.db_url).await;
+    let made = loop {
+        let r = reachly_ingest::db::partitions::maintain(
+            &mut maint,
+            chrono::NaiveDate::from_ymd_opt(2032, 1, 1).unwrap(),
+            1,
+            4000,
+        )
+        .await
+        .unwrap();
+        if !r.skipped {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        made.created.contains(&"email_events_p20320101".to_string()),
+        "{made:?}"
+    );
+    tenant_rows(&owner, &a, "a").await;
+    tenant_rows(&owner, &b, "b").await;
+
+    let relations = tenant_relations(&owner).await;
+    let today = reachly_ingest::db::partitions::partition_name(chrono::Utc::now().date_naive());
+    for must in [
+        "email_events",
+        "email_events_default",
+        today.as_str(),
+        "email_events_p20320101",
+        "campaign_messages",
+        "contacts",
+        "webhook_dead_letters",
+        "organization_members",
+    ] {
+        assert!(
+            relations.iter().any(|r| r == must),
+            "{must} in {relations:?}"
+        );
+    }
+    let mut leaks = Vec::new();
+    let mut checked_with_both = 0;
+    for rel in &relations {
+        for (me, other) in [(&a, &b), (&b, &a)] {
+            let as_owner = owner
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FILTER (WHERE organization_id = $1), \
+                                count(*) FILTER (WHERE organization_id = $2) FROM {rel}"
+                    ),
+                    &[&me.org, &other.org],
+                )
+                .await
+                .unwrap();
+            let (mine, theirs): (i64, i64) = (as_owner.get(0), as_owner.get(1));
+            if mine > 0 && theirs > 0 {
+                checked_with_both += 1;
+            }
+            let tenant = connect(&app.db_url).await;
+            tenant
+                .execute(&format!("SET ROLE {role}"), &[])
+                .await
+                .unwrap();
+            tenant
+                .execute(
+                    "SELECT set_config('app.current_organization_id', $1, false)",
+                    &[&me.org.to_string()],
+                )
+                .await
+                .unwrap();
+            let seen = tenant
+                .query_one(
+                    &format!(
+                        "SELECT count(*), count(*) FILTER (WHERE organization_id IS DISTINCT FROM $1) FROM {rel}"
+                    ),
+                    &[&me.org],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{rel}: {e:?}"));
+            let (all, foreign): (i64, i64) = (seen.get(0), seen.get(1));
+            if foreign != 0 || all != mine {
+                leaks.push(format!(
+                    "{rel}: sees {all} rows, {foreign} not its own (owns {mine})"
+                ));
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "tenant isolation broken: {leaks:#?}");
+    // Not vacuous: the tables above and the three partitions hold rows of both tenants.
+    assert!(
+        checked_with_both >= 2 * 11,
+        "only {checked_with_both} (relation, tenant) pairs had rows of both tenants"
+    );
+}
+
+#[tokio::test]
+async fn the_startup_check_refuses_a_schema_without_the_partition_security_function() {
+    let db = connect(&fresh_database().await).await;
+    reachly_ingest::db::check_schema(&db)
+        .await
+        .expect("a migrated schema passes");
+    db.batch_execute("DROP FUNCTION public.reachly_secure_tenant_relation(regclass)")
+        .await
+        .unwrap();
+    let err = reachly_ingest::db::check_schema(&db)
+        .await
+        .expect_err("the function is missing");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("reachly_secure_tenant_relation") && text.contains("reachly-ingest migrate"),
+        "{text}"
+    );
+}
