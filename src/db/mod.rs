@@ -27,11 +27,16 @@ pub fn pool(cfg: &DbConfig, tls: tls::Tls) -> anyhow::Result<Pool> {
     }
     // TCP keepalives detect a database host that vanished without closing the socket.
     pg.keepalives_idle(Duration::from_secs(30));
+    // Verified: a connection is checked with an empty query before it is handed out, so
+    // after a failover (or a database host that vanished) a pooled connection to the old
+    // server is dropped and replaced (following `target_session_attrs` of a multi-host
+    // DATABASE_URL) instead of failing the next batch. One round trip per checkout, which
+    // is per batch for the writers.
     let mgr = Manager::from_config(
         pg,
         tls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            recycling_method: RecyclingMethod::Verified,
         },
     );
     Pool::builder(mgr)
@@ -42,6 +47,24 @@ pub fn pool(cfg: &DbConfig, tls: tls::Tls) -> anyhow::Result<Pool> {
         .recycle_timeout(Some(cfg.connect_timeout))
         .build()
         .context("building the connection pool")
+}
+
+/// A database error with its reason: SQLSTATE, message, detail and hint when the server sent
+/// them. tokio-postgres shows a server error as "db error", which says nothing in a log.
+pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}", db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!(" (detail: {d})"));
+            }
+            if let Some(h) = db.hint() {
+                s.push_str(&format!(" (hint: {h})"));
+            }
+            anyhow::anyhow!(s)
+        }
+        None => anyhow::Error::new(e),
+    }
 }
 
 /// Opens one connection (migrations, tools) with the system-CA TLS connector.
@@ -72,9 +95,13 @@ pub async fn check_schema(client: &tokio_postgres::Client) -> anyhow::Result<()>
         "SELECT id, received_at, provider, reason, organization_id, message_id, event_type, dedup_key, payload FROM public.webhook_dead_letters LIMIT 0".to_string(),
     ];
     for sql in probes {
-        client.simple_query(&sql).await.with_context(|| {
-            format!("schema check failed ({sql}); run `reachly-ingest migrate`")
-        })?;
+        client
+            .simple_query(&sql)
+            .await
+            .map_err(describe)
+            .with_context(|| {
+                format!("schema check failed ({sql}); run `reachly-ingest migrate`")
+            })?;
     }
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! With the day's partitions made before the first event, and days made a week ahead, only
 //! far-dated events ever meet that window, and the writer's split-and-retry absorbs it.
 //!
-//! Several instances may run this at once: a session advisory lock elects one; the others
+//! Several instances may run this at once: a transaction-scoped advisory lock elects one; the others
 //! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
 //! never queues an exclusive lock in front of the writers for long; it retries next round.
 
@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{Days, NaiveDate, Utc};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use crate::config::PartitionConfig;
 use crate::metrics::{Metrics, PARTITION_MAINTENANCE_TOTAL};
@@ -55,8 +55,14 @@ pub async fn maintain(
     premake_days: u32,
     retention_days: u32,
 ) -> anyhow::Result<MaintenanceReport> {
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&PARTITION_LOCK_KEY])
+    // One transaction per round with a transaction-scoped lock: through PgBouncer in
+    // transaction mode a session lock would stay on a pooled server connection for ever.
+    let mut tx = client.transaction().await?;
+    let got: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[&PARTITION_LOCK_KEY],
+        )
         .await?
         .get(0);
     if !got {
@@ -65,20 +71,20 @@ pub async fn maintain(
             ..Default::default()
         });
     }
-    let result = maintain_locked(client, today, premake_days, retention_days).await;
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&PARTITION_LOCK_KEY])
-        .await;
-    result
+    let report = maintain_locked(&mut tx, today, premake_days, retention_days).await?;
+    tx.commit().await?;
+    Ok(report)
 }
 
 async fn maintain_locked(
-    client: &mut Client,
+    client: &mut Transaction<'_>,
     today: NaiveDate,
     premake_days: u32,
     retention_days: u32,
 ) -> anyhow::Result<MaintenanceReport> {
-    client.batch_execute("SET lock_timeout = '3s'").await?;
+    client
+        .batch_execute("SET LOCAL lock_timeout = '3s'")
+        .await?;
     let mut report = MaintenanceReport::default();
     let existing: BTreeSet<NaiveDate> = client
         .query(
@@ -131,12 +137,11 @@ async fn maintain_locked(
         )
         .await
         .context("expiring rows of the default partition")?;
-    client.batch_execute("RESET lock_timeout").await?;
     Ok(report)
 }
 
 /// Makes one day's partition, moving that day's rows out of the default partition first.
-async fn create_partition(client: &mut Client, day: NaiveDate) -> anyhow::Result<u64> {
+async fn create_partition(client: &mut Transaction<'_>, day: NaiveDate) -> anyhow::Result<u64> {
     let name = partition_name(day);
     let next = day.succ_opt().context("date overflow")?;
     let (from, to) = (
