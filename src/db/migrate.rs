@@ -88,6 +88,36 @@ pub async fn run_on(client: &mut tokio_postgres::Client) -> anyhow::Result<usize
     Ok(applied.len())
 }
 
+/// Versions embedded here and not yet recorded as applied (read-only: needs only SELECT on
+/// refinery's history table; an error when it cannot be read).
+pub async fn pending(client: &tokio_postgres::Client) -> anyhow::Result<Vec<i32>> {
+    let exists = client
+        .simple_query("SELECT (to_regclass('refinery_schema_history') IS NOT NULL)::text")
+        .await
+        .map_err(super::describe)?;
+    let applied: Vec<i32> = if first_value(&exists).as_deref() == Some("true") {
+        client
+            .simple_query("SELECT version FROM refinery_schema_history")
+            .await
+            .map_err(super::describe)
+            .context("reading refinery_schema_history")?
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .filter(|v| !applied.contains(v))
+        .collect())
+}
+
 /// refinery's error, with the database's SQLSTATE and message when there is one.
 fn refinery_reason(e: &refinery_core::Error) -> String {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);

@@ -49,6 +49,52 @@ pub fn pool(cfg: &DbConfig, tls: tls::Tls) -> anyhow::Result<Pool> {
         .context("building the connection pool")
 }
 
+/// `reachly-ingest maintain`: one partition maintenance round as of today (UTC), on a
+/// connection of its own. Run it as the owner of `email_events` (making and dropping
+/// partitions needs ownership). A round skipped because another instance holds the lock is
+/// reported as such (not an error: that instance does the work).
+pub async fn maintain_once(
+    url: &str,
+    tls: tls::Tls,
+    cfg: &crate::config::PartitionConfig,
+) -> anyhow::Result<partitions::MaintenanceReport> {
+    let mut client = connect_with(url, tls).await?;
+    let r = partitions::maintain(
+        &mut client,
+        chrono::Utc::now().date_naive(),
+        cfg.premake_days,
+        cfg.retention_days,
+    )
+    .await
+    .map_err(|e| match e.downcast::<tokio_postgres::Error>() {
+        Ok(pg) => describe(pg),
+        Err(e) => e,
+    })
+    .context("partition maintenance (run it as the owner of public.email_events)")?;
+    if r.skipped {
+        tracing::warn!("partition maintenance skipped: another session holds its lock");
+    } else {
+        tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, "partition maintenance done");
+    }
+    Ok(r)
+}
+
+/// One line for a maintenance report.
+pub fn describe_report(r: &partitions::MaintenanceReport) -> String {
+    if r.skipped {
+        return "skipped (another session holds the maintenance lock)".into();
+    }
+    format!(
+        "created {} [{}], dropped {} [{}], moved {} rows out of the default partition, expired {} rows of it",
+        r.created.len(),
+        r.created.join(" "),
+        r.dropped.len(),
+        r.dropped.join(" "),
+        r.moved_rows,
+        r.expired_default_rows
+    )
+}
+
 /// A database error with its reason: SQLSTATE, message, detail and hint when the server sent
 /// them. tokio-postgres shows a server error as "db error", which says nothing in a log.
 pub fn describe(e: tokio_postgres::Error) -> anyhow::Error {

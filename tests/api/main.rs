@@ -9,6 +9,7 @@ mod lifecycle;
 mod merge_property;
 mod partitions;
 mod pipeline;
+mod probes;
 mod schema;
 mod tracking;
 mod webhooks_common;
