@@ -15,4 +15,11 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "scripts/test.sh: could not install chromium; the browser test will say what is missing" >&2
 fi
 
+# The pooler test runs Debian's PgBouncer in transaction mode; install it likewise.
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing pgbouncer for the transaction-pooling test..." >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null) \
+    || echo "scripts/test.sh: could not install pgbouncer; the pooler test will say what is missing" >&2
+fi
+
 cargo test --locked "$@"

@@ -6,11 +6,8 @@
 //! partition made by `maintain`. Also: V1 on a database whose `auth.users` belongs to another
 //! role (Supabase).
 
-use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine as _;
-use reachly_ingest::pgcluster::PgCluster;
 use reachly_ingest::token::Purpose;
 use uuid::Uuid;
 
@@ -18,36 +15,6 @@ use crate::helpers::*;
 
 const ROLES_SQL: &str = include_str!("../../deploy/sql/roles.sql");
 const POSTMARK_AUTH: &str = "hook:least privilege";
-
-async fn private_unmigrated_cluster(tag: &str) -> PgCluster {
-    let dir = std::env::temp_dir().join(format!("reachly-test-{tag}-{}", Uuid::new_v4().simple()));
-    tokio::task::spawn_blocking(move || start_cluster_with(&dir, |_| Ok(()), &[]))
-        .await
-        .expect("join")
-        .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL: {e:#}"))
-}
-
-fn as_user(c: &PgCluster, user: &str, db: &str) -> String {
-    c.url(db).replace("user=postgres", &format!("user={user}"))
-}
-
-/// Runs the real binary to completion; returns (exit code, stdout, stderr).
-async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut c = Command::new(binary());
-    c.args(args).env("RUST_LOG", "info");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let out = tokio::task::spawn_blocking(move || c.output())
-        .await
-        .expect("join")
-        .expect("run reachly-ingest");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[tokio::test]
 async fn the_app_role_stores_everything_without_bypassrls_in_partitions_made_by_the_owner() {
@@ -149,27 +116,13 @@ async fn the_app_role_stores_everything_without_bypassrls_in_partitions_made_by_
         .unwrap();
     assert_eq!(r.status(), 302);
 
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(POSTMARK_AUTH)
-    );
-    let bounce = |org: Uuid, msg: Uuid| {
-        serde_json::json!({
-            "RecordType": "Bounce", "MessageStream": "outbound", "ID": 4323372036854775807u64,
-            "Type": "HardBounce", "TypeCode": 1, "Name": "Hard bounce",
-            "MessageID": Uuid::new_v4().to_string(),
-            "Metadata": {"reachly_message_id": msg.to_string(), "reachly_organization_id": org.to_string()},
-            "Description": "mailbox not found", "Details": "550 5.1.1", "Email": "x@example.com",
-            "BouncedAt": chrono::Utc::now().to_rfc3339(), "Inactive": true
-        })
-        .to_string()
-    };
+    let auth = basic_auth(POSTMARK_AUTH);
     for (org, msg) in [(s.org, bounced.message), (s.org, Uuid::new_v4())] {
         let r = http
             .post(serve.url("/webhooks/postmark"))
             .header("authorization", &auth)
             .header("content-type", "application/json")
-            .body(bounce(org, msg))
+            .body(postmark_bounce(org, msg))
             .send()
             .await
             .unwrap();

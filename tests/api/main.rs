@@ -9,6 +9,7 @@ mod least_privilege;
 mod lifecycle;
 mod merge_property;
 mod partitions;
+mod pgbouncer;
 mod pipeline;
 mod probes;
 mod schema;
