@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin;
 mod db_tls;
+mod failover;
 mod least_privilege;
 mod lifecycle;
 mod merge_property;
