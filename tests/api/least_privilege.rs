@@ -180,6 +180,11 @@ async fn the_app_role_stores_everything_without_bypassrls_in_partitions_made_by_
     let log = serve.log.lock().map(|l| l.join("\n")).unwrap_or_default();
     assert!(!log.contains("batch write failed"), "{log}");
     assert!(log.contains("no migration to apply"), "{log}");
+    assert!(log.contains("partition maintenance is off"), "{log}");
+    assert!(
+        !log.contains("partition maintenance at start failed"),
+        "{log}"
+    );
     serve.signal("-TERM");
     assert_eq!(serve.wait(Duration::from_secs(20)).await, Some(0));
 }
