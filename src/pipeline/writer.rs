@@ -102,7 +102,9 @@ async fn collect(
                 }
                 break;
             }
-            _ = tokio::time::sleep(HEARTBEAT_EVERY) => ctx.ingest.beat(),
+            // Idle means nothing buffered anywhere: while another writer holds a batch, an
+            // idle beat would hide that writer being stuck (liveness, readiness).
+            _ = tokio::time::sleep(HEARTBEAT_EVERY) => if ctx.ingest.buffered() == 0 { ctx.ingest.beat() },
             _ = ctx.closing.cancelled(), if !ctx.closing.is_cancelled() => {}
         }
     }

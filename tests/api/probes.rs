@@ -151,3 +151,46 @@ async fn the_admin_listener_answers_while_migrations_wait() {
     stop.cancel();
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn writers_blocked_with_events_waiting_make_the_instance_unready_but_still_alive() {
+    let app = spawn_app().await;
+    let s = app.seed().await;
+    // Another session holds campaign_messages: the writer's first query waits behind it.
+    let mut blocker = connect(&app.db_url).await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE campaign_messages IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let t = app.mint(Purpose::Open, &s, None);
+    assert_eq!(
+        app.get(&format!("/o/{t}.gif"), Some(BROWSER_UA))
+            .await
+            .status(),
+        200
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
+    let (status, body) = loop {
+        let (status, body) = get(&app, "/readyz").await;
+        if body.contains("writers stalled") || tokio::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("writers stalled"), "{body}");
+    let (status, body) = get(&app, "/healthz").await;
+    assert_eq!(status, 200, "liveness waits longer (60 s): {body}");
+
+    tx.rollback().await.unwrap();
+    app.wait_count(
+        &format!(
+            "SELECT count(*) FROM email_events WHERE message_id = '{}'",
+            s.message
+        ),
+        1,
+    )
+    .await;
+    let (status, body) = wait_body(&app, "/readyz", "ready").await;
+    assert_eq!(status, 200, "{body}");
+}
