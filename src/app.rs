@@ -172,7 +172,7 @@ impl App {
                 {
                     Ok(r) => partitions_ready = !r.skipped,
                     Err(e) => tracing::warn!(
-                        error = format!("{e:#}"),
+                        error = format!("{:#}", db::with_sqlstate(e)),
                         "partition maintenance at start failed; retrying in the background"
                     ),
                 }

@@ -66,10 +66,7 @@ pub async fn maintain_once(
         cfg.retention_days,
     )
     .await
-    .map_err(|e| match e.downcast::<tokio_postgres::Error>() {
-        Ok(pg) => describe(pg),
-        Err(e) => e,
-    })
+    .map_err(with_sqlstate)
     .context("partition maintenance (run it as the owner of public.email_events)")?;
     if r.skipped {
         tracing::warn!("partition maintenance skipped: another session holds its lock");
@@ -93,6 +90,21 @@ pub fn describe_report(r: &partitions::MaintenanceReport) -> String {
         r.moved_rows,
         r.expired_default_rows
     )
+}
+
+/// `e` with the SQLSTATE and message of the database error in its chain, if any, after its
+/// outermost context ("expiring rows of the default partition: 42501 permission denied for
+/// table email_events_default").
+pub fn with_sqlstate(e: anyhow::Error) -> anyhow::Error {
+    let reason = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+        .and_then(|pg| pg.as_db_error())
+        .map(|db| format!("{} {}", db.code().code(), db.message()));
+    match reason {
+        Some(r) => anyhow::anyhow!("{e}: {r}"),
+        None => e,
+    }
 }
 
 /// A database error with its reason: SQLSTATE, message, detail and hint when the server sent

@@ -61,6 +61,10 @@ async fn the_app_role_stores_everything_without_bypassrls_in_partitions_made_by_
         .batch_execute(ROLES_SQL)
         .await
         .expect("roles.sql, after migrate");
+    // The app role cannot maintain; it says why.
+    let (code, out, err) = run_binary(&["maintain"], &[("DATABASE_URL", &app_url)]).await;
+    assert_ne!(code, Some(0), "maintain as reachly_app: {out}{err}");
+    assert!(err.contains("42501"), "{err}");
     let (code, out, err) = run_binary(&["maintain"], &[("DATABASE_URL", &owner_url)]).await;
     assert_eq!(code, Some(0), "maintain as owner: {out}{err}");
     let today = reachly_ingest::db::partitions::partition_name(chrono::Utc::now().date_naive());
@@ -187,6 +191,18 @@ async fn the_app_role_stores_everything_without_bypassrls_in_partitions_made_by_
     );
     serve.signal("-TERM");
     assert_eq!(serve.wait(Duration::from_secs(20)).await, Some(0));
+}
+
+#[tokio::test]
+async fn an_invalid_partition_maintenance_setting_is_one_line_and_exit_64() {
+    let (code, _, err) = run_binary(
+        &["serve", "--database-url", "host=x"],
+        &[("REACHLY_PARTITION_MAINTENANCE", "sometimes")],
+    )
+    .await;
+    assert_eq!(code, Some(64), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("partition-maintenance"), "{err}");
 }
 
 #[tokio::test]
