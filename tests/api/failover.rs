@@ -101,6 +101,7 @@ fn start_standby(primary: &PgCluster) -> PgCluster {
 
 #[tokio::test]
 async fn acknowledged_webhooks_survive_a_promotion_under_traffic() {
+    let _heavy = heavy_test_guard().await;
     let dir =
         std::env::temp_dir().join(format!("reachly-test-primary-{}", Uuid::new_v4().simple()));
     // synchronous_commit on: an acknowledged commit is on the standby too (with an

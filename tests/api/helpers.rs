@@ -860,3 +860,14 @@ pub fn basic_auth(credentials: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(credentials)
     )
 }
+
+/// Tests that start clusters, poolers or standbys of their own take this first, so that at
+/// most one of them loads the 2-core machine at a time (timing-sensitive tests of other
+/// modules run beside them).
+pub async fn heavy_test_guard() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    HEAVY
+        .get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}

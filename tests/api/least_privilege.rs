@@ -18,6 +18,7 @@ const POSTMARK_AUTH: &str = "hook:least privilege";
 
 #[tokio::test]
 async fn the_app_role_stores_everything_without_bypassrls_in_partitions_made_by_the_owner() {
+    let _heavy = heavy_test_guard().await;
     let c = private_unmigrated_cluster("least-priv").await;
     let su = connect(&c.url("postgres")).await;
     // Azure-like: the admin creates roles, owns the database, is no superuser.
@@ -207,6 +208,7 @@ async fn an_invalid_partition_maintenance_setting_is_one_line_and_exit_64() {
 
 #[tokio::test]
 async fn v1_applies_where_auth_users_belongs_to_another_role() {
+    let _heavy = heavy_test_guard().await;
     let c = private_unmigrated_cluster("supabase").await;
     let su = connect(&c.url("postgres")).await;
     su.batch_execute("CREATE ROLE supabase_auth_admin NOLOGIN; CREATE ROLE migrator LOGIN")

@@ -151,6 +151,7 @@ async fn simple_count(db: &tokio_postgres::Client, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn everything_works_through_pgbouncer_in_transaction_mode() {
+    let _heavy = heavy_test_guard().await;
     let c = private_unmigrated_cluster("pgbouncer").await;
     let direct = connect(&c.url("postgres")).await;
     direct
