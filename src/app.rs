@@ -55,6 +55,55 @@ pub fn prepare_default(config: &Config) -> Result<Prepared, String> {
     prepare(config, https)
 }
 
+/// `REACHLY_MIGRATE_ON_START`: nothing is changed when the schema is current (so a role
+/// that may not change the schema starts fine); otherwise the migrations are applied, and a
+/// failure says what to do instead.
+async fn migrate_on_start(client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
+    match db::migrate::pending(client).await {
+        Ok(p) if p.is_empty() => {
+            tracing::info!("schema is current; no migration to apply");
+            return Ok(());
+        }
+        Ok(p) => tracing::info!(pending = ?p, "applying migrations"),
+        Err(e) => tracing::info!(
+            reason = format!("{e:#}"),
+            "cannot tell which migrations are applied; migrating"
+        ),
+    }
+    db::migrate::run_on(client).await.map(|_| ()).map_err(|e| {
+        anyhow::anyhow!(
+            "applying migrations at start failed: {e:#}. If DATABASE_URL's role is not meant to \
+             change the schema (least privilege), apply them with `reachly-ingest migrate` as the \
+             owner role and set REACHLY_MIGRATE_ON_START=false (docs/deployment-database.md)"
+        )
+    })
+}
+
+/// Serves the admin listener while the app starts, until `stop`; then hands it back.
+/// One request per connection, so no connection outlives the handover for long.
+async fn serve_starting(listener: TcpListener, stop: CancellationToken) -> TcpListener {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return listener,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(crate::http::admin::starting(req.uri().path()))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(false)
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(5))
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
 pub struct App {
     state: Arc<AppState>,
     public: TcpListener,
@@ -65,23 +114,48 @@ pub struct App {
 }
 
 impl App {
-    /// Connects, migrates (if configured), checks the schema, opens the spool and starts the
-    /// writers. A database that is unreachable at start is not fatal: the service serves
-    /// and spools until it returns. A failing migration is fatal.
+    /// Binds nothing: `admin` is served at once (`/healthz` 200, `/readyz` 503 "starting")
+    /// while this connects, migrates (if configured), checks the schema, makes the first
+    /// partitions, opens the spool and starts the writers; then the real handlers take over
+    /// the same listener. A database that is unreachable at start is not fatal: the service
+    /// serves and spools until it returns. A failing migration is fatal.
     pub async fn build(
         config: Config,
         public: TcpListener,
         admin: TcpListener,
         prepared: Prepared,
     ) -> anyhow::Result<App> {
+        let stop_starting = CancellationToken::new();
+        let starting = tokio::spawn(serve_starting(admin, stop_starting.clone()));
+        let built = Self::start_parts(config, prepared).await;
+        stop_starting.cancel();
+        let admin = starting.await.context("admin listener while starting")?;
+        let (state, pipeline, background, stop_background) = built?;
+        Ok(App {
+            state,
+            public,
+            admin,
+            pipeline,
+            background,
+            stop_background,
+        })
+    }
+
+    async fn start_parts(
+        config: Config,
+        prepared: Prepared,
+    ) -> anyhow::Result<(
+        Arc<AppState>,
+        Pipeline,
+        Vec<JoinHandle<()>>,
+        CancellationToken,
+    )> {
         let metrics = Metrics::new();
         let tls = db::tls::connector(config.db.ca_file.as_deref())?;
         let url = config.db.url.expose();
         if config.db.migrate_on_start {
             match db::connect_with(url, tls.clone()).await {
-                Ok(_) => {
-                    db::migrate::run_with(url, tls.clone()).await?;
-                }
+                Ok(mut client) => migrate_on_start(&mut client).await?,
                 Err(e) => tracing::warn!(
                     error = format!("{e:#}"),
                     "database unreachable at start; serving and spooling until it returns"
@@ -90,23 +164,31 @@ impl App {
         }
         let pool = db::pool(&config.db, tls)?;
         let mut partitions_ready = false;
+        let in_process = config.partitions.in_process;
+        if !in_process {
+            tracing::info!(
+                "partition maintenance is off in this process (REACHLY_PARTITION_MAINTENANCE=off); run `reachly-ingest maintain` as the tables' owner"
+            );
+        }
         if let Ok(mut client) = pool.get().await {
             db::check_schema(&client).await?;
             let p = &config.partitions;
-            match db::partitions::maintain(
-                &mut client,
-                chrono::Utc::now().date_naive(),
-                p.premake_days,
-                p.retention_days,
-            )
-            .await
-            {
-                Ok(r) => partitions_ready = !r.skipped,
-                Err(e) => tracing::warn!(
-                    error = db::describe_error(e.as_ref()),
-                    sqlstate = db::sqlstate(e.as_ref()).unwrap_or_default(),
-                    "partition maintenance at start failed; retrying in the background"
-                ),
+            if in_process {
+                match db::partitions::maintain(
+                    &mut client,
+                    chrono::Utc::now().date_naive(),
+                    p.premake_days,
+                    p.retention_days,
+                )
+                .await
+                {
+                    Ok(r) => partitions_ready = !r.skipped,
+                    Err(e) => tracing::warn!(
+                        error = db::describe_error(e.as_ref()),
+                        sqlstate = db::sqlstate(e.as_ref()).unwrap_or_default(),
+                        "partition maintenance at start failed; retrying in the background"
+                    ),
+                }
             }
         }
         let pipeline = Pipeline::start(&config.pipeline, pool.clone(), metrics.clone())?;
@@ -121,13 +203,15 @@ impl App {
 
         let stop_background = CancellationToken::new();
         let mut background = Vec::new();
-        background.push(tokio::spawn(db::partitions::run_periodically(
-            pool,
-            state.config.partitions.clone(),
-            metrics.clone(),
-            stop_background.clone(),
-            partitions_ready,
-        )));
+        if in_process {
+            background.push(tokio::spawn(db::partitions::run_periodically(
+                pool,
+                state.config.partitions.clone(),
+                metrics.clone(),
+                stop_background.clone(),
+                partitions_ready,
+            )));
+        }
         let upkeep_metrics = metrics.clone();
         let upkeep_stop = stop_background.clone();
         background.push(tokio::spawn(async move {
@@ -139,14 +223,7 @@ impl App {
                 }
             }
         }));
-        Ok(App {
-            state,
-            public,
-            admin,
-            pipeline,
-            background,
-            stop_background,
-        })
+        Ok((state, pipeline, background, stop_background))
     }
 
     pub fn public_addr(&self) -> SocketAddr {

@@ -52,6 +52,19 @@ pub enum Command {
     /// Ask a running instance's admin listener for /healthz (or --path /readyz); exit 0 if it
     /// answers 200, else 1 (the container image's HEALTHCHECK: the slim image has no curl).
     Healthcheck(HealthcheckArgs),
+    /// Run partition maintenance of email_events once (make the days ahead, drop expired
+    /// ones) and exit; run it as the tables' owner, e.g. from a CronJob.
+    Maintain(MaintainArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MaintainArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub partitions: PartitionConfig,
+    #[command(flatten)]
+    pub log: LogConfig,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -325,6 +338,19 @@ pub struct PartitionConfig {
     /// Seconds between partition maintenance runs.
     #[arg(long = "partition-maintenance-interval-s", env = "REACHLY_PARTITION_MAINTENANCE_INTERVAL_S", default_value = "3600", value_parser = positive_seconds)]
     pub interval: Duration,
+    /// Partition maintenance in this process: `on`, or `off` when `reachly-ingest maintain`
+    /// runs it as the tables' owner (a CronJob): a least-privilege role cannot make partitions.
+    #[arg(long = "partition-maintenance", env = "REACHLY_PARTITION_MAINTENANCE", default_value = "on", value_parser = on_off)]
+    pub in_process: bool,
+}
+
+/// `on`/`off` (also `true`/`false`).
+fn on_off(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{s:?} is not on or off")),
+    }
 }
 
 /// Our own tracking routes: token keys, client addresses, machine traffic.

@@ -26,6 +26,7 @@ pub mod http;
 pub mod machine;
 pub mod metrics;
 pub mod pgcluster;
+pub mod pgerror;
 pub mod pipeline;
 pub mod server;
 pub mod shutdown;

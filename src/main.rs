@@ -62,6 +62,20 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Maintain(args) => {
+            init_tracing(args.log.log_format);
+            let db = args.db.into_config().unwrap_or_else(|e| config_error(e));
+            let tls = reachly_ingest::db::tls::connector(db.ca_file.as_deref())
+                .unwrap_or_else(|e| config_error(format!("{e:#}")));
+            let r =
+                reachly_ingest::db::maintain_once(db.url.expose(), tls, &args.partitions).await?;
+            let _ = writeln!(
+                std::io::stdout(),
+                "partition maintenance: {}",
+                reachly_ingest::db::describe_report(&r)
+            );
+            Ok(())
+        }
         Command::Dev(args) => {
             init_tracing(args.serve.log.log_format);
             reachly_ingest::dev::run(args).await

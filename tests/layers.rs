@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! main -> {dev, healthcheck} -> app -> server -> http -> {pipeline, webhooks, db} -> config
-//!      -> {token, machine, metrics, pgcluster, shutdown} -> event
+//!      -> {token, machine, metrics, pgcluster, pgerror, shutdown} -> event
 //! ```
 //!
 //! Every file under `src/` belongs to the top-level module it sits in (`src/http/webhook.rs`
@@ -31,6 +31,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("machine", 7),
     ("metrics", 7),
     ("pgcluster", 7),
+    ("pgerror", 7),
     ("shutdown", 7),
 ];
 

@@ -4,6 +4,8 @@
 //! everything PostgreSQL said (SQLSTATE, message, detail, hint, where, the object), since
 //! tokio-postgres's own `Display` of a server error is only "db error".
 
+pub use crate::pgerror::{describe, describe_error, sqlstate, with_sqlstate};
+
 pub mod migrate;
 pub mod partitions;
 pub mod tls;
@@ -29,11 +31,16 @@ pub fn pool(cfg: &DbConfig, tls: tls::Tls) -> anyhow::Result<Pool> {
     }
     // TCP keepalives detect a database host that vanished without closing the socket.
     pg.keepalives_idle(Duration::from_secs(30));
+    // Verified: a connection is checked with an empty query before it is handed out, so
+    // after a failover (or a database host that vanished) a pooled connection to the old
+    // server is dropped and replaced (following `target_session_attrs` of a multi-host
+    // DATABASE_URL) instead of failing the next batch. One round trip per checkout, which
+    // is per batch for the writers.
     let mgr = Manager::from_config(
         pg,
         tls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            recycling_method: RecyclingMethod::Verified,
         },
     );
     Pool::builder(mgr)
@@ -44,6 +51,49 @@ pub fn pool(cfg: &DbConfig, tls: tls::Tls) -> anyhow::Result<Pool> {
         .recycle_timeout(Some(cfg.connect_timeout))
         .build()
         .context("building the connection pool")
+}
+
+/// `reachly-ingest maintain`: one partition maintenance round as of today (UTC), on a
+/// connection of its own. Run it as the owner of `email_events` (making and dropping
+/// partitions needs ownership). A round skipped because another instance holds the lock is
+/// reported as such (not an error: that instance does the work).
+pub async fn maintain_once(
+    url: &str,
+    tls: tls::Tls,
+    cfg: &crate::config::PartitionConfig,
+) -> anyhow::Result<partitions::MaintenanceReport> {
+    let mut client = connect_with(url, tls).await?;
+    let r = partitions::maintain(
+        &mut client,
+        chrono::Utc::now().date_naive(),
+        cfg.premake_days,
+        cfg.retention_days,
+    )
+    .await
+    .map_err(with_sqlstate)
+    .context("partition maintenance (run it as the owner of public.email_events)")?;
+    if r.skipped {
+        tracing::warn!("partition maintenance skipped: another session holds its lock");
+    } else {
+        tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, "partition maintenance done");
+    }
+    Ok(r)
+}
+
+/// One line for a maintenance report.
+pub fn describe_report(r: &partitions::MaintenanceReport) -> String {
+    if r.skipped {
+        return "skipped (another session holds the maintenance lock)".into();
+    }
+    format!(
+        "created {} [{}], dropped {} [{}], moved {} rows out of the default partition, expired {} rows of it",
+        r.created.len(),
+        r.created.join(" "),
+        r.dropped.len(),
+        r.dropped.join(" "),
+        r.moved_rows,
+        r.expired_default_rows
+    )
 }
 
 /// Opens one connection (migrations, tools) with the system-CA TLS connector.
@@ -76,84 +126,13 @@ pub async fn check_schema(client: &tokio_postgres::Client) -> anyhow::Result<()>
         "SELECT 'public.reachly_secure_tenant_relation(regclass)'::regprocedure".to_string(),
     ];
     for sql in probes {
-        client.simple_query(&sql).await.with_context(|| {
-            format!("schema check failed ({sql}); run `reachly-ingest migrate`")
-        })?;
+        client
+            .simple_query(&sql)
+            .await
+            .map_err(describe)
+            .with_context(|| {
+                format!("schema check failed ({sql}); run `reachly-ingest migrate`")
+            })?;
     }
     Ok(())
-}
-
-/// The SQLSTATE of the first server error in `e`'s chain, if any (a log field and a metric
-/// label source).
-pub fn sqlstate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
-            return Some(db.code().code().to_owned());
-        }
-        if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>()
-            && let Some(db) = pg.as_db_error()
-        {
-            return Some(db.code().code().to_owned());
-        }
-        cur = err.source();
-    }
-    None
-}
-
-/// `e` and every error under it, joined by ": ", with a server error rendered in full:
-/// `ERROR 55P03: canceling statement due to lock timeout (detail: ...; where: ...)`, except a
-/// failing row's content. A link whose text the previous one already ends with (a wrapper
-/// printing its source) is skipped.
-pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = String::new();
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        let text = if let Some(db) = err.downcast_ref::<tokio_postgres::error::DbError>() {
-            Some(describe_db_error(db))
-        } else if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
-            // Its Display is "db error"; the server error is its source, rendered next.
-            pg.as_db_error().is_none().then(|| pg.to_string())
-        } else {
-            Some(err.to_string())
-        };
-        if let Some(text) = text.filter(|t| !t.is_empty() && !out.ends_with(t.as_str())) {
-            if !out.is_empty() {
-                out.push_str(": ");
-            }
-            out.push_str(&text);
-        }
-        cur = err.source();
-    }
-    out
-}
-
-fn describe_db_error(db: &tokio_postgres::error::DbError) -> String {
-    let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
-    // A check or partition-constraint failure's detail is the whole row (addresses, user
-    // agents, payloads): logs say which row failed by the constraint, never its content.
-    let detail = db.detail().map(|d| {
-        if d.starts_with("Failing row contains") {
-            "Failing row contains (row data not logged)"
-        } else {
-            d
-        }
-    });
-    let extras = [
-        ("detail", detail),
-        ("hint", db.hint()),
-        ("where", db.where_()),
-        ("schema", db.schema()),
-        ("table", db.table()),
-        ("column", db.column()),
-        ("constraint", db.constraint()),
-    ];
-    let extras: Vec<String> = extras
-        .iter()
-        .filter_map(|(k, v)| v.map(|v| format!("{k}: {v}")))
-        .collect();
-    if !extras.is_empty() {
-        s.push_str(&format!(" ({})", extras.join("; ")));
-    }
-    s
 }

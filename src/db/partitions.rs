@@ -18,7 +18,7 @@
 //! re-applies it to every partition (a no-op, without a lock, when already done), so a
 //! partition made by hand is covered too.
 //!
-//! Several instances may run this at once: a session advisory lock elects one; the others
+//! Several instances may run this at once: a transaction-scoped advisory lock elects one; the others
 //! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
 //! never queues an exclusive lock in front of the writers for long; it retries next round.
 //!
@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{Days, NaiveDate, Utc};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use crate::config::PartitionConfig;
 use crate::metrics::{Metrics, PARTITION_HORIZON_TIMESTAMP_SECONDS, PARTITION_MAINTENANCE_TOTAL};
@@ -70,8 +70,14 @@ pub async fn maintain(
     premake_days: u32,
     retention_days: u32,
 ) -> anyhow::Result<MaintenanceReport> {
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&PARTITION_LOCK_KEY])
+    // One transaction per round with a transaction-scoped lock: through PgBouncer in
+    // transaction mode a session lock would stay on a pooled server connection for ever.
+    let mut tx = client.transaction().await?;
+    let got: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[&PARTITION_LOCK_KEY],
+        )
         .await?
         .get(0);
     if !got {
@@ -80,22 +86,22 @@ pub async fn maintain(
             ..Default::default()
         });
     }
-    let result = maintain_locked(client, today, premake_days, retention_days).await;
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&PARTITION_LOCK_KEY])
-        .await;
-    result
+    let report = maintain_locked(&mut tx, today, premake_days, retention_days).await?;
+    tx.commit().await?;
+    Ok(report)
 }
 
 async fn maintain_locked(
-    client: &mut Client,
+    client: &mut Transaction<'_>,
     today: NaiveDate,
     premake_days: u32,
     retention_days: u32,
 ) -> anyhow::Result<MaintenanceReport> {
-    client.batch_execute("SET lock_timeout = '3s'").await?;
+    client
+        .batch_execute("SET LOCAL lock_timeout = '3s'")
+        .await?;
     let mut report = MaintenanceReport::default();
-    let existing = partition_days(client).await?;
+    let existing = partition_days(&*client).await?;
 
     // Yesterday too: late ESP events (deferred retries, slow webhooks) are common.
     let first = today.checked_sub_days(Days::new(1)).unwrap_or(today);
@@ -145,14 +151,18 @@ async fn maintain_locked(
         )
         .await
         .context("expiring rows of the default partition")?;
-    client.batch_execute("RESET lock_timeout").await?;
     Ok(report)
 }
 
 /// The days that have a partition of `email_events`.
-async fn partition_days(client: &Client) -> anyhow::Result<BTreeSet<NaiveDate>> {
+async fn partition_days(
+    client: &impl tokio_postgres::GenericClient,
+) -> anyhow::Result<BTreeSet<NaiveDate>> {
+    // An unnamed statement (query_typed): outside a transaction, through PgBouncer in
+    // transaction mode, a named one could be prepared on one server connection and run or
+    // closed on another.
     Ok(client
-        .query(
+        .query_typed(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
              WHERE i.inhparent = 'public.email_events'::regclass",
             &[],
@@ -190,7 +200,7 @@ async fn record_horizon(pool: &deadpool_postgres::Pool, metrics: &Metrics) {
 }
 
 /// Makes one day's partition, moving that day's rows out of the default partition first.
-async fn create_partition(client: &mut Client, day: NaiveDate) -> anyhow::Result<u64> {
+async fn create_partition(client: &mut Transaction<'_>, day: NaiveDate) -> anyhow::Result<u64> {
     let name = partition_name(day);
     let next = day.succ_opt().context("date overflow")?;
     let (from, to) = (

@@ -20,7 +20,7 @@
 //! `campaign_messages` shows up as counted, logged timeouts
 //! (`reachly_db_timeouts_total{kind}`) and retries, not as writers stalled in silence.
 //! Database errors are logged with their SQLSTATE and everything the server said
-//! ([`crate::db::describe_error`]).
+//! ([`crate::pgerror::describe_error`]).
 //!
 //! The replayer replays sealed spool segments through the same path whenever there is room,
 //! deleting each segment once all its events are committed. A torn record is counted and
@@ -76,7 +76,7 @@ pub enum WriteError {
 /// lock timeout is counted as such too.
 fn report_write_error(ctx: &WriterContext, operation: &'static str, e: &WriteError, events: usize) {
     ctx.metrics.db_error(operation);
-    let sqlstate = crate::db::sqlstate(e);
+    let sqlstate = crate::pgerror::sqlstate(e);
     let kind = match sqlstate.as_deref() {
         Some("57014") => Some("statement_timeout"),
         Some("55P03") => Some("lock_timeout"),
@@ -89,7 +89,7 @@ fn report_write_error(ctx: &WriterContext, operation: &'static str, e: &WriteErr
     }
     tracing::warn!(
         operation,
-        error = crate::db::describe_error(e),
+        error = crate::pgerror::describe_error(e),
         sqlstate = sqlstate.as_deref().unwrap_or(""),
         timeout = kind.unwrap_or(""),
         events,
@@ -143,7 +143,9 @@ async fn collect(
                 ctx.ingest.hold(id, batch.iter().map(|e| e.accepted_ms).min());
                 break;
             }
-            _ = tokio::time::sleep(HEARTBEAT_EVERY) => ctx.ingest.beat(),
+            // Idle means nothing buffered anywhere: while another writer holds a batch, an
+            // idle beat would hide that writer being stuck (liveness, readiness).
+            _ = tokio::time::sleep(HEARTBEAT_EVERY) => if ctx.ingest.buffered() == 0 { ctx.ingest.beat() },
             _ = ctx.closing.cancelled(), if !ctx.closing.is_cancelled() => {}
         }
     }
@@ -290,7 +292,7 @@ async fn write_isolating(
                     Ok(o) => outcome.absorb(o),
                     Err(e2) if is_row_error(&e2).is_some() => {
                         tracing::error!(
-                            error = crate::db::describe_error(&e2),
+                            error = crate::pgerror::describe_error(&e2),
                             "a rejected record could not be dead-lettered either; dropping it"
                         );
                         ctx.metrics.dropped("rejected", 1);

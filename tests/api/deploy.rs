@@ -55,24 +55,45 @@ async fn healthcheck_subcommand_exits_0_when_the_instance_answers_200_and_1_othe
 }
 
 #[tokio::test]
-async fn healthcheck_of_readiness_fails_while_the_database_is_unreachable() {
+async fn healthcheck_of_readiness_fails_while_the_database_is_unreachable_and_the_spool_is_full() {
     let closed = reachly_ingest::pgcluster::free_port().unwrap();
     let app = spawn_app_with(|a| {
         a.db.database_url = Some(reachly_ingest::config::Secret::new(format!(
             "host=127.0.0.1 port={closed} user=postgres dbname=x"
         )));
         a.db.connect_timeout = std::time::Duration::from_secs(1);
+        // No spool room either: a database outage alone keeps an instance ready (SPEC.md),
+        // an outage with nowhere to put events does not.
+        a.pipeline.spool_max_bytes = 0;
     })
     .await;
-    let admin = app.admin_addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        (
-            healthcheck(&admin, &[]),
-            healthcheck(&admin, &["--path", "/readyz", "--timeout-ms", "5000"]),
-        )
-    })
-    .await
+    // One event for the writers to try: they learn that the database is down.
+    let open = reachly_ingest::token::mint(
+        &test_token_keys(),
+        reachly_ingest::token::Purpose::Open,
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        None,
+    )
     .unwrap();
+    assert_eq!(app.get(&format!("/o/{open}.gif"), None).await.status(), 200);
+    let admin = app.admin_addr.to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let admin = admin.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            (
+                healthcheck(&admin, &[]),
+                healthcheck(&admin, &["--path", "/readyz", "--timeout-ms", "5000"]),
+            )
+        })
+        .await
+        .unwrap();
+        if out.1.status.code() == Some(1) || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
     assert_eq!(out.0.status.code(), Some(0), "alive: {:?}", out.0);
     assert_eq!(out.1.status.code(), Some(1), "not ready: {:?}", out.1);
 }

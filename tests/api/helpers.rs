@@ -786,3 +786,69 @@ impl ServeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A cluster of a test's own with no database made and nothing migrated (roles, poolers,
+/// standbys: things that are cluster-wide or need the server to themselves).
+pub async fn private_unmigrated_cluster(tag: &str) -> PgCluster {
+    let dir = std::env::temp_dir().join(format!("reachly-test-{tag}-{}", Uuid::new_v4().simple()));
+    tokio::task::spawn_blocking(move || start_cluster_with(&dir, |_| Ok(()), &[]))
+        .await
+        .expect("join")
+        .unwrap_or_else(|e| panic!("cannot start a private PostgreSQL: {e:#}"))
+}
+
+/// `c.url(db)` as another user.
+pub fn as_user(c: &PgCluster, user: &str, db: &str) -> String {
+    c.url(db).replace("user=postgres", &format!("user={user}"))
+}
+
+/// Runs the real binary to completion; returns (exit code, stdout, stderr).
+pub async fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut c = Command::new(binary());
+    c.args(args).env("RUST_LOG", "info");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || c.output())
+        .await
+        .expect("join")
+        .expect("run reachly-ingest");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A Postmark hard bounce of `msg` happening now (distinct each call: a fresh Postmark id).
+pub fn postmark_bounce(org: Uuid, msg: Uuid) -> String {
+    serde_json::json!({
+        "RecordType": "Bounce", "MessageStream": "outbound",
+        "ID": u64::from_le_bytes(Uuid::new_v4().as_bytes()[..8].try_into().unwrap_or([1; 8])) >> 2,
+        "Type": "HardBounce", "TypeCode": 1, "Name": "Hard bounce",
+        "MessageID": Uuid::new_v4().to_string(),
+        "Metadata": {"reachly_message_id": msg.to_string(), "reachly_organization_id": org.to_string()},
+        "Description": "mailbox not found", "Details": "550 5.1.1", "Email": "x@example.com",
+        "BouncedAt": chrono::Utc::now().to_rfc3339(), "Inactive": true
+    })
+    .to_string()
+}
+
+/// `Authorization` for Postmark with these `USER:PASSWORD` credentials.
+pub fn basic_auth(credentials: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(credentials)
+    )
+}
+
+/// Tests that start clusters, poolers or standbys of their own take this first, so that at
+/// most one of them loads the 2-core machine at a time (timing-sensitive tests of other
+/// modules run beside them).
+pub async fn heavy_test_guard() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: OnceLock<tokio::sync::Mutex<()>> = OnceLock::new();
+    HEAVY
+        .get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
