@@ -81,13 +81,8 @@ impl App {
         if let Ok(mut client) = pool.get().await {
             db::check_schema(&client).await?;
             let p = &config.partitions;
-            match db::partitions::maintain(
-                &mut client,
-                chrono::Utc::now().date_naive(),
-                p.premake_days,
-                p.retention_days,
-            )
-            .await
+            match db::partitions::maintain_at_start(&mut client, chrono::Utc::now().date_naive(), p)
+                .await
             {
                 Ok(r) => partitions_ready = !r.skipped,
                 Err(e) => tracing::warn!(
@@ -108,11 +103,18 @@ impl App {
         let stop_background = CancellationToken::new();
         let mut background = Vec::new();
         background.push(tokio::spawn(db::partitions::run_periodically(
-            pool,
+            pool.clone(),
             state.config.partitions.clone(),
             metrics.clone(),
             stop_background.clone(),
             partitions_ready,
+        )));
+        background.push(tokio::spawn(db::sizes::run_periodically(
+            pool.clone(),
+            metrics.clone(),
+            state.config.partitions.database_disk_bytes,
+            Duration::from_secs(60),
+            stop_background.clone(),
         )));
         let upkeep_metrics = metrics.clone();
         let upkeep_stop = stop_background.clone();

@@ -1,9 +1,13 @@
 //! Database access: the connection pool, migrations (`migrate`), partition maintenance
-//! (`partitions`) and the startup schema check that fails with a hint instead of letting the
-//! first batch discover a missing column.
+//! (`partitions`), archive and restore of old partitions (`archive`), dead-letter retention
+//! (`retention`), table sizes (`sizes`) and the startup schema check that fails with a hint
+//! instead of letting the first batch discover a missing column.
 
+pub mod archive;
 pub mod migrate;
 pub mod partitions;
+pub mod retention;
+pub mod sizes;
 pub mod tls;
 
 use std::str::FromStr;

@@ -10,6 +10,10 @@
 //! With the day's partitions made before the first event, and days made a week ahead, only
 //! far-dated events ever meet that window, and the writer's split-and-retry absorbs it.
 //!
+//! With an archive directory configured ([`maintain_configured`]), a partition past retention
+//! is archived and verified before it is dropped (`archive.rs`), rows of the default
+//! partition past retention are kept, and dead letters past their own retention expire.
+//!
 //! Several instances may run this at once: a session advisory lock elects one; the others
 //! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
 //! never queues an exclusive lock in front of the writers for long; it retries next round.
@@ -25,7 +29,7 @@ use crate::config::PartitionConfig;
 use crate::metrics::{Metrics, PARTITION_MAINTENANCE_TOTAL};
 
 /// Advisory lock key of partition maintenance.
-const PARTITION_LOCK_KEY: i64 = 0x7265_6163_686c_7902;
+pub(crate) const PARTITION_LOCK_KEY: i64 = 0x7265_6163_686c_7902;
 const PREFIX: &str = "email_events_p";
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -38,13 +42,72 @@ pub struct MaintenanceReport {
     pub moved_rows: u64,
     /// Rows older than the retention deleted from the default partition.
     pub expired_default_rows: u64,
+    /// Partitions archived (and verified) before they were dropped.
+    pub archived: Vec<String>,
+    /// Dead letters older than their retention deleted.
+    pub expired_dead_letters: u64,
+}
+
+/// What a round does past the premade days; [`maintain`] archives nothing and keeps dead
+/// letters, [`maintain_configured`] follows the configuration.
+#[derive(Debug, Clone, Copy, Default)]
+struct Retention<'a> {
+    archive_dir: Option<&'a std::path::Path>,
+    dead_letter_days: u32,
+    /// Leave partitions past retention to a later round when they are to be archived (the
+    /// round at start must not hold the service back for minutes of exports).
+    defer_archiving: bool,
+}
+
+/// One maintenance round as configured: archive before drop when `cfg.archive_dir` is set,
+/// dead letters expired after `cfg.dead_letter_retention_days`.
+pub async fn maintain_configured(
+    client: &mut Client,
+    today: NaiveDate,
+    cfg: &PartitionConfig,
+) -> anyhow::Result<MaintenanceReport> {
+    let retention = Retention {
+        archive_dir: cfg.archive_dir.as_deref(),
+        dead_letter_days: cfg.dead_letter_retention_days,
+        defer_archiving: false,
+    };
+    maintain_with(
+        client,
+        today,
+        cfg.premake_days,
+        cfg.retention_days,
+        retention,
+    )
+    .await
+}
+
+/// The round at start, before the writers: as [`maintain_configured`], except that
+/// partitions to archive wait for the first background round.
+pub async fn maintain_at_start(
+    client: &mut Client,
+    today: NaiveDate,
+    cfg: &PartitionConfig,
+) -> anyhow::Result<MaintenanceReport> {
+    let retention = Retention {
+        archive_dir: cfg.archive_dir.as_deref(),
+        dead_letter_days: cfg.dead_letter_retention_days,
+        defer_archiving: true,
+    };
+    maintain_with(
+        client,
+        today,
+        cfg.premake_days,
+        cfg.retention_days,
+        retention,
+    )
+    .await
 }
 
 pub fn partition_name(day: NaiveDate) -> String {
     format!("{PREFIX}{}", day.format("%Y%m%d"))
 }
 
-fn parse_partition_day(name: &str) -> Option<NaiveDate> {
+pub(crate) fn parse_partition_day(name: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(name.strip_prefix(PREFIX)?, "%Y%m%d").ok()
 }
 
@@ -54,6 +117,23 @@ pub async fn maintain(
     today: NaiveDate,
     premake_days: u32,
     retention_days: u32,
+) -> anyhow::Result<MaintenanceReport> {
+    maintain_with(
+        client,
+        today,
+        premake_days,
+        retention_days,
+        Retention::default(),
+    )
+    .await
+}
+
+async fn maintain_with(
+    client: &mut Client,
+    today: NaiveDate,
+    premake_days: u32,
+    retention_days: u32,
+    retention: Retention<'_>,
 ) -> anyhow::Result<MaintenanceReport> {
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&PARTITION_LOCK_KEY])
@@ -65,7 +145,7 @@ pub async fn maintain(
             ..Default::default()
         });
     }
-    let result = maintain_locked(client, today, premake_days, retention_days).await;
+    let result = maintain_locked(client, today, premake_days, retention_days, retention).await;
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&PARTITION_LOCK_KEY])
         .await;
@@ -77,6 +157,7 @@ async fn maintain_locked(
     today: NaiveDate,
     premake_days: u32,
     retention_days: u32,
+    retention: Retention<'_>,
 ) -> anyhow::Result<MaintenanceReport> {
     client.batch_execute("SET lock_timeout = '3s'").await?;
     let mut report = MaintenanceReport::default();
@@ -118,25 +199,46 @@ async fn maintain_locked(
         .filter(|d| d.succ_opt().is_some_and(|end| end <= cutoff))
     {
         let name = partition_name(*day);
+        if let Some(dir) = retention.archive_dir {
+            if retention.defer_archiving {
+                continue;
+            }
+            let done = super::archive::archive_day(client, *day, dir, Default::default())
+                .await
+                .with_context(|| format!("archiving {name}"))?;
+            if let super::archive::Archived::Done(_) = done {
+                report.archived.push(name.clone());
+                report.dropped.push(name);
+            }
+            continue;
+        }
         client
             .batch_execute(&format!("DROP TABLE IF EXISTS public.{name}"))
             .await
             .with_context(|| format!("dropping {name}"))?;
         report.dropped.push(name);
     }
-    report.expired_default_rows = client
-        .execute(
-            "DELETE FROM public.email_events_default WHERE created_at < $1::date::timestamp AT TIME ZONE 'UTC'",
-            &[&cutoff],
-        )
-        .await
-        .context("expiring rows of the default partition")?;
+    // With an archive, late rows of archived days stay in the default partition (rare; a
+    // day's archive is never rewritten behind the operator's back).
+    if retention.archive_dir.is_none() {
+        report.expired_default_rows = client
+            .execute(
+                "DELETE FROM public.email_events_default WHERE created_at < $1::date::timestamp AT TIME ZONE 'UTC'",
+                &[&cutoff],
+            )
+            .await
+            .context("expiring rows of the default partition")?;
+    }
+    if retention.dead_letter_days > 0 {
+        report.expired_dead_letters =
+            super::retention::expire_dead_letters(client, retention.dead_letter_days).await?;
+    }
     client.batch_execute("RESET lock_timeout").await?;
     Ok(report)
 }
 
 /// Makes one day's partition, moving that day's rows out of the default partition first.
-async fn create_partition(client: &mut Client, day: NaiveDate) -> anyhow::Result<u64> {
+pub(crate) async fn create_partition(client: &mut Client, day: NaiveDate) -> anyhow::Result<u64> {
     let name = partition_name(day);
     let next = day.succ_opt().context("date overflow")?;
     let (from, to) = (
@@ -190,13 +292,7 @@ pub async fn run_periodically(
         }
         let outcome = async {
             let mut conn = pool.get().await.context("getting a connection")?;
-            maintain(
-                &mut conn,
-                Utc::now().date_naive(),
-                cfg.premake_days,
-                cfg.retention_days,
-            )
-            .await
+            maintain_configured(&mut conn, Utc::now().date_naive(), &cfg).await
         }
         .await;
         match outcome {
@@ -207,8 +303,12 @@ pub async fn run_periodically(
                         &[("outcome", if r.skipped { "skipped" } else { "ok" })],
                     )
                     .increment(1);
-                if !r.created.is_empty() || !r.dropped.is_empty() || r.moved_rows > 0 {
-                    tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, "partition maintenance");
+                if !r.created.is_empty()
+                    || !r.dropped.is_empty()
+                    || r.moved_rows > 0
+                    || r.expired_dead_letters > 0
+                {
+                    tracing::info!(created = ?r.created, dropped = ?r.dropped, archived = ?r.archived, moved_rows = r.moved_rows, expired_dead_letters = r.expired_dead_letters, "partition maintenance");
                 }
             }
             Err(e) => {
