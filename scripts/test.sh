@@ -15,4 +15,11 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "scripts/test.sh: could not install chromium; the browser test will say what is missing" >&2
 fi
 
+# The alert rules' unit tests run promtool (Debian's `prometheus` package).
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing prometheus (promtool) for the alert-rule tests..." >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+    || echo "scripts/test.sh: could not install prometheus; the alert-rule test will say what is missing" >&2
+fi
+
 cargo test --locked "$@"

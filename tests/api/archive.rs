@@ -452,3 +452,29 @@ async fn status_prints_sizes_by_partition_age_and_the_service_exports_them() {
     }
     app.stop().await;
 }
+
+#[test]
+fn the_disk_full_alerts_pass_their_promtool_unit_tests() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus");
+    for args in [
+        &["check", "rules", "storage-rules.yml"][..],
+        &["test", "rules", "storage-rules.test.yml"][..],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "promtool not found ({e}): install Debian's `prometheus` (scripts/test.sh does)"
+                )
+            });
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
