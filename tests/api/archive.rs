@@ -109,10 +109,23 @@ async fn archive_then_restore_round_trips_every_column_and_restore_is_idempotent
         before,
         "every column comes back as it was"
     );
-    let r = restore_day(&mut db, day(), &dir)
-        .await
-        .expect("restore again");
-    assert_eq!((r.inserted, r.present), (0, 500), "idempotent");
+    // Again, through the real binary: nothing new.
+    let out = Command::new(binary())
+        .args(["restore", "--from", "2024-03-01"])
+        .env("DATABASE_URL", &url)
+        .env("REACHLY_ARCHIVE_DIR", &dir)
+        .output()
+        .expect("run restore");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("2024-03-01: 500 rows in the archive, 0 inserted, 500 already present"),
+        "idempotent: {text}"
+    );
     assert_eq!(snapshot(&db).await, before);
 
     // Archiving the restored day again finds the same content and keeps the same file.
