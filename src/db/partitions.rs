@@ -26,7 +26,7 @@ use chrono::{Days, NaiveDate, Utc};
 use tokio_postgres::Client;
 
 use crate::config::PartitionConfig;
-use crate::metrics::{Metrics, PARTITION_MAINTENANCE_TOTAL};
+use crate::metrics::{Metrics, PARTITION_MAINTENANCE_TOTAL, PARTITIONS_ARCHIVED_TOTAL};
 
 /// Advisory lock key of partition maintenance.
 pub(crate) const PARTITION_LOCK_KEY: i64 = 0x7265_6163_686c_7902;
@@ -44,6 +44,9 @@ pub struct MaintenanceReport {
     pub expired_default_rows: u64,
     /// Partitions archived (and verified) before they were dropped.
     pub archived: Vec<String>,
+    /// Partitions that could not be archived (they stay), with the reason; the round goes
+    /// on with the next day instead of retrying a long export every minute.
+    pub archive_failures: Vec<(String, String)>,
     /// Dead letters older than their retention deleted.
     pub expired_dead_letters: u64,
 }
@@ -203,12 +206,13 @@ async fn maintain_locked(
             if retention.defer_archiving {
                 continue;
             }
-            let done = super::archive::archive_day(client, *day, dir, Default::default())
-                .await
-                .with_context(|| format!("archiving {name}"))?;
-            if let super::archive::Archived::Done(_) = done {
-                report.archived.push(name.clone());
-                report.dropped.push(name);
+            match super::archive::archive_day(client, *day, dir, Default::default()).await {
+                Ok(super::archive::Archived::Done(_)) => {
+                    report.archived.push(name.clone());
+                    report.dropped.push(name);
+                }
+                Ok(_) => {}
+                Err(e) => report.archive_failures.push((name, format!("{e:#}"))),
             }
             continue;
         }
@@ -303,6 +307,19 @@ pub async fn run_periodically(
                         &[("outcome", if r.skipped { "skipped" } else { "ok" })],
                     )
                     .increment(1);
+                for (outcome, n) in [
+                    ("ok", r.archived.len()),
+                    ("error", r.archive_failures.len()),
+                ] {
+                    if n > 0 {
+                        metrics
+                            .counter(PARTITIONS_ARCHIVED_TOTAL, &[("outcome", outcome)])
+                            .increment(n as u64);
+                    }
+                }
+                for (partition, error) in &r.archive_failures {
+                    tracing::warn!(partition, error, "archiving failed; the partition stays");
+                }
                 if !r.created.is_empty()
                     || !r.dropped.is_empty()
                     || r.moved_rows > 0

@@ -204,6 +204,15 @@ async fn archiving_never_overwrites_a_verified_archive_with_other_content() {
     );
     assert!(e.contains("other content"), "{e}");
     assert!(partition_exists(&db).await, "the partition stays");
+    // Maintenance reports it and goes on (the partition stays there too).
+    let today = NaiveDate::from_ymd_opt(2024, 5, 1).unwrap();
+    let r = maintain_configured(&mut db, today, &partition_config(Some(&dir), 0))
+        .await
+        .expect("the round goes on");
+    assert_eq!(r.archive_failures.len(), 1, "{r:?}");
+    assert!(r.archive_failures[0].1.contains("other content"), "{r:?}");
+    assert!(!r.dropped.contains(&"email_events_p20240301".to_string()));
+    assert!(partition_exists(&db).await, "the partition stays");
     assert_eq!(snapshot(&db).await.len(), 51);
     assert_eq!(
         read_manifest(&dir, day()).unwrap().rows,
