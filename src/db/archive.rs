@@ -643,8 +643,8 @@ pub async fn archive_day(
 }
 
 /// One transaction: lock the partition, check it still renders to the manifest's rows and
-/// hash, detach it, drop it, commit.
-async fn drop_verified(
+/// hash, detach it, drop it, commit. (Public for the test of a partition that changed.)
+pub async fn drop_verified(
     client: &mut Client,
     day: NaiveDate,
     m: &Manifest,

@@ -307,6 +307,33 @@ async fn a_kill_after_any_step_leaves_the_partition_or_a_verified_archive_and_a_
     }
 }
 
+#[tokio::test]
+async fn a_partition_that_changed_after_its_export_is_not_dropped() {
+    let url = database_with_old_day(40).await;
+    let dir = temp_dir("archive-changed");
+    // Exported, written and verified, then the process dies before the drop.
+    let (ok, log) = run_archive(&url, &dir, Some(Step::VerifiedFile));
+    assert!(!ok, "{log}");
+    let m = read_manifest(&dir, day()).expect("manifest");
+    let mut db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    db.execute(
+        "INSERT INTO email_events (organization_id, message_id, event_type, created_at) VALUES ($1, $2, 'opened', '2024-03-01 08:00:00+00')",
+        &[&s.org, &s.message],
+    )
+    .await
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        archive::drop_verified(&mut db, day(), &m, CrashAfter(None))
+            .await
+            .unwrap_err()
+    );
+    assert!(e.contains("changed since it was exported"), "{e}");
+    assert!(partition_exists(&db).await);
+    assert_eq!(snapshot(&db).await.len(), 41, "nothing lost");
+}
+
 fn partition_config(archive_dir: Option<&Path>, dead_letter_days: u32) -> PartitionConfig {
     let mut argv = vec![
         "serve".to_string(),
