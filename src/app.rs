@@ -174,11 +174,10 @@ impl App {
             db::check_schema(&client).await?;
             let p = &config.partitions;
             if in_process {
-                match db::partitions::maintain(
+                match db::partitions::maintain_at_start(
                     &mut client,
                     chrono::Utc::now().date_naive(),
-                    p.premake_days,
-                    p.retention_days,
+                    p,
                 )
                 .await
                 {
@@ -205,13 +204,20 @@ impl App {
         let mut background = Vec::new();
         if in_process {
             background.push(tokio::spawn(db::partitions::run_periodically(
-                pool,
+                pool.clone(),
                 state.config.partitions.clone(),
                 metrics.clone(),
                 stop_background.clone(),
                 partitions_ready,
             )));
         }
+        background.push(tokio::spawn(db::sizes::run_periodically(
+            pool.clone(),
+            metrics.clone(),
+            state.config.partitions.database_disk_bytes,
+            Duration::from_secs(60),
+            stop_background.clone(),
+        )));
         let upkeep_metrics = metrics.clone();
         let upkeep_stop = stop_background.clone();
         background.push(tokio::spawn(async move {

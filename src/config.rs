@@ -55,6 +55,13 @@ pub enum Command {
     /// Run partition maintenance of email_events once (make the days ahead, drop expired
     /// ones) and exit; run it as the tables' owner, e.g. from a CronJob.
     Maintain(MaintainArgs),
+    /// Archive day partitions of email_events past retention (or the days named) to
+    /// REACHLY_ARCHIVE_DIR: export, verify, then drop.
+    Archive(ArchiveArgs),
+    /// Load archived days back into email_events (idempotent).
+    Restore(RestoreArgs),
+    /// Print table sizes, partition ages, dead letters, spool and archive at a glance.
+    Status(StatusArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -90,6 +97,68 @@ pub struct RelayRangesArgs {
     /// The date the input was downloaded (YYYY-MM-DD; default: today).
     #[arg(long)]
     pub date: Option<chrono::NaiveDate>,
+}
+
+/// A day, YYYY-MM-DD.
+fn day(s: &str) -> Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
+        .map_err(|_| format!("{s:?} is not a day (YYYY-MM-DD)"))
+}
+
+/// `archive`: the days (past retention, or `--from`..`--to`) and where the files go.
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    #[command(flatten)]
+    pub partitions: PartitionConfig,
+    /// First day to archive (with --to); without them, every day past the retention.
+    #[arg(long, value_parser = day, requires = "to")]
+    pub from: Option<chrono::NaiveDate>,
+    /// Last day to archive, inclusive.
+    #[arg(long, value_parser = day, requires = "from")]
+    pub to: Option<chrono::NaiveDate>,
+    /// Test seam: abort the process right after this step (a simulated crash).
+    #[arg(long, env = "REACHLY_ARCHIVE_CRASH_AFTER", hide = true)]
+    pub crash_after: Option<String>,
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// `restore`: the days to load back from the archive directory.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Directory of the archive files.
+    #[arg(long, env = "REACHLY_ARCHIVE_DIR")]
+    pub archive_dir: PathBuf,
+    /// First day to restore.
+    #[arg(long, value_parser = day)]
+    pub from: chrono::NaiveDate,
+    /// Last day to restore, inclusive (default: --from).
+    #[arg(long, value_parser = day)]
+    pub to: Option<chrono::NaiveDate>,
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+/// `status`: what to look at.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The spool directory whose size to show.
+    #[arg(long, env = "REACHLY_SPOOL_DIR", default_value = "./spool")]
+    pub spool_dir: PathBuf,
+    /// The archive directory whose files to count.
+    #[arg(long, env = "REACHLY_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
+    /// Size of the database's disk in bytes, to show how full it is.
+    #[arg(long, env = "REACHLY_DATABASE_DISK_BYTES")]
+    pub database_disk_bytes: Option<u64>,
+    #[command(flatten)]
+    pub log: LogConfig,
 }
 
 /// `serve`: every subsystem's configuration, as parsed.
@@ -318,7 +387,8 @@ pub struct PipelineConfig {
     pub lock_timeout: Duration,
 }
 
-/// Daily partitions of `email_events`: made ahead, dropped past retention.
+/// Daily partitions of `email_events`: made ahead, archived (when a directory is given) and
+/// dropped past retention; dead letters expire; the database's disk size for the alert.
 #[derive(Debug, Clone, Args)]
 pub struct PartitionConfig {
     /// Daily partitions of email_events made ahead of today.
@@ -342,6 +412,21 @@ pub struct PartitionConfig {
     /// runs it as the tables' owner (a CronJob): a least-privilege role cannot make partitions.
     #[arg(long = "partition-maintenance", env = "REACHLY_PARTITION_MAINTENANCE", default_value = "on", value_parser = on_off)]
     pub in_process: bool,
+    /// Directory where partitions past retention are archived (zstd CSV + manifest) and
+    /// verified before they are dropped. Without it they are dropped, and their events gone.
+    #[arg(long, env = "REACHLY_ARCHIVE_DIR")]
+    pub archive_dir: Option<PathBuf>,
+    /// Dead letters older than this many days are deleted by maintenance (0: kept forever).
+    #[arg(
+        long = "dead-letter-retention-days",
+        env = "REACHLY_DEAD_LETTER_RETENTION_DAYS",
+        default_value_t = 90
+    )]
+    pub dead_letter_retention_days: u32,
+    /// Size of the database's disk in bytes (e.g. 34359738368 for 32 GiB), exported as
+    /// reachly_database_disk_bytes for the disk-full alert; unset: not exported.
+    #[arg(long, env = "REACHLY_DATABASE_DISK_BYTES")]
+    pub database_disk_bytes: Option<u64>,
 }
 
 /// `on`/`off` (also `true`/`false`).

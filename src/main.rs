@@ -84,5 +84,56 @@ async fn main() -> anyhow::Result<()> {
             let healthy = reachly_ingest::healthcheck::run(&args).await;
             std::process::exit(if healthy { 0 } else { 1 })
         }
+        Command::Archive(args) => {
+            init_tracing(args.log.log_format);
+            use reachly_ingest::db::archive::{CrashAfter, Step, archive_command};
+            let dir = args.partitions.archive_dir.clone().unwrap_or_else(|| {
+                config_error("REACHLY_ARCHIVE_DIR (--archive-dir) is required for archive")
+            });
+            let crash = match args.crash_after.as_deref() {
+                Some(s) => CrashAfter(Some(Step::parse(s).unwrap_or_else(|e| config_error(e)))),
+                None => CrashAfter(None),
+            };
+            let range = args.from.zip(args.to);
+            let mut client = connect(args.db).await?;
+            let retention = args.partitions.retention_days;
+            archive_command(
+                &mut client,
+                &dir,
+                retention,
+                range,
+                crash,
+                &mut std::io::stdout(),
+            )
+            .await
+        }
+        Command::Restore(args) => {
+            init_tracing(args.log.log_format);
+            let to = args.to.unwrap_or(args.from);
+            let mut client = connect(args.db).await?;
+            reachly_ingest::db::archive::restore_command(
+                &mut client,
+                &args.archive_dir,
+                args.from,
+                to,
+                &mut std::io::stdout(),
+            )
+            .await
+        }
+        Command::Status(args) => {
+            init_tracing(args.log.log_format);
+            let client = connect(args.db.clone()).await?;
+            let text = reachly_ingest::db::sizes::status_command(&client, &args).await?;
+            let _ = write!(std::io::stdout(), "{text}");
+            Ok(())
+        }
     }
+}
+
+/// One connection to DATABASE_URL for a tool subcommand (its TLS as `serve`'s).
+async fn connect(db: reachly_ingest::config::DbArgs) -> anyhow::Result<tokio_postgres::Client> {
+    let db = db.into_config().unwrap_or_else(|e| config_error(e));
+    let tls = reachly_ingest::db::tls::connector(db.ca_file.as_deref())
+        .unwrap_or_else(|e| config_error(format!("{e:#}")));
+    reachly_ingest::db::connect_with(db.url.expose(), tls).await
 }

@@ -87,6 +87,17 @@ const TRACKING_SOURCES: &[(&str, &str)] = &[
     ("clicked", "click"),
     ("unsubscribed", "unsubscribe"),
 ];
+// Storage (src/db/sizes.rs), sampled every minute: bytes include indexes and TOAST.
+/// `{age}`: email_events partitions by age bucket (`0-7d` … `366d+`, `default`).
+pub const EMAIL_EVENTS_BYTES: &str = "reachly_email_events_bytes";
+/// `{table}`: campaign_messages, contacts, webhook_dead_letters.
+pub const TABLE_BYTES: &str = "reachly_table_bytes";
+pub const OLDEST_PARTITION_AGE_DAYS: &str = "reachly_oldest_partition_age_days";
+pub const DATABASE_BYTES: &str = "reachly_database_bytes";
+/// REACHLY_DATABASE_DISK_BYTES, exported for the disk-full alert.
+pub const DATABASE_DISK_BYTES: &str = "reachly_database_disk_bytes";
+/// `{outcome}` = ok | error: partitions archived by maintenance (src/db/archive.rs).
+pub const PARTITIONS_ARCHIVED_TOTAL: &str = "reachly_partitions_archived_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -1,13 +1,17 @@
 //! Database access: the connection pool, migrations (`migrate`), partition maintenance
-//! (`partitions`) and the startup schema check that fails with a hint instead of letting the
-//! first batch discover a missing column. [`describe_error`] renders a database error with
-//! everything PostgreSQL said (SQLSTATE, message, detail, hint, where, the object), since
-//! tokio-postgres's own `Display` of a server error is only "db error".
+//! (`partitions`), archive and restore of old partitions (`archive`), dead-letter retention
+//! (`retention`), table sizes (`sizes`) and the startup schema check that fails with a hint
+//! instead of letting the first batch discover a missing column. [`describe_error`] renders a
+//! database error with everything PostgreSQL said (SQLSTATE, message, detail, hint, where,
+//! the object), since tokio-postgres's own `Display` of a server error is only "db error".
 
 pub use crate::pgerror::{describe, describe_error, sqlstate, with_sqlstate};
 
+pub mod archive;
 pub mod migrate;
 pub mod partitions;
+pub mod retention;
+pub mod sizes;
 pub mod tls;
 
 use std::str::FromStr;

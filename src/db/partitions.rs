@@ -18,6 +18,14 @@
 //! re-applies it to every partition (a no-op, without a lock, when already done), so a
 //! partition made by hand is covered too.
 //!
+//! With an archive directory configured ([`maintain_configured`]), a partition past retention
+//! is archived and verified before it is dropped (`archive.rs`), rows of the default
+//! partition past retention are kept, and dead letters past their own retention expire.
+//! Archiving runs after the round's transaction commits (an export is long, and it commits
+//! the drop in a transaction of its own), under a session-level hold of the same advisory
+//! key, so it needs a session-level connection (a direct one, or a session-mode pooler):
+//! see docs/storage.md.
+//!
 //! Several instances may run this at once: a transaction-scoped advisory lock elects one; the others
 //! skip the round. Every DDL statement runs under a short `lock_timeout`, so maintenance
 //! never queues an exclusive lock in front of the writers for long; it retries next round.
@@ -35,10 +43,13 @@ use chrono::{Days, NaiveDate, Utc};
 use tokio_postgres::{Client, Transaction};
 
 use crate::config::PartitionConfig;
-use crate::metrics::{Metrics, PARTITION_HORIZON_TIMESTAMP_SECONDS, PARTITION_MAINTENANCE_TOTAL};
+use crate::metrics::{
+    Metrics, PARTITION_HORIZON_TIMESTAMP_SECONDS, PARTITION_MAINTENANCE_TOTAL,
+    PARTITIONS_ARCHIVED_TOTAL,
+};
 
 /// Advisory lock key of partition maintenance.
-const PARTITION_LOCK_KEY: i64 = 0x7265_6163_686c_7902;
+pub(crate) const PARTITION_LOCK_KEY: i64 = 0x7265_6163_686c_7902;
 const PREFIX: &str = "email_events_p";
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -53,22 +64,101 @@ pub struct MaintenanceReport {
     pub expired_default_rows: u64,
     /// Existing partitions that lacked row-level security or its policy and were given them.
     pub secured: u64,
+    /// Partitions archived (and verified) before they were dropped.
+    pub archived: Vec<String>,
+    /// Partitions that could not be archived (they stay), with the reason; the round goes
+    /// on with the next day instead of retrying a long export every minute.
+    pub archive_failures: Vec<(String, String)>,
+    /// Dead letters older than their retention deleted.
+    pub expired_dead_letters: u64,
+}
+
+/// What a round does past the premade days; [`maintain`] archives nothing and keeps dead
+/// letters, [`maintain_configured`] follows the configuration.
+#[derive(Debug, Clone, Copy, Default)]
+struct Retention<'a> {
+    archive_dir: Option<&'a std::path::Path>,
+    dead_letter_days: u32,
+    /// Leave partitions past retention to a later round when they are to be archived (the
+    /// round at start must not hold the service back for minutes of exports).
+    defer_archiving: bool,
+}
+
+/// One maintenance round as configured: archive before drop when `cfg.archive_dir` is set,
+/// dead letters expired after `cfg.dead_letter_retention_days`.
+pub async fn maintain_configured(
+    client: &mut Client,
+    today: NaiveDate,
+    cfg: &PartitionConfig,
+) -> anyhow::Result<MaintenanceReport> {
+    let retention = Retention {
+        archive_dir: cfg.archive_dir.as_deref(),
+        dead_letter_days: cfg.dead_letter_retention_days,
+        defer_archiving: false,
+    };
+    maintain_with(
+        client,
+        today,
+        cfg.premake_days,
+        cfg.retention_days,
+        retention,
+    )
+    .await
+}
+
+/// The round at start, before the writers: as [`maintain_configured`], except that
+/// partitions to archive wait for the first background round.
+pub async fn maintain_at_start(
+    client: &mut Client,
+    today: NaiveDate,
+    cfg: &PartitionConfig,
+) -> anyhow::Result<MaintenanceReport> {
+    let retention = Retention {
+        archive_dir: cfg.archive_dir.as_deref(),
+        dead_letter_days: cfg.dead_letter_retention_days,
+        defer_archiving: true,
+    };
+    maintain_with(
+        client,
+        today,
+        cfg.premake_days,
+        cfg.retention_days,
+        retention,
+    )
+    .await
 }
 
 pub fn partition_name(day: NaiveDate) -> String {
     format!("{PREFIX}{}", day.format("%Y%m%d"))
 }
 
-fn parse_partition_day(name: &str) -> Option<NaiveDate> {
+pub(crate) fn parse_partition_day(name: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(name.strip_prefix(PREFIX)?, "%Y%m%d").ok()
 }
 
-/// One maintenance round as of `today` (UTC).
+/// One maintenance round as of `today` (UTC): no archiving, dead letters kept.
 pub async fn maintain(
     client: &mut Client,
     today: NaiveDate,
     premake_days: u32,
     retention_days: u32,
+) -> anyhow::Result<MaintenanceReport> {
+    maintain_with(
+        client,
+        today,
+        premake_days,
+        retention_days,
+        Retention::default(),
+    )
+    .await
+}
+
+async fn maintain_with(
+    client: &mut Client,
+    today: NaiveDate,
+    premake_days: u32,
+    retention_days: u32,
+    retention: Retention<'_>,
 ) -> anyhow::Result<MaintenanceReport> {
     // One transaction per round with a transaction-scoped lock: through PgBouncer in
     // transaction mode a session lock would stay on a pooled server connection for ever.
@@ -86,17 +176,69 @@ pub async fn maintain(
             ..Default::default()
         });
     }
-    let report = maintain_locked(&mut tx, today, premake_days, retention_days).await?;
+    let (mut report, to_archive) =
+        maintain_locked(&mut tx, today, premake_days, retention_days, retention).await?;
     tx.commit().await?;
+    if let Some(dir) = retention.archive_dir
+        && !to_archive.is_empty()
+    {
+        archive_days(client, dir, &to_archive, &mut report).await?;
+    }
+    if retention.dead_letter_days > 0 {
+        report.expired_dead_letters =
+            super::retention::expire_dead_letters(client, retention.dead_letter_days).await?;
+    }
     Ok(report)
 }
 
+/// Archives then drops each day, under a session-level hold of the maintenance key (the
+/// `archive` command takes the same); another process archiving means this round skips it.
+async fn archive_days(
+    client: &mut Client,
+    dir: &std::path::Path,
+    days: &[NaiveDate],
+    report: &mut MaintenanceReport,
+) -> anyhow::Result<()> {
+    let got: bool = client
+        .query_typed_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[(&PARTITION_LOCK_KEY, tokio_postgres::types::Type::INT8)],
+        )
+        .await?
+        .get(0);
+    if !got {
+        return Ok(());
+    }
+    for day in days {
+        let name = partition_name(*day);
+        match super::archive::archive_day(client, *day, dir, Default::default()).await {
+            Ok(super::archive::Archived::Done(_)) => {
+                report.archived.push(name.clone());
+                report.dropped.push(name);
+            }
+            Ok(_) => {}
+            Err(e) => report.archive_failures.push((name, format!("{e:#}"))),
+        }
+    }
+    client
+        .query_typed(
+            "SELECT pg_advisory_unlock($1)",
+            &[(&PARTITION_LOCK_KEY, tokio_postgres::types::Type::INT8)],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The round inside its transaction; returns the report and the days to archive (when an
+/// archive directory is configured, days past retention are archived after the commit
+/// instead of dropped here).
 async fn maintain_locked(
     client: &mut Transaction<'_>,
     today: NaiveDate,
     premake_days: u32,
     retention_days: u32,
-) -> anyhow::Result<MaintenanceReport> {
+    retention: Retention<'_>,
+) -> anyhow::Result<(MaintenanceReport, Vec<NaiveDate>)> {
     client
         .batch_execute("SET LOCAL lock_timeout = '3s'")
         .await?;
@@ -124,10 +266,17 @@ async fn maintain_locked(
         };
     }
 
+    let mut to_archive = Vec::new();
     for day in existing
         .iter()
         .filter(|d| d.succ_opt().is_some_and(|end| end <= cutoff))
     {
+        if retention.archive_dir.is_some() {
+            if !retention.defer_archiving {
+                to_archive.push(*day);
+            }
+            continue;
+        }
         let name = partition_name(*day);
         client
             .batch_execute(&format!("DROP TABLE IF EXISTS public.{name}"))
@@ -144,14 +293,18 @@ async fn maintain_locked(
         .await
         .context("enabling row-level security on the partitions")?
         .get::<_, i64>(0) as u64;
-    report.expired_default_rows = client
-        .execute(
-            "DELETE FROM public.email_events_default WHERE created_at < $1::date::timestamp AT TIME ZONE 'UTC'",
-            &[&cutoff],
-        )
-        .await
-        .context("expiring rows of the default partition")?;
-    Ok(report)
+    // With an archive, late rows of archived days stay in the default partition (rare; a
+    // day's archive is never rewritten behind the operator's back).
+    if retention.archive_dir.is_none() {
+        report.expired_default_rows = client
+            .execute(
+                "DELETE FROM public.email_events_default WHERE created_at < $1::date::timestamp AT TIME ZONE 'UTC'",
+                &[&cutoff],
+            )
+            .await
+            .context("expiring rows of the default partition")?;
+    }
+    Ok((report, to_archive))
 }
 
 /// The days that have a partition of `email_events`.
@@ -200,7 +353,10 @@ async fn record_horizon(pool: &deadpool_postgres::Pool, metrics: &Metrics) {
 }
 
 /// Makes one day's partition, moving that day's rows out of the default partition first.
-async fn create_partition(client: &mut Transaction<'_>, day: NaiveDate) -> anyhow::Result<u64> {
+pub(crate) async fn create_partition(
+    client: &mut Transaction<'_>,
+    day: NaiveDate,
+) -> anyhow::Result<u64> {
     let name = partition_name(day);
     let next = day.succ_opt().context("date overflow")?;
     let (from, to) = (
@@ -262,13 +418,7 @@ pub async fn run_periodically(
         }
         let outcome = async {
             let mut conn = pool.get().await.context("getting a connection")?;
-            maintain(
-                &mut conn,
-                Utc::now().date_naive(),
-                cfg.premake_days,
-                cfg.retention_days,
-            )
-            .await
+            maintain_configured(&mut conn, Utc::now().date_naive(), &cfg).await
         }
         .await;
         match outcome {
@@ -279,12 +429,26 @@ pub async fn run_periodically(
                         &[("outcome", if r.skipped { "skipped" } else { "ok" })],
                     )
                     .increment(1);
+                for (outcome, n) in [
+                    ("ok", r.archived.len()),
+                    ("error", r.archive_failures.len()),
+                ] {
+                    if n > 0 {
+                        metrics
+                            .counter(PARTITIONS_ARCHIVED_TOTAL, &[("outcome", outcome)])
+                            .increment(n as u64);
+                    }
+                }
+                for (partition, error) in &r.archive_failures {
+                    tracing::warn!(partition, error, "archiving failed; the partition stays");
+                }
                 if !r.created.is_empty()
                     || !r.dropped.is_empty()
                     || r.moved_rows > 0
                     || r.secured > 0
+                    || r.expired_dead_letters > 0
                 {
-                    tracing::info!(created = ?r.created, dropped = ?r.dropped, moved_rows = r.moved_rows, secured = r.secured, "partition maintenance");
+                    tracing::info!(created = ?r.created, dropped = ?r.dropped, archived = ?r.archived, moved_rows = r.moved_rows, secured = r.secured, expired_dead_letters = r.expired_dead_letters, "partition maintenance");
                 }
                 record_horizon(&pool, &metrics).await;
             }

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod admin;
+mod archive;
 mod db_tls;
 mod deploy;
 mod failover;
