@@ -92,7 +92,7 @@ const TRACKING_SOURCES: &[(&str, &str)] = &[
 pub const EMAIL_EVENTS_BYTES: &str = "reachly_email_events_bytes";
 /// `{table}`: campaign_messages, contacts, webhook_dead_letters.
 pub const TABLE_BYTES: &str = "reachly_table_bytes";
-pub const OLDEST_PARTITION_AGE_DAYS: &str = "reachly_oldest_partition_age_days";
+pub const OLDEST_PARTITION_AGE_SECONDS: &str = "reachly_oldest_partition_age_seconds";
 pub const DATABASE_BYTES: &str = "reachly_database_bytes";
 /// REACHLY_DATABASE_DISK_BYTES, exported for the disk-full alert.
 pub const DATABASE_DISK_BYTES: &str = "reachly_database_disk_bytes";
@@ -275,6 +275,10 @@ impl Metrics {
             "Spool records skipped at replay because they were torn (crash mid-write).",
         );
         d(
+            PARTITIONS_ARCHIVED_TOTAL,
+            "Day partitions archived before their drop by maintenance, by outcome (ok, error: the partition stays).",
+        );
+        d(
             PARTITION_MAINTENANCE_TOTAL,
             "Partition maintenance rounds, by outcome (ok, skipped: another instance ran it, error).",
         );
@@ -284,6 +288,26 @@ impl Metrics {
         g(
             BUILD_INFO,
             "Always 1; the version label is the running build's.",
+        );
+        g(
+            EMAIL_EVENTS_BYTES,
+            "Bytes of email_events partitions (heap, indexes, TOAST), by age bucket; sampled every minute.",
+        );
+        g(
+            TABLE_BYTES,
+            "Bytes of campaign_messages, contacts and webhook_dead_letters (with indexes), by table.",
+        );
+        g(
+            OLDEST_PARTITION_AGE_SECONDS,
+            "Age of the oldest day partition of email_events (steady near the retention when maintenance works).",
+        );
+        g(
+            DATABASE_BYTES,
+            "Size of the whole database (pg_database_size).",
+        );
+        g(
+            DATABASE_DISK_BYTES,
+            "REACHLY_DATABASE_DISK_BYTES: the database disk's size, for the disk-full alerts.",
         );
         g(
             LAST_FLUSH_TIMESTAMP_SECONDS,

@@ -18,7 +18,7 @@ use chrono::{NaiveDate, Utc};
 use tokio_postgres::Client;
 
 use crate::metrics::{
-    DATABASE_BYTES, DATABASE_DISK_BYTES, EMAIL_EVENTS_BYTES, Metrics, OLDEST_PARTITION_AGE_DAYS,
+    DATABASE_BYTES, DATABASE_DISK_BYTES, EMAIL_EVENTS_BYTES, Metrics, OLDEST_PARTITION_AGE_SECONDS,
     TABLE_BYTES,
 };
 
@@ -77,8 +77,8 @@ impl Sizes {
                 .set(*bytes as f64);
         }
         metrics
-            .gauge(OLDEST_PARTITION_AGE_DAYS, &[])
-            .set(self.oldest_partition_age_days().unwrap_or(0) as f64);
+            .gauge(OLDEST_PARTITION_AGE_SECONDS, &[])
+            .set(self.oldest_partition_age_days().unwrap_or(0) as f64 * 86_400.0);
         metrics
             .gauge(DATABASE_BYTES, &[])
             .set(self.database_bytes as f64);

@@ -492,7 +492,7 @@ async fn status_prints_sizes_by_partition_age_and_the_service_exports_them() {
                 metric_value(&text, "reachly_database_disk_bytes"),
                 (32u64 << 30) as f64
             );
-            assert!(metric_value(&text, "reachly_oldest_partition_age_days") > 365.0);
+            assert!(metric_value(&text, "reachly_oldest_partition_age_seconds") > 365.0 * 86_400.0);
             assert!(text.contains("reachly_table_bytes{table=\"campaign_messages\"}"));
             break;
         }
