@@ -65,7 +65,9 @@ impl App {
         let metrics = Metrics::new();
         let tls = db::tls::connector(config.db.ca_file.as_deref())?;
         let url = config.db.url.expose();
-        if config.db.migrate_on_start {
+        // A bus edge never touches the database (its pool stays empty).
+        let edge = config.bus.enabled() && !config.bus.consumes();
+        if config.db.migrate_on_start && !edge {
             match db::connect_with(url, tls.clone()).await {
                 Ok(_) => {
                     db::migrate::run_with(url, tls.clone()).await?;
@@ -78,7 +80,9 @@ impl App {
         }
         let pool = db::pool(&config.db, tls)?;
         let mut partitions_ready = false;
-        if let Ok(mut client) = pool.get().await {
+        if edge {
+            partitions_ready = true; // not an edge's job
+        } else if let Ok(mut client) = pool.get().await {
             db::check_schema(&client).await?;
             let p = &config.partitions;
             match db::partitions::maintain(
@@ -96,7 +100,12 @@ impl App {
                 ),
             }
         }
-        let pipeline = Pipeline::start(&config.pipeline, pool.clone(), metrics.clone())?;
+        let bus = match config.bus.enabled() {
+            true => Some(crate::pipeline::bus::Bus::connect(&config.bus).await?),
+            false => None,
+        };
+        let pipeline =
+            Pipeline::start_with_bus(&config.pipeline, pool.clone(), metrics.clone(), bus)?;
         let state = Arc::new(AppState::new(
             config,
             pool.clone(),
@@ -107,13 +116,15 @@ impl App {
 
         let stop_background = CancellationToken::new();
         let mut background = Vec::new();
-        background.push(tokio::spawn(db::partitions::run_periodically(
-            pool,
-            state.config.partitions.clone(),
-            metrics.clone(),
-            stop_background.clone(),
-            partitions_ready,
-        )));
+        if !edge {
+            background.push(tokio::spawn(db::partitions::run_periodically(
+                pool,
+                state.config.partitions.clone(),
+                metrics.clone(),
+                stop_background.clone(),
+                partitions_ready,
+            )));
+        }
         let upkeep_metrics = metrics.clone();
         let upkeep_stop = stop_background.clone();
         background.push(tokio::spawn(async move {

@@ -47,6 +47,13 @@ pub async fn readyz(state: &AppState) -> Resp {
             ),
         );
     }
+    // With a bus, events go to the bus, not to the database: readiness is the bus's.
+    if let Some(bus) = state.ingest.bus_ready() {
+        return match bus {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        };
+    }
     let probe = async {
         let client = state.pool.get().await.map_err(|e| e.to_string())?;
         client
