@@ -415,6 +415,10 @@ pub struct BusConfig {
     /// another writer (writers send in-progress acks while they retry).
     #[arg(long = "bus-ack-wait-s", env = "REACHLY_BUS_ACK_WAIT_S", default_value = "30", value_parser = positive_seconds)]
     pub ack_wait: Duration,
+    /// Fault injection for the crash tests only: `abort-after-commit` makes a writer abort
+    /// the process (as kill -9 would) right after its first commit, before acking.
+    #[arg(long = "bus-fault", env = "REACHLY_BUS_FAULT", hide = true)]
+    pub fault: Option<String>,
 }
 
 impl BusConfig {

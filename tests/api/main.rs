@@ -4,6 +4,7 @@
 mod helpers;
 
 mod admin;
+mod bus;
 mod db_tls;
 mod lifecycle;
 mod merge_property;

@@ -25,7 +25,7 @@ use crate::event::Record;
 use crate::metrics;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Shortest fetch wait (JetStream needs room for its own request timeout).
 const MIN_FETCH_WAIT: Duration = Duration::from_millis(100);
 
@@ -75,7 +75,7 @@ pub(in crate::pipeline) async fn run_consumer(id: usize, ctx: WriterContext, bus
         if messages.is_empty() {
             continue;
         }
-        if !store(&ctx, &messages).await {
+        if !store(&ctx, &bus, &messages).await {
             return; // drain deadline: the unacked messages will be redelivered
         }
     }
@@ -92,7 +92,8 @@ async fn pause(ctx: &WriterContext, backoff: &mut Duration) {
 
 /// Writes the records of `messages` until committed, then acks them. `false` if the drain
 /// deadline passed first (nothing acked).
-async fn store(ctx: &WriterContext, messages: &[Message]) -> bool {
+async fn store(ctx: &WriterContext, bus: &Bus, messages: &[Message]) -> bool {
+    let progress_every = (bus.config().ack_wait / 3).max(Duration::from_millis(100));
     let started = Instant::now();
     let mut records: Vec<Record> = Vec::new();
     let mut undecodable = vec![false; messages.len()];
@@ -111,7 +112,6 @@ async fn store(ctx: &WriterContext, messages: &[Message]) -> bool {
     }
     let refs: Vec<&Record> = records.iter().collect();
     let mut backoff = BACKOFF_START;
-    let mut last_progress = Instant::now();
     loop {
         let attempt = tokio::select! {
             r = writer::write_isolating(ctx, &refs) => Some(r),
@@ -134,19 +134,28 @@ async fn store(ctx: &WriterContext, messages: &[Message]) -> bool {
             }
             None => return false,
         }
-        if last_progress.elapsed() >= BACKOFF_START {
-            // Keep the held messages ours while the database is away.
+        // Back off, keeping the held messages ours (in-progress acks) while the database
+        // is away, so no other writer gets them meanwhile.
+        let until = Instant::now() + backoff;
+        loop {
             for m in messages {
                 let _ = m.ack_with(AckKind::Progress).await;
             }
-            last_progress = Instant::now();
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = ctx.deadline.cancelled() => return false,
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep((until - now).min(progress_every)) => {}
+                _ = ctx.deadline.cancelled() => return false,
+            }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
         ctx.ingest.beat();
+    }
+    if bus.config().fault.as_deref() == Some("abort-after-commit") {
+        tracing::error!("fault injection: aborting after a commit, before its acks");
+        std::process::abort();
     }
     for (m, bad) in messages.iter().zip(undecodable) {
         let kind = if bad { AckKind::Term } else { AckKind::Ack };

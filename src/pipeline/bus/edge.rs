@@ -93,9 +93,9 @@ pub(in crate::pipeline) async fn run_publisher(
             },
             _ = tick.tick() => {
                 ctx.ingest.beat();
-                if !bus.connected() {
-                    ctx.ingest.set_db_healthy(false);
-                }
+                // Once a second the sink's health follows the bus's readiness, so durable
+                // envelopes try the bus again after a failure (a publish then decides).
+                ctx.ingest.set_db_healthy(bus.ready().is_ok());
             }
             _ = ctx.closing.cancelled(), if !ctx.closing.is_cancelled() => {}
         }
