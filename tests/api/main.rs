@@ -10,6 +10,7 @@ mod lifecycle;
 mod merge_property;
 mod partitions;
 mod pipeline;
+mod scaling_doc;
 mod schema;
 mod tracking;
 mod webhooks_common;
