@@ -6,18 +6,17 @@
 use crate::helpers::*;
 
 /// The fenced blocks of `doc` whose info string is exactly `tag`.
-fn blocks<'a>(doc: &'a str, tag: &str) -> Vec<String> {
+fn blocks(doc: &str, tag: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut current: Option<String> = None;
     for line in doc.lines() {
+        let fence = line.trim_start().starts_with("```");
         match &mut current {
-            None if line.trim_start().starts_with("```") => {
-                if line.trim_start().trim_start_matches('`').trim() == tag {
-                    current = Some(String::new());
-                }
+            None if fence && line.trim_start().trim_start_matches('`').trim() == tag => {
+                current = Some(String::new());
             }
             None => {}
-            Some(_) if line.trim_start().starts_with("```") => {
+            Some(_) if fence => {
                 out.extend(current.take());
             }
             Some(b) => {
@@ -55,7 +54,11 @@ async fn the_scaling_docs_schema_changes_apply_to_a_migrated_database() {
     let doc = std::fs::read_to_string(&path).expect("docs/scaling.md");
     let sql = blocks(&doc, "sql");
     let citus = blocks(&doc, "sql citus");
-    assert!(sql.len() >= 4, "expected the schema blocks, found {}", sql.len());
+    assert!(
+        sql.len() >= 4,
+        "expected the schema blocks, found {}",
+        sql.len()
+    );
     assert_eq!(citus.len(), 1, "expected one Citus block");
     let url = fresh_database().await;
     let db = connect(&url).await;
@@ -80,7 +83,10 @@ async fn the_scaling_docs_schema_changes_apply_to_a_migrated_database() {
         .await
         .expect("constraints");
     let missing: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert!(missing.is_empty(), "keys without organization_id: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "keys without organization_id: {missing:?}"
+    );
     db.batch_execute(CITUS_STUBS).await.expect("stubs");
     if let Err(e) = db.batch_execute(&citus[0]).await {
         panic!("docs/scaling.md Citus block failed against the stubs: {e:?}");
