@@ -38,6 +38,24 @@ fn nats_server() -> &'static str {
     panic!("nats-server is not installed (scripts/test.sh installs Debian's `nats-server` package)")
 }
 
+/// A free port *below* the kernel's ephemeral range (32768+). Ports from port-0 binds come
+/// from that range, so a nats-server restarting on its port never finds it taken by some
+/// client's connection, and no test's database (whose port comes from a port-0 bind) can
+/// lose its port to a nats-server while it is stopped.
+fn nats_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(104_729)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port for nats-server below 32000")
+}
+
 struct Node {
     name: String,
     port: u16,
@@ -55,14 +73,7 @@ pub struct NatsCluster {
 impl NatsCluster {
     pub fn start() -> NatsCluster {
         let dir = temp_dir("nats");
-        let ports: Vec<(u16, u16)> = (0..3)
-            .map(|_| {
-                (
-                    reachly_ingest::pgcluster::free_port().expect("port"),
-                    reachly_ingest::pgcluster::free_port().expect("port"),
-                )
-            })
-            .collect();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (nats_port(), nats_port())).collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, c)| format!("\"nats-route://127.0.0.1:{c}\""))
@@ -947,4 +958,64 @@ async fn bus_whole_bus_down_edges_spool_then_replay() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bus_full_stream_spools_then_answers_503_and_drains_after() {
+    let (nats, w) = up(60, fresh_database().await).await;
+    let urls = nats.urls();
+    // No writer yet: the stream (bounded to 16 KiB, discard new) fills, publishes fail, the
+    // edge spools (bounded to 16 KiB), then answers 503: the back-pressure chain.
+    let small = [
+        ("REACHLY_BUS_MAX_BYTES", "16384"),
+        ("REACHLY_SPOOL_MAX_BYTES", "16384"),
+    ];
+    let edge = spawn_role(&w.db_url, &urls, "edge", &small);
+    ready(&edge).await;
+    let mut statuses = Vec::new();
+    for i in 0..w.msgs.len() {
+        let s = w.webhook(&edge, &w.msgs[i]).await;
+        statuses.push(s);
+        if s == Some(503) {
+            break;
+        }
+    }
+    let accepted = statuses.iter().filter(|s| **s == Some(200)).count();
+    let failures = metric_of(&edge, "reachly_bus_publish_failures_total").await;
+    let spooled = metric_of(&edge, "reachly_spool_bytes").await;
+    eprintln!(
+        "full stream: {accepted} webhooks accepted, then {:?}; {failures} failed publishes, spool {spooled} bytes, stream {} messages",
+        statuses.last(),
+        nats.stream_messages().await
+    );
+    let log = || edge.log.lock().map(|l| l.join("\n")).unwrap_or_default();
+    assert_eq!(
+        statuses.last(),
+        Some(&Some(503)),
+        "never answered 503; log:\n{}",
+        log()
+    );
+    assert!(
+        accepted > 0 && failures > 0.0 && spooled > 0.0,
+        "not the chain stream full -> spool -> 503; log:\n{}",
+        log()
+    );
+    // Writers arrive: the stream drains, the spool replays into it, the ESP retries the 503s.
+    let _writer = spawn_role(&w.db_url, &urls, "writer", &[]);
+    let mut expected = Vec::new();
+    for (i, s) in statuses.iter().enumerate() {
+        if *s != Some(200) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while w.webhook(&edge, &w.msgs[i]).await != Some(200) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "retry of {i} never accepted"
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        expected.push((i, vec!["delivered"]));
+    }
+    w.assert_exactly_once(&expected, Duration::from_secs(60))
+        .await;
 }

@@ -73,7 +73,7 @@ pub(in crate::pipeline) async fn run_publisher(
 ) {
     let mut rx = rx.lock().await;
     let mut flights: FuturesUnordered<Flight> = FuturesUnordered::new();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut open = true;
     loop {
         if ctx.closing.is_cancelled() && open {
@@ -93,9 +93,14 @@ pub(in crate::pipeline) async fn run_publisher(
             },
             _ = tick.tick() => {
                 ctx.ingest.beat();
-                // Once a second the sink's health follows the bus's readiness, so durable
-                // envelopes try the bus again after a failure (a publish then decides).
-                ctx.ingest.set_db_healthy(bus.ready().is_ok());
+                // Each tick: a ready bus makes durable envelopes try it again after a
+                // failure (a publish then decides); a lost connection sends them to the
+                // spool at once. Before the first connect nothing changes.
+                if bus.ready().is_ok() {
+                    ctx.ingest.set_db_healthy(true);
+                } else if bus.disconnected() {
+                    ctx.ingest.set_db_healthy(false);
+                }
             }
             _ = ctx.closing.cancelled(), if !ctx.closing.is_cancelled() => {}
         }

@@ -137,6 +137,11 @@ impl Bus {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Lost the connection it had (not: still making the first one).
+    pub fn disconnected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Disconnected
+    }
+
     /// Readiness: connected, and the stream (and consumer) exist.
     pub fn ready(&self) -> Result<(), String> {
         if !self.connected() {
