@@ -607,6 +607,36 @@ async fn bus_two_edges_two_writers_store_every_kind_exactly_once() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A message that is not a chunk of ours becomes one dead letter and is terminated.
+    let ack = bus
+        .jetstream()
+        .publish(
+            bus.subject("unknown"),
+            bytes::Bytes::from_static(b"\xffnot a chunk"),
+        )
+        .await
+        .expect("publish garbage");
+    ack.await.expect("garbage ack");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = w
+            .db
+            .query_one(
+                "SELECT count(*) FROM webhook_dead_letters WHERE reason = 'undecodable_bus_message' AND provider = 'bus'",
+                &[],
+            )
+            .await
+            .expect("dead letters")
+            .get(0);
+        if n == 1 {
+            break;
+        }
+        assert!(
+            n < 2 && tokio::time::Instant::now() < deadline,
+            "undecodable message: {n} dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let published: f64 = metric_of(&edges[0], "reachly_bus_published_total").await
         + metric_of(&edges[1], "reachly_bus_published_total").await;
     let consumed: f64 = metric_of(&writers[0], "reachly_bus_consumed_total").await
