@@ -534,9 +534,11 @@ async fn up(n_msgs: usize, db_url: String) -> (NatsCluster, World) {
 async fn bus_two_edges_two_writers_store_every_kind_exactly_once() {
     let (nats, w) = up(30, fresh_database().await).await;
     let urls = nats.urls();
+    // Small transactions, so a fetched batch of chunks is written in several parts.
+    let small_batches = [("REACHLY_FLUSH_MAX_EVENTS", "300")];
     let writers = [
-        spawn_role(&w.db_url, &urls, "writer", &[]),
-        spawn_role(&w.db_url, &urls, "writer", &[]),
+        spawn_role(&w.db_url, &urls, "writer", &small_batches),
+        spawn_role(&w.db_url, &urls, "writer", &small_batches),
     ];
     let edges = [
         spawn_role(&w.db_url, &urls, "edge", &[]),

@@ -1,9 +1,9 @@
 //! The writer side of the bus: `REACHLY_WRITERS` tasks share one durable pull consumer.
 //!
 //! One round: fetch up to `REACHLY_FLUSH_MAX_EVENTS` messages (waiting at most
-//! `REACHLY_FLUSH_INTERVAL_MS` for them), decode them ([`envelope::decode`]), write all their
-//! records in one batch transaction (the embedded writers' path: row errors are isolated as
-//! dead letters), commit, then ack every message (an undecodable one is terminated after its
+//! `REACHLY_FLUSH_INTERVAL_MS` for them), decode them ([`envelope::decode`]), write their
+//! records in batch transactions of at most `REACHLY_FLUSH_MAX_EVENTS` (the embedded
+//! writers' path: row errors are isolated as dead letters), commit, then ack every message (an undecodable one is terminated after its
 //! dead letter is committed). Only a commit leads to an ack, so a writer killed anywhere
 //! before its acks leaves the messages to be redelivered after `REACHLY_BUS_ACK_WAIT_S`,
 //! and the idempotent sink absorbs the second write.
@@ -111,47 +111,18 @@ async fn store(ctx: &WriterContext, bus: &Bus, messages: &[Message]) -> bool {
         }
     }
     let refs: Vec<&Record> = records.iter().collect();
-    let mut backoff = BACKOFF_START;
-    loop {
-        let attempt = tokio::select! {
-            r = writer::write_isolating(ctx, &refs) => Some(r),
-            _ = ctx.deadline.cancelled() => None,
-        };
-        match attempt {
-            Some(Ok(outcome)) => {
-                writer::record_outcome(&ctx.metrics, &outcome);
-                ctx.metrics
-                    .histogram(metrics::FLUSH_DURATION_SECONDS, &[])
-                    .record(started.elapsed().as_secs_f64());
-                ctx.metrics
-                    .histogram(metrics::FLUSH_BATCH_SIZE, &[])
-                    .record(refs.len() as f64);
-                break;
-            }
-            Some(Err(e)) => {
-                ctx.metrics.db_error("write_batch");
-                tracing::warn!(error = %e, events = refs.len(), retry_in_ms = backoff.as_millis() as u64, "bus batch write failed; holding it");
-            }
-            None => return false,
+    // A fetch counts messages, and one message may hold a webhook's hundred events: the
+    // records are written in transactions of at most REACHLY_FLUSH_MAX_EVENTS, and acked
+    // after the last one commits (a crash in between re-writes the committed parts: no-ops).
+    let parts: Vec<&[&Record]> = refs.chunks(ctx.flush_max_events.max(1)).collect();
+    let last = parts.len().saturating_sub(1);
+    for (n, part) in parts.into_iter().enumerate() {
+        if !write_part(ctx, messages, part, progress_every, started).await {
+            return false;
         }
-        // Back off, keeping the held messages ours (in-progress acks) while the database
-        // is away, so no other writer gets them meanwhile.
-        let until = Instant::now() + backoff;
-        loop {
-            for m in messages {
-                let _ = m.ack_with(AckKind::Progress).await;
-            }
-            let now = Instant::now();
-            if now >= until {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep((until - now).min(progress_every)) => {}
-                _ = ctx.deadline.cancelled() => return false,
-            }
+        if n < last {
+            progress(messages).await;
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-        ctx.ingest.beat();
     }
     if bus.config().fault.as_deref() == Some("abort-after-commit") {
         tracing::error!("fault injection: aborting after a commit, before its acks");
@@ -168,4 +139,61 @@ async fn store(ctx: &WriterContext, bus: &Bus, messages: &[Message]) -> bool {
         .counter(BUS_CONSUMED_TOTAL, &[])
         .increment(messages.len() as u64);
     true
+}
+
+/// In-progress acks: the held messages stay ours for another ack wait.
+async fn progress(messages: &[Message]) {
+    for m in messages {
+        let _ = m.ack_with(AckKind::Progress).await;
+    }
+}
+
+/// Writes one part until it commits; `false` if the drain deadline passed first.
+async fn write_part(
+    ctx: &WriterContext,
+    messages: &[Message],
+    part: &[&Record],
+    progress_every: Duration,
+    started: Instant,
+) -> bool {
+    let mut backoff = BACKOFF_START;
+    loop {
+        let attempt = tokio::select! {
+            r = writer::write_isolating(ctx, part) => Some(r),
+            _ = ctx.deadline.cancelled() => None,
+        };
+        match attempt {
+            Some(Ok(outcome)) => {
+                writer::record_outcome(&ctx.metrics, &outcome);
+                ctx.metrics
+                    .histogram(metrics::FLUSH_DURATION_SECONDS, &[])
+                    .record(started.elapsed().as_secs_f64());
+                ctx.metrics
+                    .histogram(metrics::FLUSH_BATCH_SIZE, &[])
+                    .record(part.len() as f64);
+                return true;
+            }
+            Some(Err(e)) => {
+                ctx.metrics.db_error("write_batch");
+                tracing::warn!(error = %e, events = part.len(), retry_in_ms = backoff.as_millis() as u64, "bus batch write failed; holding it");
+            }
+            None => return false,
+        }
+        // Back off, keeping the held messages ours (in-progress acks) while the database
+        // is away, so no other writer gets them meanwhile.
+        let until = Instant::now() + backoff;
+        loop {
+            progress(messages).await;
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep((until - now).min(progress_every)) => {}
+                _ = ctx.deadline.cancelled() => return false,
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        ctx.ingest.beat();
+    }
 }

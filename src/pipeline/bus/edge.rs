@@ -1,9 +1,9 @@
 //! The edge side of the bus: the publisher task (the sink of the in-memory channel when a
 //! bus is configured) and the spool replayer that publishes what the bus could not take.
 //!
-//! The publisher takes envelopes from the channel and keeps up to
-//! [`ENVELOPES_IN_FLIGHT`] of them publishing at once (each: publish every chunk, then wait
-//! for every chunk's ack). A fully acked envelope is released from memory and its sender
+//! The publisher takes envelopes from the channel and keeps publishing them concurrently
+//! (each: publish every chunk, then wait for every chunk's ack) while fewer than
+//! [`MAX_ACKS_IN_FLIGHT`] chunk acks are outstanding. A fully acked envelope is released from memory and its sender
 //! (if it waits) answered; a failed one (no ack within `REACHLY_BUS_PUBLISH_TIMEOUT_MS`,
 //! stream full, not connected) goes to the spool. A failure marks the sink unhealthy, so
 //! durable envelopes spool at once until a publish or a replay succeeds again.
@@ -24,20 +24,25 @@ use tokio::sync::{Mutex, mpsc};
 use super::super::Envelope;
 use super::super::spool::read_segment;
 use super::super::writer::WriterContext;
-use super::{BUS_PUBLISH_FAILURES_TOTAL, BUS_PUBLISHED_TOTAL, BUS_TRUNCATED_TOTAL, Bus, envelope};
+use super::{
+    BUS_PUBLISH_FAILURES_TOTAL, BUS_PUBLISHED_TOTAL, BUS_TRUNCATED_TOTAL, Bus, MAX_ACKS_IN_FLIGHT,
+    envelope,
+};
 use crate::event::Record;
 use crate::metrics::{self, Metrics};
 
-/// Envelopes publishing at once (each holds one ack per chunk).
-const ENVELOPES_IN_FLIGHT: usize = 4096;
-/// Envelopes a spool replay publishes before it waits for their acks.
-const REPLAY_WINDOW: usize = 256;
+/// Publish acks a spool replay keeps in flight before it waits for them (the publisher keeps
+/// up to [`MAX_ACKS_IN_FLIGHT`]; the client allows twice that).
+const REPLAY_ACKS: usize = 1024;
 
-type Flight = Pin<Box<dyn Future<Output = (Envelope, Result<u64, String>)> + Send>>;
+type Flight = Pin<Box<dyn Future<Output = (Envelope, usize, Result<u64, String>)> + Send>>;
 
 /// Publishes `records` (all chunks), then waits for every ack. `Ok(truncated records)`.
 pub async fn publish(bus: &Bus, records: &[Record]) -> Result<u64, String> {
-    let chunks = envelope::chunk(records, bus.max_payload());
+    publish_chunks(bus, envelope::chunk(records, bus.max_payload())).await
+}
+
+async fn publish_chunks(bus: &Bus, chunks: Vec<envelope::Chunk>) -> Result<u64, String> {
     let mut acks = Vec::with_capacity(chunks.len());
     let mut truncated = 0;
     for c in chunks {
@@ -75,18 +80,25 @@ pub(in crate::pipeline) async fn run_publisher(
     let mut flights: FuturesUnordered<Flight> = FuturesUnordered::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut open = true;
+    let mut acks = 0usize; // chunks published and not yet acked
     loop {
         if ctx.closing.is_cancelled() && open {
             rx.close();
         }
         tokio::select! {
-            Some((env, res)) = flights.next(), if !flights.is_empty() => finish(&ctx, env, res),
-            got = rx.recv(), if open && flights.len() < ENVELOPES_IN_FLIGHT => match got {
+            Some((env, k, res)) = flights.next(), if !flights.is_empty() => {
+                acks -= k;
+                finish(&ctx, env, res);
+            }
+            got = rx.recv(), if open && acks < MAX_ACKS_IN_FLIGHT => match got {
                 Some(env) => {
                     let bus = bus.clone();
+                    let chunks = envelope::chunk(&env.records, bus.max_payload());
+                    let k = chunks.len();
+                    acks += k;
                     flights.push(Box::pin(async move {
-                        let r = publish(&bus, &env.records).await;
-                        (env, r)
+                        let r = publish_chunks(&bus, chunks).await;
+                        (env, k, r)
                     }));
                 }
                 None => open = false,
@@ -177,18 +189,34 @@ pub(in crate::pipeline) async fn replay_once(ctx: &WriterContext, bus: &Bus) -> 
                 .increment(contents.torn_records);
         }
         let mut events = 0;
-        for window in contents.envelopes.chunks(REPLAY_WINDOW) {
-            let results =
-                futures_util::future::join_all(window.iter().map(|records| publish(bus, records)))
-                    .await;
-            for (records, r) in window.iter().zip(results) {
-                let truncated = r?;
-                count(&ctx.metrics, records.len(), truncated);
-                events += records.len();
+        let mut pending = contents.envelopes.iter().peekable();
+        while pending.peek().is_some() {
+            // A window of envelopes holding at most REPLAY_ACKS chunks (at least one envelope).
+            let mut window = Vec::new();
+            let mut chunks = 0;
+            while let Some(records) = pending.peek() {
+                let c = envelope::chunk(records, bus.max_payload());
+                if !window.is_empty() && chunks + c.len() > REPLAY_ACKS {
+                    break;
+                }
+                chunks += c.len();
+                window.push((records.len(), c));
+                pending.next();
             }
+            let n: usize = window.iter().map(|(n, _)| n).sum();
+            let results = futures_util::future::join_all(
+                window
+                    .into_iter()
+                    .map(|(n, c)| async move { (n, publish_chunks(bus, c).await) }),
+            )
+            .await;
+            for (n, r) in results {
+                count(&ctx.metrics, n, r?);
+            }
+            events += n;
             ctx.metrics
                 .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])
-                .increment(window.iter().map(Vec::len).sum::<usize>() as u64);
+                .increment(n as u64);
         }
         ctx.ingest.set_db_healthy(true);
         if let Err(e) = ctx.ingest.shared.spool.remove_segment(&seg, &ctx.metrics) {

@@ -62,7 +62,8 @@ pub const BUS_READY: &str = "reachly_bus_ready";
 
 /// The server's `max_payload` until it tells us its own (its default).
 const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
-/// Publish acks an edge keeps in flight; past it envelopes spool (the client would refuse).
+/// Publish acks an edge's publisher keeps in flight; past it the channel fills and envelopes
+/// spool. The client is built to allow twice this (room for the spool replayer).
 pub const MAX_ACKS_IN_FLIGHT: usize = 8192;
 /// How often the keeper checks the connection and (re)creates stream and consumer.
 const KEEP_EVERY: Duration = Duration::from_millis(500);
