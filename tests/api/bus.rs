@@ -717,17 +717,24 @@ async fn bus_stream_leader_killed_mid_traffic_loses_and_duplicates_nothing() {
         ready(p).await;
     }
     let mut expected = Vec::new();
+    let mut slowest = Duration::ZERO;
     for i in 0..w.msgs.len() {
         if i == 10 {
             let leader = nats.stream_leader().await;
             eprintln!("kill -9 of the stream leader {leader}");
             nats.kill9(&leader);
         }
+        let t = std::time::Instant::now();
         let kinds = w.traffic(i, &edges[i % 2], &edges[(i + 1) % 2]).await;
+        slowest = slowest.max(t.elapsed());
         expected.push((i, kinds));
     }
     let sent: usize = expected.iter().map(|(_, k)| k.len()).sum();
-    eprintln!("leader kill: {sent} events acknowledged");
+    let spooled = metric_of(&edges[0], "reachly_bus_publish_failures_total").await
+        + metric_of(&edges[1], "reachly_bus_publish_failures_total").await;
+    eprintln!(
+        "leader kill: {sent} events acknowledged; slowest message's traffic {slowest:?}; {spooled} publishes failed over to the spool"
+    );
     w.assert_exactly_once(&expected, Duration::from_secs(90))
         .await;
 }
