@@ -490,6 +490,10 @@ impl Config {
                 args.pipeline.flush_max_events, args.pipeline.buffer_max_events
             ));
         }
+        for u in &args.bus.urls {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("REACHLY_BUS_URL: {u:?} is not a NATS server URL: {e}"))?;
+        }
         if args.partitions.retention_days == 0 {
             return Err("REACHLY_EVENT_RETENTION_DAYS must be at least 1".into());
         }
@@ -563,6 +567,24 @@ mod tests {
                 .unwrap_err()
                 .contains("REACHLY_FLUSH_MAX_EVENTS")
         );
+    }
+
+    #[test]
+    fn a_bus_url_that_does_not_parse_is_a_config_error() {
+        let args = |url: &str| {
+            ServeArgs::from_argv([
+                "serve",
+                "--database-url",
+                "host=localhost",
+                "--bus-url",
+                url,
+            ])
+        };
+        let bad = Config::from_args(args("nats://host:notaport")).unwrap_err();
+        assert!(bad.contains("REACHLY_BUS_URL"), "{bad}");
+        let ok = Config::from_args(args("nats://a:4222,nats://b:4222")).expect("two urls");
+        assert_eq!(ok.bus.urls.len(), 2);
+        assert!(ok.bus.enabled() && ok.bus.consumes());
     }
 
     #[test]
