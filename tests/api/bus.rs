@@ -288,20 +288,39 @@ fn bus_env<'a>(urls: &'a str, role: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
-fn spawn_role(db: &str, urls: &str, role: &str, extra: &[(&str, &str)]) -> ServeProcess {
+/// A service process that is killed (-9) when dropped, so that a case ending (or failing)
+/// leaves no process behind.
+struct Proc(Option<ServeProcess>);
+
+impl Proc {
+    fn into_inner(mut self) -> ServeProcess {
+        self.0.take().expect("process present until taken")
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = ServeProcess;
+    fn deref(&self) -> &ServeProcess {
+        self.0.as_ref().expect("process present until taken")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.kill9();
+        }
+    }
+}
+
+fn spawn_role(db: &str, urls: &str, role: &str, extra: &[(&str, &str)]) -> Proc {
     spawn_role_in(&temp_dir(&format!("bus-{role}")), db, urls, role, extra)
 }
 
-fn spawn_role_in(
-    spool: &Path,
-    db: &str,
-    urls: &str,
-    role: &str,
-    extra: &[(&str, &str)],
-) -> ServeProcess {
+fn spawn_role_in(spool: &Path, db: &str, urls: &str, role: &str, extra: &[(&str, &str)]) -> Proc {
     let mut env = bus_env(urls, role);
     env.extend_from_slice(extra);
-    ServeProcess::spawn(db, spool, &env)
+    Proc(Some(ServeProcess::spawn(db, spool, &env)))
 }
 
 /// Waits (bounded) until the admin listener's /readyz is 200.
@@ -520,19 +539,26 @@ async fn metric_of(p: &ServeProcess, sample: &str) -> f64 {
     }
 }
 
-async fn up(n_msgs: usize, db_url: String) -> (NatsCluster, World) {
+/// At most two bus cases at once: each runs ~8 processes, and the rest of the suite (with
+/// timing-sensitive cases of its own) shares the same two cores.
+static BUS_CASES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+async fn up(n_msgs: usize, db_url: String) -> (NatsCluster, World, BusSlot) {
+    let slot = BUS_CASES.acquire().await.expect("semaphore never closed");
     let nats = tokio::task::spawn_blocking(NatsCluster::start)
         .await
         .expect("join");
     nats.wait_jetstream().await;
-    (nats, world(db_url, n_msgs).await)
+    (nats, world(db_url, n_msgs).await, slot)
 }
+
+type BusSlot = tokio::sync::SemaphorePermit<'static>;
 
 // ---- the cases ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bus_two_edges_two_writers_store_every_kind_exactly_once() {
-    let (nats, w) = up(30, fresh_database().await).await;
+    let (nats, w, _slot) = up(30, fresh_database().await).await;
     let urls = nats.urls();
     // Small transactions, so a fetched batch of chunks is written in several parts.
     let small_batches = [("REACHLY_FLUSH_MAX_EVENTS", "300")];
@@ -646,6 +672,7 @@ async fn bus_two_edges_two_writers_store_every_kind_exactly_once() {
     eprintln!("edges published {published} events; writers consumed {consumed} messages");
     assert!(published >= 100.0 && consumed > 0.0);
     for p in edges.into_iter().chain(writers) {
+        let p = p.into_inner();
         p.signal("-TERM");
         let log = p.log.clone();
         let code = p.wait(Duration::from_secs(20)).await;
@@ -703,7 +730,7 @@ async fn publish_chunks(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bus_stream_leader_killed_mid_traffic_loses_and_duplicates_nothing() {
-    let (mut nats, w) = up(40, fresh_database().await).await;
+    let (mut nats, w, _slot) = up(40, fresh_database().await).await;
     let urls = nats.urls();
     let writers = [
         spawn_role(&w.db_url, &urls, "writer", &[]),
@@ -741,7 +768,7 @@ async fn bus_stream_leader_killed_mid_traffic_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bus_edge_killed_mid_webhook_esp_retry_is_not_duplicated() {
-    let (nats, w) = up(40, fresh_database().await).await;
+    let (nats, w, _slot) = up(40, fresh_database().await).await;
     let urls = nats.urls();
     let writers = [
         spawn_role(&w.db_url, &urls, "writer", &[]),
@@ -789,7 +816,7 @@ async fn bus_edge_killed_mid_webhook_esp_retry_is_not_duplicated() {
             break;
         }
     }
-    victim.kill9();
+    victim.into_inner().kill9();
     let mut acked = 0;
     let mut retried = 0;
     let sent = inflight.len();
@@ -832,7 +859,7 @@ async fn bus_edge_killed_mid_webhook_esp_retry_is_not_duplicated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bus_writer_killed_after_commit_before_ack_redelivery_is_absorbed() {
-    let (nats, w) = up(20, fresh_database().await).await;
+    let (nats, w, _slot) = up(20, fresh_database().await).await;
     let urls = nats.urls();
     // The first writer aborts (as kill -9) right after its first commit, before any ack.
     let doomed = spawn_role(
@@ -849,7 +876,7 @@ async fn bus_writer_killed_after_commit_before_ack_redelivery_is_absorbed() {
         expected.push((i, w.traffic(i, &edge, &edge).await));
     }
     // The doomed writer committed one batch and died without acking it.
-    let code = doomed.wait(Duration::from_secs(30)).await;
+    let code = doomed.into_inner().wait(Duration::from_secs(30)).await;
     eprintln!("writer exited with {code:?} (abort)");
     assert_ne!(code, Some(0));
     let committed = w
@@ -885,7 +912,7 @@ async fn bus_writer_killed_after_commit_before_ack_redelivery_is_absorbed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bus_database_down_backlog_waits_in_the_stream_then_drains() {
     let pg = PrivateCluster::start().await;
-    let (nats, w) = up(20, pg.url.clone()).await;
+    let (nats, w, _slot) = up(20, pg.url.clone()).await;
     let urls = nats.urls();
     let writers = [
         spawn_role(
@@ -940,7 +967,7 @@ async fn bus_database_down_backlog_waits_in_the_stream_then_drains() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bus_whole_bus_down_edges_spool_then_replay() {
-    let (mut nats, w) = up(20, fresh_database().await).await;
+    let (mut nats, w, _slot) = up(20, fresh_database().await).await;
     let urls = nats.urls();
     let writers = [
         spawn_role(&w.db_url, &urls, "writer", &[]),
@@ -1001,7 +1028,7 @@ async fn bus_whole_bus_down_edges_spool_then_replay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bus_full_stream_spools_then_answers_503_and_drains_after() {
-    let (nats, w) = up(60, fresh_database().await).await;
+    let (nats, w, _slot) = up(60, fresh_database().await).await;
     let urls = nats.urls();
     // No writer yet: the stream (bounded to 16 KiB, discard new) fills, publishes fail, the
     // edge spools (bounded to 16 KiB), then answers 503: the back-pressure chain.
