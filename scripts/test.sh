@@ -37,4 +37,12 @@ if ! command -v kubernetes-validate >/dev/null 2>&1 && command -v python3 >/dev/
   hash -r
 fi
 
+# The bus tests (tests/api/bus.rs) start their own 3-node JetStream cluster from Debian's
+# `nats-server` (2.9.10 in bookworm); install it when missing and we can.
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing nats-server for the bus tests..." >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null) \
+    || echo "scripts/test.sh: could not install nats-server; the bus tests will say what is missing" >&2
+fi
+
 cargo test --locked "$@"

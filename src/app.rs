@@ -153,7 +153,9 @@ impl App {
         let metrics = Metrics::new();
         let tls = db::tls::connector(config.db.ca_file.as_deref())?;
         let url = config.db.url.expose();
-        if config.db.migrate_on_start {
+        // A bus edge never touches the database (its pool stays empty).
+        let edge = config.bus.enabled() && !config.bus.consumes();
+        if config.db.migrate_on_start && !edge {
             match db::connect_with(url, tls.clone()).await {
                 Ok(mut client) => migrate_on_start(&mut client).await?,
                 Err(e) => tracing::warn!(
@@ -164,13 +166,15 @@ impl App {
         }
         let pool = db::pool(&config.db, tls)?;
         let mut partitions_ready = false;
-        let in_process = config.partitions.in_process;
-        if !in_process {
+        let in_process = config.partitions.in_process && !edge;
+        if !config.partitions.in_process {
             tracing::info!(
                 "partition maintenance is off in this process (REACHLY_PARTITION_MAINTENANCE=off); run `reachly-ingest maintain` as the tables' owner"
             );
         }
-        if let Ok(mut client) = pool.get().await {
+        if edge {
+            partitions_ready = true; // not an edge's job
+        } else if let Ok(mut client) = pool.get().await {
             db::check_schema(&client).await?;
             let p = &config.partitions;
             if in_process {
@@ -190,7 +194,12 @@ impl App {
                 }
             }
         }
-        let pipeline = Pipeline::start(&config.pipeline, pool.clone(), metrics.clone())?;
+        let bus = match config.bus.enabled() {
+            true => Some(crate::pipeline::bus::Bus::connect(&config.bus).await?),
+            false => None,
+        };
+        let pipeline =
+            Pipeline::start_with_bus(&config.pipeline, pool.clone(), metrics.clone(), bus)?;
         let state = Arc::new(AppState::new(
             config,
             pool.clone(),
@@ -211,13 +220,15 @@ impl App {
                 partitions_ready,
             )));
         }
-        background.push(tokio::spawn(db::sizes::run_periodically(
-            pool.clone(),
-            metrics.clone(),
-            state.config.partitions.database_disk_bytes,
-            Duration::from_secs(60),
-            stop_background.clone(),
-        )));
+        if !edge {
+            background.push(tokio::spawn(db::sizes::run_periodically(
+                pool.clone(),
+                metrics.clone(),
+                state.config.partitions.database_disk_bytes,
+                Duration::from_secs(60),
+                stop_background.clone(),
+            )));
+        }
         let upkeep_metrics = metrics.clone();
         let upkeep_stop = stop_background.clone();
         background.push(tokio::spawn(async move {

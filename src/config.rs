@@ -178,6 +178,8 @@ pub struct ServeArgs {
     pub webhooks: WebhookConfig,
     #[command(flatten)]
     pub log: LogConfig,
+    #[command(flatten)]
+    pub bus: BusConfig,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -519,6 +521,79 @@ pub enum IpMode {
     None,
 }
 
+/// The scale-out bus (NATS JetStream, see `pipeline::bus`). Without `REACHLY_BUS_URL` one
+/// process does everything (the embedded default) and none of the rest applies.
+#[derive(Debug, Clone, Args)]
+pub struct BusConfig {
+    /// NATS server URLs (comma-separated, e.g. nats://n1:4222,nats://n2:4222). With one,
+    /// `serve` publishes every envelope to JetStream and, unless an edge, consumes it.
+    #[arg(long = "bus-url", env = "REACHLY_BUS_URL", value_delimiter = ',', num_args = 0..)]
+    pub urls: Vec<String>,
+    /// edge: accept and publish; writer: consume and write to the database (its public
+    /// listener, if used, publishes like an edge); both.
+    #[arg(long = "bus-role", env = "REACHLY_BUS_ROLE", value_enum, default_value_t = BusRole::Both)]
+    pub role: BusRole,
+    /// JetStream stream name.
+    #[arg(
+        long = "bus-stream",
+        env = "REACHLY_BUS_STREAM",
+        default_value = "REACHLY_EVENTS"
+    )]
+    pub stream: String,
+    /// Subject prefix; messages go to PREFIX.<organization hash>.
+    #[arg(
+        long = "bus-subject-prefix",
+        env = "REACHLY_BUS_SUBJECT_PREFIX",
+        default_value = "reachly.events"
+    )]
+    pub subject_prefix: String,
+    /// Durable pull consumer shared by all writers.
+    #[arg(
+        long = "bus-consumer",
+        env = "REACHLY_BUS_CONSUMER",
+        default_value = "writers"
+    )]
+    pub consumer: String,
+    /// Stream replicas (3 survives one node's loss; 1 for a single-node bus).
+    #[arg(long = "bus-replicas", env = "REACHLY_BUS_REPLICAS", default_value = "3", value_parser = positive)]
+    pub replicas: usize,
+    /// Bytes the stream may hold (the backlog); past it publishes fail (discard new) and
+    /// edges spool, then answer 503.
+    #[arg(long = "bus-max-bytes", env = "REACHLY_BUS_MAX_BYTES", default_value_t = 1 << 30)]
+    pub max_bytes: i64,
+    /// Seconds the stream remembers a Nats-Msg-Id (re-publishes inside it are dropped).
+    #[arg(long = "bus-duplicate-window-s", env = "REACHLY_BUS_DUPLICATE_WINDOW_S", default_value = "120", value_parser = positive_seconds)]
+    pub duplicate_window: Duration,
+    /// Milliseconds an edge waits for a publish ack before spooling the envelope instead.
+    #[arg(long = "bus-publish-timeout-ms", env = "REACHLY_BUS_PUBLISH_TIMEOUT_MS", default_value = "5000", value_parser = positive_millis)]
+    pub publish_timeout: Duration,
+    /// Seconds a fetched message may stay unacknowledged before it is redelivered to
+    /// another writer (writers send in-progress acks while they retry).
+    #[arg(long = "bus-ack-wait-s", env = "REACHLY_BUS_ACK_WAIT_S", default_value = "30", value_parser = positive_seconds)]
+    pub ack_wait: Duration,
+    /// Fault injection for the crash tests only: `abort-after-commit` makes a writer abort
+    /// the process (as kill -9 would) right after its first commit, before acking.
+    #[arg(long = "bus-fault", env = "REACHLY_BUS_FAULT", hide = true)]
+    pub fault: Option<String>,
+}
+
+impl BusConfig {
+    pub fn enabled(&self) -> bool {
+        !self.urls.is_empty()
+    }
+    /// This process runs the consumer (writer or both).
+    pub fn consumes(&self) -> bool {
+        self.enabled() && self.role != BusRole::Edge
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BusRole {
+    Edge,
+    Writer,
+    Both,
+}
+
 /// A secret string: never printed by `Debug`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -558,6 +633,7 @@ pub struct Config {
     pub tracking: TrackingConfig,
     pub webhooks: WebhookConfig,
     pub log: LogConfig,
+    pub bus: BusConfig,
 }
 
 impl Config {
@@ -569,6 +645,10 @@ impl Config {
                 "REACHLY_FLUSH_MAX_EVENTS ({}) must not exceed REACHLY_BUFFER_MAX_EVENTS ({})",
                 args.pipeline.flush_max_events, args.pipeline.buffer_max_events
             ));
+        }
+        for u in &args.bus.urls {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("REACHLY_BUS_URL: {u:?} is not a NATS server URL: {e}"))?;
         }
         if args.partitions.retention_days == 0 {
             return Err("REACHLY_EVENT_RETENTION_DAYS must be at least 1".into());
@@ -587,6 +667,7 @@ impl Config {
             tracking: args.tracking,
             webhooks: args.webhooks,
             log: args.log,
+            bus: args.bus,
         })
     }
 }
@@ -642,6 +723,24 @@ mod tests {
                 .unwrap_err()
                 .contains("REACHLY_FLUSH_MAX_EVENTS")
         );
+    }
+
+    #[test]
+    fn a_bus_url_that_does_not_parse_is_a_config_error() {
+        let args = |url: &str| {
+            ServeArgs::from_argv([
+                "serve",
+                "--database-url",
+                "host=localhost",
+                "--bus-url",
+                url,
+            ])
+        };
+        let bad = Config::from_args(args("nats://host:notaport")).unwrap_err();
+        assert!(bad.contains("REACHLY_BUS_URL"), "{bad}");
+        let ok = Config::from_args(args("nats://a:4222,nats://b:4222")).expect("two urls");
+        assert_eq!(ok.bus.urls.len(), 2);
+        assert!(ok.bus.enabled() && ok.bus.consumes());
     }
 
     #[test]

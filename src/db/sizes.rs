@@ -152,9 +152,13 @@ pub fn human(bytes: i64) -> String {
 }
 
 /// Reads the sizes from the catalog as of `today`.
+///
+/// Unnamed statements only (`query_typed`): the service runs this every minute on a pooled
+/// connection outside any transaction, where a named statement could be prepared on one
+/// PgBouncer server connection and executed or closed on another.
 pub async fn measure(client: &Client, today: NaiveDate) -> anyhow::Result<Sizes> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT c.relname::text, pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::int8 \
              FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
              WHERE i.inhparent = 'public.email_events'::regclass",
@@ -192,17 +196,17 @@ pub async fn measure(client: &Client, today: NaiveDate) -> anyhow::Result<Sizes>
     let mut tables = Vec::new();
     for table in TABLES {
         let r = client
-            .query_one(
+            .query_typed_one(
                 "SELECT pg_total_relation_size(c.oid), greatest(c.reltuples, 0)::int8 \
                  FROM pg_class c WHERE c.oid = to_regclass('public.' || $1)",
-                &[&table],
+                &[(&table, tokio_postgres::types::Type::TEXT)],
             )
             .await
             .with_context(|| format!("reading the size of {table}"))?;
         tables.push((table, r.get(0), r.get(1)));
     }
     let database_bytes: i64 = client
-        .query_one("SELECT pg_database_size(current_database())", &[])
+        .query_typed_one("SELECT pg_database_size(current_database())", &[])
         .await
         .context("reading the database size")?
         .get(0);

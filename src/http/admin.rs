@@ -79,6 +79,13 @@ pub async fn readyz(state: &AppState) -> Resp {
             ),
         );
     }
+    // With a bus, events go to the bus, not to the database: readiness is the bus's.
+    if let Some(bus) = state.ingest.bus_ready() {
+        return match bus {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        };
+    }
     let spool = state.ingest.spool_bytes();
     let spool_max = state.config.pipeline.spool_max_bytes;
     let spool_full = spool >= spool_max;

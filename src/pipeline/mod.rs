@@ -18,6 +18,7 @@
 //! `recv_many` plus a deadline is the batching loop. crossbeam-channel serves the spool,
 //! which is a plain thread doing blocking file I/O.
 
+pub mod bus;
 pub mod merge;
 pub mod spool;
 pub mod store;
@@ -91,8 +92,11 @@ struct Shared {
     buffered: AtomicUsize,
     max: usize,
     spool: Spool,
-    /// False after a failed write, true after a successful one.
+    /// False after a failed write, true after a successful one. With a bus, the sink is the
+    /// bus: false after a failed publish or while disconnected.
     db_healthy: AtomicBool,
+    /// The scale-out bus, when configured (see `bus`).
+    bus: Option<bus::Bus>,
     /// Unix millis of the last writer loop iteration (liveness).
     heartbeat_ms: AtomicI64,
     /// Unix millis of the last committed batch (writers and replayer); 0: none yet.
@@ -194,6 +198,11 @@ impl Ingest {
         self.shared.spool.bytes()
     }
 
+    /// With a bus configured: whether it is ready (connected, stream there); `None` without.
+    pub fn bus_ready(&self) -> Option<Result<(), String>> {
+        self.shared.bus.as_ref().map(bus::Bus::ready)
+    }
+
     pub fn db_healthy(&self) -> bool {
         self.shared.db_healthy.load(Ordering::Relaxed)
     }
@@ -278,6 +287,18 @@ impl Pipeline {
         pool: deadpool_postgres::Pool,
         metrics: Metrics,
     ) -> anyhow::Result<Pipeline> {
+        Pipeline::start_with_bus(cfg, pool, metrics, None)
+    }
+
+    /// [`Pipeline::start`], with the bus as the sink when one is given: the channel feeds
+    /// the bus publisher instead of the writers, the spool replays to the bus, and (unless
+    /// an edge) `cfg.writers` bus consumers write to the database.
+    pub fn start_with_bus(
+        cfg: &PipelineConfig,
+        pool: deadpool_postgres::Pool,
+        metrics: Metrics,
+        bus: Option<bus::Bus>,
+    ) -> anyhow::Result<Pipeline> {
         let (spool, spool_thread) =
             Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, metrics.clone())?;
         let (tx, rx) = mpsc::channel(cfg.buffer_max_events);
@@ -288,6 +309,7 @@ impl Pipeline {
                 max: cfg.buffer_max_events,
                 spool,
                 db_healthy: AtomicBool::new(true),
+                bus: bus.clone(),
                 heartbeat_ms: AtomicI64::new(now_ms()),
                 last_flush_ms: AtomicI64::new(0),
                 holding_since_ms: (0..cfg.writers).map(|_| AtomicI64::new(0)).collect(),
@@ -315,10 +337,15 @@ impl Pipeline {
             closing: closing.clone(),
             deadline: deadline.clone(),
         };
-        let writers = (0..cfg.writers)
-            .map(|i| tokio::spawn(writer::run_writer(i, ctx.clone(), rx.clone())))
-            .collect();
-        let replayer = tokio::spawn(writer::run_replayer(ctx));
+        let (writers, replayer) = match bus {
+            None => (
+                (0..cfg.writers)
+                    .map(|i| tokio::spawn(writer::run_writer(i, ctx.clone(), rx.clone())))
+                    .collect(),
+                tokio::spawn(writer::run_replayer(ctx)),
+            ),
+            Some(bus) => bus::spawn(cfg, ctx, rx, bus, closing.clone()),
+        };
         Ok(Pipeline {
             ingest,
             writers,

@@ -251,7 +251,7 @@ fn spool_envelope(ctx: &WriterContext, env: Envelope) {
 
 /// Writes `records`; a row the database rejects is isolated by splitting and kept as a dead
 /// letter, so one bad row never fails the rows beside it.
-async fn write_isolating(
+pub(super) async fn write_isolating(
     ctx: &WriterContext,
     records: &[&Record],
 ) -> Result<BatchOutcome, WriteError> {
@@ -305,7 +305,7 @@ async fn write_isolating(
     Ok(outcome)
 }
 
-fn record_outcome(m: &Metrics, o: &BatchOutcome) {
+pub(super) fn record_outcome(m: &Metrics, o: &BatchOutcome) {
     for (t, n) in &o.written {
         m.counter(metrics::EVENTS_WRITTEN_TOTAL, &[("type", t.as_str())])
             .increment(*n);

@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin;
 mod archive;
+mod bus;
 mod db_tls;
 mod deploy;
 mod failover;
@@ -16,6 +17,7 @@ mod partitions;
 mod pgbouncer;
 mod pipeline;
 mod probes;
+mod scaling_doc;
 mod schema;
 mod tracking;
 mod webhooks_common;
