@@ -31,6 +31,11 @@ pub const DB_ERRORS_TOTAL: &str = "reachly_db_errors_total";
 pub const INVALID_TOKENS_TOTAL: &str = "reachly_invalid_tokens_total";
 pub const WEBHOOK_AUTH_FAILURES_TOTAL: &str = "reachly_webhook_auth_failures_total";
 pub const PARTITION_MAINTENANCE_TOTAL: &str = "reachly_partition_maintenance_total";
+pub const HTTP_CONNECTIONS: &str = "reachly_http_connections";
+pub const HTTP_CONNECTIONS_MAX: &str = "reachly_http_connections_max";
+pub const HTTP_CONNECTION_CAP_REACHED_TOTAL: &str = "reachly_http_connection_cap_reached_total";
+pub const HTTP_CONNECTIONS_TIMED_OUT_TOTAL: &str = "reachly_http_connections_timed_out_total";
+pub const HTTP_BODY_BUDGET_EXHAUSTED_TOTAL: &str = "reachly_http_body_budget_exhausted_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -150,7 +150,13 @@ pub async fn unsubscribe(
         EventType::Unsubscribed,
         Source::Unsubscribe,
     );
-    let (_, body) = read_body(req, 8 * 1024, state.config.server.body_timeout).await?;
+    let (_, body, _held) = read_body(
+        req,
+        8 * 1024,
+        state.config.server.body_timeout,
+        &state.body_budget,
+    )
+    .await?;
     if !is_one_click_body(&body) {
         return Err(Reject::BadRequest(
             "expected the RFC 8058 body List-Unsubscribe=One-Click",

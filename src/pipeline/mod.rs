@@ -49,6 +49,9 @@ pub enum NotDurable {
     SpoolIo,
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// Larger than the spool could hold even empty: retrying cannot help (HTTP 413).
+    #[error("the request's events are too large to ever store")]
+    TooLarge,
 }
 
 impl NotDurable {
@@ -58,6 +61,7 @@ impl NotDurable {
             NotDurable::SpoolFull => "spool_full",
             NotDurable::SpoolIo => "spool_io_error",
             NotDurable::ShuttingDown => "shutting_down",
+            NotDurable::TooLarge => "batch_too_large",
         }
     }
 }

@@ -236,8 +236,11 @@ impl ThreadState {
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|l| *l <= MAX_RECORD_BYTES)
-            .ok_or(NotDurable::SpoolFull)?;
+            .ok_or(NotDurable::TooLarge)?;
         let total = HEADER_BYTES + u64::from(len);
+        if total > self.max_bytes {
+            return Err(NotDurable::TooLarge);
+        }
         if self.bytes.load(Ordering::Relaxed) + total > self.max_bytes {
             return Err(NotDurable::SpoolFull);
         }
