@@ -333,10 +333,20 @@ where
     loop {
         tokio::select! {
             r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "connection ended with an error");
+                if idle_since.is_some() {
+                    return Outcome::Idle;
                 }
-                return if idle_since.is_some() { Outcome::Idle } else { Outcome::Ended };
+                let Err(e) = r else { return Outcome::Ended };
+                tracing::debug!(error = %e, "connection ended with an error");
+                // hyper's own HTTP/1 header-read timer got there first.
+                let header_timeout = e
+                    .downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_timeout);
+                return match (header_timeout, activity.begun.load(Ordering::Acquire)) {
+                    (false, _) => Outcome::Ended,
+                    (true, 0) => Outcome::NoRequest,
+                    (true, _) => Outcome::Idle,
+                };
             }
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;

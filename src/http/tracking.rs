@@ -1,7 +1,8 @@
 //! Our own tracking endpoints: the open pixel, the click redirect and the RFC 8058
 //! one-click unsubscribe. Pixel and click never touch the database (the event goes to the
 //! pipeline fire-and-forget), so they answer in microseconds and a click still redirects
-//! while the database is down. The unsubscribe POST answers once the event is durable.
+//! while the database is down. The unsubscribe POST checks the token's organization against
+//! the message's row, then answers once the event is durable.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -135,6 +136,12 @@ pub fn unsubscribe_page(state: Arc<AppState>, raw: &str) -> Result<Resp, Reject>
 }
 
 /// `POST /u/{token}` (RFC 8058): records `unsubscribed` and answers 200 once it is durable.
+///
+/// First the message is looked up: a validly signed token whose organization is not the
+/// message's (or whose message does not exist) is refused as a bad link, never answered as
+/// done (SPEC). While the database cannot be asked, the answer is 503 + `Retry-After`
+/// rather than a spooled "unsubscribed": the spool would keep the event safe (the writer
+/// dead-letters a mismatch), but the person would have been told it worked when it may not.
 pub async fn unsubscribe(
     req: Req,
     peer: SocketAddr,
@@ -142,6 +149,30 @@ pub async fn unsubscribe(
     raw: &str,
 ) -> Result<Resp, Reject> {
     let t = verify(&state, Purpose::Unsubscribe, raw).ok_or(Reject::LinkNotFound)?;
+    match token_names_the_owner(&state, &t).await {
+        Ok(true) => {}
+        Ok(false) => {
+            state
+                .metrics
+                .counter(
+                    INVALID_TOKENS_TOTAL,
+                    &[("purpose", Purpose::Unsubscribe.as_str())],
+                )
+                .increment(1);
+            tracing::info!(
+                reason = "organization_mismatch",
+                "unsubscribe refused: the token's organization is not its message's"
+            );
+            return Err(Reject::LinkNotFound);
+        }
+        Err(why) => {
+            tracing::warn!(error = %why, "unsubscribe not checkable now; asking to retry");
+            return Err(Reject::NotDurable {
+                what: NotDurableWhat::Unsubscribe,
+                why: "the database cannot be reached".into(),
+            });
+        }
+    }
     let e = tracking_event(
         &state,
         &req,
@@ -172,6 +203,41 @@ pub async fn unsubscribe(
             why: why.to_string(),
         }),
     }
+}
+
+/// Whether the token's organization owns its message (`false` also when no such message
+/// exists, or a row-level-security policy hides it from that organization); `Err` when the
+/// database cannot say now. The lookup runs under the token's organization
+/// (`app.current_organization_id`, transaction-local), so a role without BYPASSRLS sees
+/// only that organization's rows, and the answer is the same with or without it.
+async fn token_names_the_owner(state: &AppState, t: &Token) -> Result<bool, String> {
+    let lookup = async {
+        let mut client = state.pool.get().await.map_err(|e| e.to_string())?;
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.execute(
+            "SELECT set_config('app.current_organization_id', $1, true)",
+            &[&t.organization_id.to_string()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let row = tx
+            .query_opt(
+                "SELECT organization_id FROM campaign_messages WHERE id = $1",
+                &[&t.message_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tx.commit().await;
+        Ok(row.is_some_and(|r| r.get::<_, uuid::Uuid>(0) == t.organization_id))
+    };
+    tokio::time::timeout(state.config.db.connect_timeout * 2, lookup)
+        .await
+        .map_err(|_| "the message lookup timed out".to_string())?
 }
 
 /// `List-Unsubscribe=One-Click` as a urlencoded form field, or inside a multipart body

@@ -5,6 +5,7 @@ mod helpers;
 
 mod admin;
 mod db_tls;
+mod hostile;
 mod lifecycle;
 mod merge_property;
 mod partitions;
