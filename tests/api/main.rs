@@ -7,6 +7,7 @@ mod admin;
 mod db_tls;
 mod hostile;
 mod lifecycle;
+mod logs;
 mod merge_property;
 mod partitions;
 mod pipeline;
