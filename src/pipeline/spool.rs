@@ -428,7 +428,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_spool_refuses_and_a_torn_tail_is_detected() {
         let dir = tempdir();
-        let (spool, thread) = Spool::open(&dir, 600, Metrics::new()).unwrap();
+        // Room for five records, or one, but not both; fifty never fit.
+        let size = |n| HEADER_BYTES + serde_json::to_vec(&records(n)).unwrap().len() as u64;
+        let (spool, thread) = Spool::open(&dir, size(5) + size(1) / 2, Metrics::new()).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         spool.append(Envelope {
             records: records(1),
@@ -441,6 +443,12 @@ mod tests {
             ack: Some(tx),
         });
         assert_eq!(rx.await.unwrap(), Err(NotDurable::SpoolFull));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        spool.append(Envelope {
+            records: records(50),
+            ack: Some(tx),
+        });
+        assert_eq!(rx.await.unwrap(), Err(NotDurable::TooLarge));
         let sealed = spool.seal();
         drop(spool);
         thread.handle.join().unwrap();
