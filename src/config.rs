@@ -351,6 +351,20 @@ pub struct ServerConfig {
     /// Seconds to finish in-flight requests and flush or spool buffered events on SIGTERM.
     #[arg(long = "shutdown-timeout-s", env = "REACHLY_SHUTDOWN_TIMEOUT_S", default_value = "20", value_parser = seconds)]
     pub shutdown_timeout: Duration,
+    /// Milliseconds a connection (HTTP/1 or h2) may stay open with no request in flight.
+    #[arg(long = "idle-timeout-ms", env = "REACHLY_IDLE_TIMEOUT_MS", default_value = "30000", value_parser = positive_millis)]
+    pub idle_timeout: Duration,
+    /// Connections the public listener holds at once; past it new ones wait in the kernel's
+    /// backlog. Lowered at start to fit the process's descriptor limit.
+    #[arg(long, env = "REACHLY_MAX_CONNECTIONS", default_value = "10000", value_parser = positive)]
+    pub max_connections: usize,
+    /// Connections the admin listener holds at once (its descriptors are kept apart).
+    #[arg(long, env = "REACHLY_ADMIN_MAX_CONNECTIONS", default_value = "32", value_parser = positive)]
+    pub admin_max_connections: usize,
+    /// Bytes of request bodies all requests together may hold in memory; a body that would
+    /// pass it is answered 503 + Retry-After at once. At least REACHLY_WEBHOOK_MAX_BYTES.
+    #[arg(long, env = "REACHLY_BODY_BUDGET_BYTES", default_value_t = 64 << 20, value_parser = positive)]
+    pub body_budget_bytes: usize,
 }
 
 /// The in-memory buffer, the batch writers and the spool.
@@ -652,6 +666,15 @@ impl Config {
         }
         if args.partitions.retention_days == 0 {
             return Err("REACHLY_EVENT_RETENTION_DAYS must be at least 1".into());
+        }
+        if args.server.body_budget_bytes < args.webhooks.webhook_max_bytes {
+            return Err(format!(
+                "REACHLY_BODY_BUDGET_BYTES ({}) must be at least REACHLY_WEBHOOK_MAX_BYTES ({}): a webhook of the largest allowed size must fit",
+                args.server.body_budget_bytes, args.webhooks.webhook_max_bytes
+            ));
+        }
+        if u32::try_from(args.webhooks.webhook_max_bytes).is_err() {
+            return Err("REACHLY_WEBHOOK_MAX_BYTES must be below 4 GiB".into());
         }
         if let (Some(_), None) = (
             &args.webhooks.mandrill_webhook_key,

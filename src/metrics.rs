@@ -98,6 +98,11 @@ pub const DATABASE_BYTES: &str = "reachly_database_bytes";
 pub const DATABASE_DISK_BYTES: &str = "reachly_database_disk_bytes";
 /// `{outcome}` = ok | error: partitions archived by maintenance (src/db/archive.rs).
 pub const PARTITIONS_ARCHIVED_TOTAL: &str = "reachly_partitions_archived_total";
+pub const HTTP_CONNECTIONS: &str = "reachly_http_connections";
+pub const HTTP_CONNECTIONS_MAX: &str = "reachly_http_connections_max";
+pub const HTTP_CONNECTION_CAP_REACHED_TOTAL: &str = "reachly_http_connection_cap_reached_total";
+pub const HTTP_CONNECTIONS_TIMED_OUT_TOTAL: &str = "reachly_http_connections_timed_out_total";
+pub const HTTP_BODY_BUDGET_EXHAUSTED_TOTAL: &str = "reachly_http_body_budget_exhausted_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -275,6 +280,18 @@ impl Metrics {
             "Spool records skipped at replay because they were torn (crash mid-write).",
         );
         d(
+            HTTP_CONNECTION_CAP_REACHED_TOTAL,
+            "Times a listener stopped accepting because it held its connection cap, by listener.",
+        );
+        d(
+            HTTP_CONNECTIONS_TIMED_OUT_TOTAL,
+            "Connections closed for sending no request head in time or idling, by phase.",
+        );
+        d(
+            HTTP_BODY_BUDGET_EXHAUSTED_TOTAL,
+            "Requests answered 503 because REACHLY_BODY_BUDGET_BYTES of bodies were already buffered.",
+        );
+        d(
             PARTITIONS_ARCHIVED_TOTAL,
             "Day partitions archived before their drop by maintenance, by outcome (ok, error: the partition stays).",
         );
@@ -304,6 +321,11 @@ impl Metrics {
         g(
             DATABASE_BYTES,
             "Size of the whole database (pg_database_size).",
+        );
+        g(HTTP_CONNECTIONS, "Open connections, by listener.");
+        g(
+            HTTP_CONNECTIONS_MAX,
+            "Connection cap, by listener (the public one fitted to the descriptor limit).",
         );
         g(
             DATABASE_DISK_BYTES,

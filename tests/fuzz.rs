@@ -3,7 +3,8 @@
 //! assume). Inputs are arbitrary bytes and *structure-aware* random JSON built from each
 //! ESP's own field names, so the generator reaches deep into the parsers instead of failing
 //! at the first brace. The property everywhere: no panic, and a clear `Ok`/`Err`.
-//! `REACHLY_FUZZ_CASES` raises the number of cases (default 2000 per target).
+//! `REACHLY_FUZZ_CASES` raises the number of cases (default 2000 per target). The corpora of
+//! the coverage-guided targets in `fuzz/` are replayed here too (`fuzz/README.md`).
 
 use std::io::Write as _;
 
@@ -386,4 +387,109 @@ fn client_address_parsing_never_panics() {
         Ok(())
     })
     .unwrap();
+}
+
+/// Every input of the committed libFuzzer corpora (`fuzz/corpus/<target>/`, seeded from the
+/// fixtures and grown by `cargo fuzz` runs, findings included) replayed through the same
+/// properties as the fuzz targets, on the stable toolchain, in the normal suite.
+fn corpus(target: &str) -> Vec<Vec<u8>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/corpus")
+        .join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| std::fs::read(p).expect("corpus file"))
+        .collect()
+}
+
+#[test]
+fn the_committed_fuzz_corpora_replay_cleanly() {
+    let keys = TokenKeys::new(vec![(1, vec![1u8; 32])]).unwrap();
+    let tokens = corpus("token");
+    assert!(!tokens.is_empty());
+    for input in &tokens {
+        let raw = String::from_utf8_lossy(input);
+        for p in [Purpose::Open, Purpose::Click, Purpose::Unsubscribe] {
+            assert!(token::verify(&keys, p, &raw).is_err(), "{raw:?} verified");
+        }
+    }
+
+    let trusted = vec![
+        "127.0.0.0/8".parse().unwrap(),
+        "10.0.0.0/8".parse().unwrap(),
+    ];
+    let peer: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
+    for input in corpus("client_ip") {
+        let mut h = HeaderMap::new();
+        for part in input.split(|b| *b == b'\n') {
+            if let Ok(v) = HeaderValue::from_bytes(part) {
+                h.append("x-forwarded-for", v);
+            }
+        }
+        let ip = reachly_ingest::http::client_ip(peer, &h, &trusted);
+        assert!(
+            reachly_ingest::http::stored_ip(ip, reachly_ingest::config::IpMode::Truncate).is_some()
+        );
+    }
+
+    let dir = std::env::temp_dir().join(format!(
+        "reachly-fuzz-corpus-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("spool-0000000000000001.log");
+    for input in corpus("spool") {
+        std::fs::write(&path, &input).unwrap();
+        let c = reachly_ingest::pipeline::spool::read_segment(&path).unwrap();
+        assert!(c.torn_records <= 1);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+
+    // The webhooks target: first byte = provider (sorted names), 0x80 = the right basic
+    // auth, 0x40 = a form content type; the rest is the body.
+    let registry = all_providers();
+    let names = registry.names();
+    let machine = MachineDetector::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let uri: Uri = "/webhooks/x".parse().unwrap();
+    let hooks = corpus("webhooks");
+    assert!(hooks.len() >= 50, "the fixtures seed the corpus");
+    for input in &hooks {
+        let Some((&selector, body)) = input.split_first() else {
+            continue;
+        };
+        let name = names[usize::from(selector) % names.len()];
+        let mut headers = HeaderMap::new();
+        let ctype = if selector & 0x40 != 0 {
+            "application/x-www-form-urlencoded"
+        } else {
+            "application/json"
+        };
+        headers.insert("content-type", HeaderValue::from_static(ctype));
+        let with_auth = selector & 0x80 != 0;
+        if with_auth {
+            headers.insert("authorization", HeaderValue::from_static("Basic dTpw"));
+        }
+        let req = WebhookRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body,
+            received_at: Utc::now(),
+        };
+        let p = registry.get(name).unwrap();
+        let verified = rt.block_on(p.verify(&req));
+        if !(with_auth && matches!(name, "postmark" | "sparkpost")) {
+            assert!(verified.is_err(), "{name} accepted an unsigned request");
+        }
+        let _ = p.parse(&req, &ParseContext { machine: &machine });
+    }
 }

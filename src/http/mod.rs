@@ -1,7 +1,7 @@
 //! The HTTP layer: the route table ([`routes`]), the handlers ([`tracking`], [`webhook`],
 //! [`admin`]), the shared state they read ([`state`]), the one rejection type ([`reject`]),
 //! and the small helpers they share: response builders, bounded body reading with a
-//! timeout, and the client address as SPEC.md defines it (socket peer, or
+//! timeout under a global memory budget ([`BodyBudget`]), and the client address as SPEC.md defines it (socket peer, or
 //! `X-Forwarded-For` only from a trusted proxy, stored per `REACHLY_IP_MODE`).
 //!
 //! It sits below `server` (which accepts connections and calls [`routes::Route::handle`])
@@ -17,14 +17,19 @@ pub mod webhook;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use std::sync::Arc;
+
+use ::metrics::Counter;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use ipnet::IpNet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::IpMode;
+use crate::metrics::{HTTP_BODY_BUDGET_EXHAUSTED_TOTAL, Metrics};
 
 pub type Req = Request<Incoming>;
 pub type Resp = Response<Full<Bytes>>;
@@ -67,38 +72,106 @@ pub enum BodyError {
     Timeout,
     #[error("request body could not be read: {0}")]
     Broken(String),
+    /// The bodies of other requests already hold the whole budget.
+    #[error("too many request bodies in memory right now")]
+    OverBudget,
+}
+
+/// The global budget of request-body bytes held in memory (`REACHLY_BODY_BUDGET_BYTES`): a
+/// body takes its bytes as they arrive (all of them at once when Content-Length announces
+/// them) and gives them back when the request is finished with it. A body that would pass
+/// the budget is refused at once, never queued: waiting would hold the connection and the
+/// memory already read, and a 503 with `Retry-After` tells the sender exactly what to do.
+#[derive(Clone)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    exhausted: Counter,
+}
+
+/// Bytes of the budget held by one body; returned on drop.
+pub struct BodyPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+impl BodyBudget {
+    pub fn new(bytes: usize, metrics: &Metrics) -> BodyBudget {
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            exhausted: metrics.counter(HTTP_BODY_BUDGET_EXHAUSTED_TOTAL, &[]),
+        }
+    }
+
+    /// Bytes not held by any body now.
+    pub fn available(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Adds `n` bytes to `held`, or refuses (and counts) if the budget has no room.
+    fn take(&self, held: &mut BodyPermit, n: usize) -> Result<(), BodyError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n32 = u32::try_from(n).map_err(|_| BodyError::OverBudget)?;
+        match self.bytes.clone().try_acquire_many_owned(n32) {
+            Ok(p) => {
+                match &mut held.0 {
+                    Some(h) => h.merge(p),
+                    None => held.0 = Some(p),
+                }
+                Ok(())
+            }
+            Err(_) => {
+                self.exhausted.increment(1);
+                Err(BodyError::OverBudget)
+            }
+        }
+    }
 }
 
 /// Reads the whole body, refusing more than `limit` bytes (also when Content-Length says so
-/// up front) and giving up after `timeout`.
+/// up front), giving up after `timeout`, and holding its bytes against `budget` (released
+/// when the returned [`BodyPermit`] is dropped: keep it while the body or what was parsed
+/// from it is alive).
 pub async fn read_body(
     req: Req,
     limit: usize,
     timeout: Duration,
-) -> Result<(hyper::http::request::Parts, Bytes), BodyError> {
-    let (parts, body) = req.into_parts();
-    if let Some(len) = parts
+    budget: &BodyBudget,
+) -> Result<(hyper::http::request::Parts, Bytes, BodyPermit), BodyError> {
+    let (parts, mut body) = req.into_parts();
+    let announced = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|len| len > limit as u64) {
         return Err(BodyError::TooLarge(limit));
     }
-    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| BodyError::Timeout)?;
-    match collected {
-        Ok(c) => Ok((parts, c.to_bytes())),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(BodyError::TooLarge(limit))
+    let mut held = BodyPermit(None);
+    let mut held_bytes = announced.map_or(0, |len| len as usize);
+    budget.take(&mut held, held_bytes)?;
+    let collect = async {
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Broken(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            let total = buf.len() + data.len();
+            if total > limit {
+                return Err(BodyError::TooLarge(limit));
+            }
+            if total > held_bytes {
+                // Unannounced (chunked) or longer than announced: take as it arrives.
+                budget.take(&mut held, total - held_bytes)?;
+                held_bytes = total;
+            }
+            buf.extend_from_slice(&data);
         }
-        Err(e) => Err(BodyError::Broken(e.to_string())),
-    }
+        Ok(buf.freeze())
+    };
+    let bytes = tokio::time::timeout(timeout, collect)
+        .await
+        .map_err(|_| BodyError::Timeout)??;
+    Ok((parts, bytes, held))
 }
 
 /// The client's address: the socket peer, or the right-most untrusted address of

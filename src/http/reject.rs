@@ -30,6 +30,9 @@ pub enum Reject {
     NotDurable { what: NotDurableWhat, why: String },
     /// 503 + `Retry-After`: the request did not finish within `REACHLY_REQUEST_TIMEOUT_MS`.
     Timeout,
+    /// 413: a batch whose events could never be stored (larger than the whole spool and
+    /// the memory bound): retrying it cannot succeed, a smaller batch can.
+    BatchTooLarge,
 }
 
 /// Whose durability failed: the wording differs (an ESP retries, a person clicks again).
@@ -59,6 +62,8 @@ impl Reject {
             Reject::Body(BodyError::TooLarge(_)) => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::Body(BodyError::Timeout) => StatusCode::REQUEST_TIMEOUT,
             Reject::Body(BodyError::Broken(_)) | Reject::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Reject::Body(BodyError::OverBudget) => StatusCode::SERVICE_UNAVAILABLE,
+            Reject::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Reject::Webhook(e) => match e {
                 WebhookError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
                 WebhookError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -104,6 +109,10 @@ impl Reject {
                 format!("could not record the unsubscribe now ({why}); please retry\n"),
             ),
             Reject::Timeout => text(status, "request timed out\n"),
+            Reject::BatchTooLarge => text(
+                status,
+                "too many events in one request to ever store; send smaller batches\n",
+            ),
         };
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(
@@ -138,6 +147,8 @@ mod tests {
                 415,
             ),
             (Reject::Timeout, 503),
+            (Reject::Body(BodyError::OverBudget), 503),
+            (Reject::BatchTooLarge, 413),
         ];
         for (r, code) in cases {
             let resp = r.into_response();

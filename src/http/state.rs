@@ -17,6 +17,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub machine: MachineDetector,
     pub webhooks: webhooks::Registry,
+    /// Request-body bytes all requests together may hold (`REACHLY_BODY_BUDGET_BYTES`).
+    pub body_budget: super::BodyBudget,
     shutting_down: AtomicBool,
 }
 
@@ -31,6 +33,7 @@ impl AppState {
     ) -> AppState {
         AppState {
             machine,
+            body_budget: super::BodyBudget::new(config.server.body_budget_bytes, &metrics),
             config,
             pool,
             ingest,

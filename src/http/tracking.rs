@@ -1,7 +1,8 @@
 //! Our own tracking endpoints: the open pixel, the click redirect and the RFC 8058
 //! one-click unsubscribe. Pixel and click never touch the database (the event goes to the
 //! pipeline fire-and-forget), so they answer in microseconds and a click still redirects
-//! while the database is down. The unsubscribe POST answers once the event is durable.
+//! while the database is down. The unsubscribe POST checks the token's organization against
+//! the message's row, then answers once the event is durable.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -145,6 +146,12 @@ pub fn unsubscribe_page(state: Arc<AppState>, raw: &str) -> Result<Resp, Reject>
 }
 
 /// `POST /u/{token}` (RFC 8058): records `unsubscribed` and answers 200 once it is durable.
+///
+/// First the message is looked up: a validly signed token whose organization is not the
+/// message's (or whose message does not exist) is refused as a bad link, never answered as
+/// done (SPEC). While the database cannot be asked, the answer is 503 + `Retry-After`
+/// rather than a spooled "unsubscribed": the spool would keep the event safe (the writer
+/// dead-letters a mismatch), but the person would have been told it worked when it may not.
 pub async fn unsubscribe(
     req: Req,
     peer: SocketAddr,
@@ -152,6 +159,38 @@ pub async fn unsubscribe(
     raw: &str,
 ) -> Result<Resp, Reject> {
     let t = verify(&state, Purpose::Unsubscribe, raw).ok_or(Reject::LinkNotFound)?;
+    // A bus edge never touches the database: it cannot check, the writer will.
+    let bus = &state.config.bus;
+    let checkable = !bus.enabled() || bus.consumes();
+    let verified = match checkable {
+        true => token_names_the_owner(&state, &t).await,
+        false => Err("this instance is a bus edge".to_string()),
+    };
+    let verified = match verified {
+        Ok(true) => true,
+        Ok(false) => {
+            state
+                .metrics
+                .counter(
+                    INVALID_TOKENS_TOTAL,
+                    &[("purpose", Purpose::Unsubscribe.as_str())],
+                )
+                .increment(1);
+            tracing::info!(
+                reason = "organization_mismatch",
+                "unsubscribe refused: the token's organization is not its message's"
+            );
+            return Err(Reject::LinkNotFound);
+        }
+        // The database cannot say now (outage, or a bus edge). Refusing would lose the
+        // request (mailbox providers do not retry one-click POSTs), so it is made durable
+        // and answered 202 "received": not "done", since its tenant is unchecked; the
+        // writer checks it against the message row and dead-letters a mismatch.
+        Err(why) => {
+            tracing::info!(error = %why, "unsubscribe not checkable now; accepted unverified");
+            false
+        }
+    };
     let e = tracking_event(
         &state,
         &req,
@@ -160,22 +199,67 @@ pub async fn unsubscribe(
         EventType::Unsubscribed,
         Source::Unsubscribe,
     );
-    let (_, body) = read_body(req, 8 * 1024, state.config.server.body_timeout).await?;
+    let (_, body, _held) = read_body(
+        req,
+        8 * 1024,
+        state.config.server.body_timeout,
+        &state.body_budget,
+    )
+    .await?;
     if !is_one_click_body(&body) {
         return Err(Reject::BadRequest(
             "expected the RFC 8058 body List-Unsubscribe=One-Click",
         ));
     }
     match state.ingest.submit_durable(vec![Record::Event(e)]).await {
-        Ok(()) => Ok(html(
+        Ok(()) if verified => Ok(html(
             StatusCode::OK,
             "<!doctype html><title>Unsubscribed</title><p>You have been unsubscribed.</p>\n",
+        )),
+        Ok(()) => Ok(html(
+            StatusCode::ACCEPTED,
+            "<!doctype html><title>Unsubscribe received</title><p>Your unsubscribe request has been received and will be applied shortly.</p>\n",
         )),
         Err(why) => Err(Reject::NotDurable {
             what: NotDurableWhat::Unsubscribe,
             why: why.to_string(),
         }),
     }
+}
+
+/// Whether the token's organization owns its message (`false` also when no such message
+/// exists, or a row-level-security policy hides it from that organization); `Err` when the
+/// database cannot say now. The lookup runs under the token's organization
+/// (`app.current_organization_id`, transaction-local), so a role without BYPASSRLS sees
+/// only that organization's rows, and the answer is the same with or without it.
+async fn token_names_the_owner(state: &AppState, t: &Token) -> Result<bool, String> {
+    let lookup = async {
+        let mut client = state.pool.get().await.map_err(|e| e.to_string())?;
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.execute(
+            "SELECT set_config('app.current_organization_id', $1, true)",
+            &[&t.organization_id.to_string()],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let row = tx
+            .query_opt(
+                "SELECT organization_id FROM campaign_messages WHERE id = $1",
+                &[&t.message_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = tx.commit().await;
+        Ok(row.is_some_and(|r| r.get::<_, uuid::Uuid>(0) == t.organization_id))
+    };
+    tokio::time::timeout(state.config.db.connect_timeout * 2, lookup)
+        .await
+        .map_err(|_| "the message lookup timed out".to_string())?
 }
 
 /// `List-Unsubscribe=One-Click` as a urlencoded form field, or inside a multipart body

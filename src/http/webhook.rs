@@ -3,8 +3,9 @@
 //! privacy mode, and answers 2xx only once every record of the request is committed or
 //! fsync'd to the spool (`Ingest::submit_durable`). Refusals are [`Reject`]s: 401 on failed
 //! authentication (counted by provider, the reason logged, never sent), 400 on an
-//! unparseable body, 413 past `REACHLY_WEBHOOK_MAX_BYTES`, 503 when the events cannot be
-//! made durable now, and 404 for a provider with no secret configured.
+//! unparseable body, 413 past `REACHLY_WEBHOOK_MAX_BYTES` or for a batch whose events could
+//! never fit the spool (retrying it cannot help), 503 when the events cannot be made
+//! durable now or the body budget is spent, and 404 for a provider with no secret configured.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use super::{Req, Resp, read_body, stored_ip, text};
 use crate::config::IpMode;
 use crate::event::Record;
 use crate::metrics::WEBHOOK_AUTH_FAILURES_TOTAL;
+use crate::pipeline::NotDurable;
 use crate::webhooks::{ParseContext, WebhookError, WebhookRequest};
 
 /// `POST|HEAD /webhooks/{provider}`.
@@ -30,8 +32,14 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, 
     }
     let received_at = Utc::now();
     let cfg = &state.config;
-    let (parts, body) =
-        read_body(req, cfg.webhooks.webhook_max_bytes, cfg.server.body_timeout).await?;
+    // `_held` keeps the body's bytes counted against the budget until the request is done.
+    let (parts, body, _held) = read_body(
+        req,
+        cfg.webhooks.webhook_max_bytes,
+        cfg.server.body_timeout,
+        &state.body_budget,
+    )
+    .await?;
     let wreq = WebhookRequest {
         method: &parts.method,
         uri: &parts.uri,
@@ -71,6 +79,14 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, 
     let n = records.len();
     match state.ingest.submit_durable(records).await {
         Ok(()) => Ok(text(StatusCode::OK, "ok\n")),
+        Err(NotDurable::TooLarge) => {
+            tracing::warn!(
+                provider = source,
+                records = n,
+                "webhook batch too large to ever store; refused with 413"
+            );
+            Err(Reject::BatchTooLarge)
+        }
         Err(why) => {
             tracing::warn!(provider = source, records = n, %why, "webhook not durable; asking the ESP to retry");
             Err(Reject::NotDurable {

@@ -50,6 +50,9 @@ pub enum NotDurable {
     SpoolIo,
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// Larger than the spool could hold even empty: retrying cannot help (HTTP 413).
+    #[error("the request's events are too large to ever store")]
+    TooLarge,
 }
 
 impl NotDurable {
@@ -59,6 +62,7 @@ impl NotDurable {
             NotDurable::SpoolFull => "spool_full",
             NotDurable::SpoolIo => "spool_io_error",
             NotDurable::ShuttingDown => "shutting_down",
+            NotDurable::TooLarge => "batch_too_large",
         }
     }
 }

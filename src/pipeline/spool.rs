@@ -259,8 +259,11 @@ impl ThreadState {
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|l| *l <= MAX_RECORD_BYTES)
-            .ok_or(refused(NotDurable::SpoolFull))?;
+            .ok_or(refused(NotDurable::TooLarge))?;
         let total = HEADER_BYTES + u64::from(len);
+        if total > self.max_bytes {
+            return Err(refused(NotDurable::TooLarge));
+        }
         if self.bytes.load(Ordering::Relaxed) + total > self.max_bytes {
             return Err(refused(NotDurable::SpoolFull));
         }
@@ -503,7 +506,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_spool_refuses_and_a_torn_tail_is_detected() {
         let dir = tempdir();
-        let (spool, thread) = Spool::open(&dir, 600, Metrics::new()).unwrap();
+        // Room for five records, or one, but not both; fifty never fit.
+        let size = |n| HEADER_BYTES + serde_json::to_vec(&records(n)).unwrap().len() as u64;
+        let (spool, thread) = Spool::open(&dir, size(5) + size(1) / 2, Metrics::new()).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         spool.append(Envelope {
             records: records(1),
@@ -518,6 +523,13 @@ mod tests {
             accepted_ms: 0,
         });
         assert_eq!(rx.await.unwrap(), Err(NotDurable::SpoolFull));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        spool.append(Envelope {
+            records: records(50),
+            ack: Some(tx),
+            accepted_ms: 0,
+        });
+        assert_eq!(rx.await.unwrap(), Err(NotDurable::TooLarge));
         let sealed = spool.seal();
         drop(spool);
         thread.handle.join().unwrap();

@@ -657,8 +657,29 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     pub fn spawn(db_url: &str, spool: &Path, extra_env: &[(&str, &str)]) -> ServeProcess {
+        Self::spawn_with_fd_limit(db_url, spool, extra_env, None)
+    }
+
+    /// Like `spawn`, under a soft descriptor limit (`ulimit -n`) when one is given.
+    pub fn spawn_with_fd_limit(
+        db_url: &str,
+        spool: &Path,
+        extra_env: &[(&str, &str)],
+        nofile: Option<u32>,
+    ) -> ServeProcess {
         use std::io::BufRead as _;
-        let mut c = Command::new(binary());
+        let mut c = match nofile {
+            None => Command::new(binary()),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args([
+                    "-c",
+                    &format!("ulimit -n {n} && exec \"$0\" \"$@\""),
+                    binary(),
+                ]);
+                sh
+            }
+        };
         c.arg("serve")
             .env("DATABASE_URL", db_url)
             .env("REACHLY_TOKEN_KEYS", test_token_keys_arg())
