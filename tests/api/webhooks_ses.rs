@@ -90,6 +90,8 @@ fn test_key() -> &'static TestKey {
 struct Seam {
     calls: Mutex<Vec<String>>,
     down: AtomicBool,
+    /// Serve something that is not a certificate (a proxy's error page, a truncated body).
+    garbage: AtomicBool,
 }
 
 impl Seam {
@@ -103,6 +105,8 @@ impl HttpsGet for Seam {
         self.calls.lock().unwrap().push(url.to_string());
         let answer = if self.down.load(Ordering::SeqCst) {
             Err("connection refused".to_string())
+        } else if url.as_str() == CERT_URL && self.garbage.load(Ordering::SeqCst) {
+            Ok(b"<html>502 Bad Gateway</html>".to_vec())
         } else if url.as_str() == CERT_URL {
             Ok(test_key().pem.clone())
         } else if url.as_str() == SUBSCRIBE_URL {
@@ -645,4 +649,134 @@ async fn without_topic_arns_ses_is_404() {
         .post_webhook("ses", &[("content-type", "text/plain")], "{}")
         .await;
     assert_eq!(resp.status().as_u16(), 404);
+}
+
+#[tokio::test]
+async fn one_bounce_through_both_publishing_paths_is_stored_once() {
+    let ses = ses_app().await;
+    let app = &ses.app;
+    let s = app.seed().await;
+    // Configuration-set event publishing and the identity's feedback notification report the
+    // same bounce in two SNS messages with different MessageIds.
+    let mut published = notification(&ses_message_for("event-bounce.json", &s), "sns-pub-1", "2");
+    sign(&mut published);
+    let mut notified = notification(
+        &ses_message_for("both-paths-notification-bounce.json", &s),
+        "sns-feedback-1",
+        "1",
+    );
+    sign(&mut notified);
+    assert_eq!(ses.post(&published).await, 200);
+    assert_eq!(ses.post(&notified).await, 200);
+    assert_eq!(ses.post(&notified).await, 200);
+    let ev = app.events(s.message).await;
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].event_type, "bounced");
+    assert_eq!(ev[0].metadata["bounce_class"], "hard");
+    assert_eq!(app.contact_status(s.contact).await, "bounced");
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhook_dead_letters").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn raw_message_delivery_is_refused_clearly_counted_and_writes_nothing() {
+    let ses = ses_app().await;
+    let app = &ses.app;
+    let s = app.seed().await;
+    // With raw message delivery on, SNS posts the bare SES JSON: no envelope, no signature.
+    let r = app
+        .post_webhook(
+            "ses",
+            &[
+                ("content-type", "text/plain; charset=UTF-8"),
+                ("x-amz-sns-message-type", "Notification"),
+                ("x-amz-sns-rawdelivery", "true"),
+            ],
+            ses_message_for("event-bounce.json", &s),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("raw message delivery"), "{text}");
+    assert_eq!(app.count("SELECT count(*) FROM email_events").await, 0);
+    assert_eq!(
+        app.count("SELECT count(*) FROM webhook_dead_letters").await,
+        0
+    );
+    assert_eq!(app.contact_status(s.contact).await, "active");
+    assert_eq!(
+        app.metric(r#"reachly_webhook_auth_failures_total{provider="ses"}"#)
+            .await,
+        1.0
+    );
+    assert!(ses.seam.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_certificate_that_does_not_parse_is_503_so_sns_retries() {
+    let ses = ses_app().await;
+    let app = &ses.app;
+    let s = app.seed().await;
+    let mut env = notification(&ses_message_for("event-bounce.json", &s), "sns-cert-1", "2");
+    sign(&mut env);
+    ses.seam.garbage.store(true, Ordering::SeqCst);
+    assert_eq!(ses.post(&env).await, 503);
+    assert_eq!(app.count("SELECT count(*) FROM email_events").await, 0);
+    ses.seam.garbage.store(false, Ordering::SeqCst);
+    assert_eq!(ses.post(&env).await, 200);
+    assert_eq!(app.contact_status(s.contact).await, "bounced");
+}
+
+#[tokio::test]
+async fn a_not_spam_feedback_report_is_not_a_complaint() {
+    let ses = ses_app().await;
+    let app = &ses.app;
+    let s = app.seed().await;
+    let mut msg: Value =
+        serde_json::from_str(&ses_message_for("event-complaint.json", &s)).unwrap();
+    msg["complaint"]["complaintFeedbackType"] = Value::from("not-spam");
+    let mut env = notification(&msg.to_string(), "sns-not-spam-1", "2");
+    sign(&mut env);
+    assert_eq!(ses.post(&env).await, 200);
+    assert!(app.events(s.message).await.is_empty());
+    assert_eq!(app.contact_status(s.contact).await, "active");
+    let reasons: Vec<String> = app
+        .db
+        .query("SELECT reason FROM webhook_dead_letters", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons, ["not_a_complaint"]);
+}
+
+#[tokio::test]
+async fn a_retry_an_hour_after_publication_is_stored() {
+    let ses = ses_app().await;
+    let app = &ses.app;
+    let s = app.seed().await;
+    // SNS retries the same signed message for up to an hour (plus its own delays).
+    let mut env = notification(&ses_message_for("event-bounce.json", &s), "sns-late-1", "2");
+    env.insert(
+        "Timestamp".into(),
+        Value::from(sns_time(Utc::now() - chrono::TimeDelta::minutes(75))),
+    );
+    sign(&mut env);
+    assert_eq!(ses.post(&env).await, 200);
+    assert_eq!(app.contact_status(s.contact).await, "bounced");
+    let mut stale = notification(
+        &ses_message_for("event-delivery.json", &s),
+        "sns-late-2",
+        "2",
+    );
+    stale.insert(
+        "Timestamp".into(),
+        Value::from(sns_time(Utc::now() - chrono::TimeDelta::minutes(125))),
+    );
+    sign(&mut stale);
+    assert_eq!(ses.post(&stale).await, 401);
+    assert_eq!(app.events(s.message).await.len(), 1);
 }
