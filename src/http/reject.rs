@@ -118,6 +118,7 @@ impl Reject {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::webhooks::AuthFailure;
 
     #[test]
     fn each_rejection_has_its_status_and_unavailable_ones_ask_for_a_retry() {
@@ -128,7 +129,10 @@ mod tests {
             (Reject::Body(BodyError::TooLarge(1)), 413),
             (Reject::Body(BodyError::Timeout), 408),
             (Reject::BadRequest("x"), 400),
-            (Reject::Webhook(WebhookError::Unauthorized("r")), 401),
+            (
+                Reject::Webhook(WebhookError::Unauthorized(AuthFailure::BadSignature)),
+                401,
+            ),
             (
                 Reject::Webhook(WebhookError::UnsupportedMediaType("x".into())),
                 415,
@@ -148,7 +152,8 @@ mod tests {
 
     #[test]
     fn an_authentication_failure_never_says_why() {
-        let resp = Reject::Webhook(WebhookError::Unauthorized("stale_timestamp")).into_response();
+        let resp = Reject::Webhook(WebhookError::Unauthorized(AuthFailure::StaleTimestamp))
+            .into_response();
         let body = format!("{:?}", resp.body());
         assert!(!body.contains("stale"), "{body}");
     }

@@ -46,7 +46,11 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, 
                 .metrics
                 .counter(WEBHOOK_AUTH_FAILURES_TOTAL, &[("provider", source)])
                 .increment(1);
-            tracing::info!(provider = source, reason, "webhook authentication failed");
+            tracing::info!(
+                provider = source,
+                reason = reason.reason(),
+                "webhook authentication failed"
+            );
         }
         return Err(e.into());
     }

@@ -4,20 +4,21 @@
 
 use chrono::{DateTime, Utc};
 use reachly_ingest::config::ServeArgs;
+use reachly_ingest::webhooks::testkit;
 
 use crate::helpers::*;
 
 /// The fixtures' organization and messages, in the order of `World::msgs` (see
 /// `tests/fixtures/README.md`): engaged, hard bounce, soft bounce/deferral, complaint,
 /// unsubscribe, drop.
-pub const FIXTURE_ORG: &str = "0190a6f0-0000-7000-8000-00000000a000";
+pub const FIXTURE_ORG: &str = testkit::ORG;
 pub const FIXTURE_MESSAGES: [&str; 6] = [
-    "0190a6f0-0000-7000-8000-00000000a001",
-    "0190a6f0-0000-7000-8000-00000000a002",
-    "0190a6f0-0000-7000-8000-00000000a003",
-    "0190a6f0-0000-7000-8000-00000000a004",
-    "0190a6f0-0000-7000-8000-00000000a005",
-    "0190a6f0-0000-7000-8000-00000000a006",
+    testkit::M_ENGAGED,
+    testkit::M_HARD,
+    testkit::M_SOFT,
+    testkit::M_COMPLAINT,
+    testkit::M_UNSUB,
+    testkit::M_DROPPED,
 ];
 pub const ENGAGED: usize = 0;
 pub const HARD: usize = 1;

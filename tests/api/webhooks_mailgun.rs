@@ -1,10 +1,9 @@
 //! Mailgun webhooks end to end: each documented event signed with a test key and posted over
 //! a real socket into a real PostgreSQL; re-deliveries; refusals writing nothing.
 
-use hmac::{KeyInit, Mac};
 use reachly_ingest::config::Secret;
+use reachly_ingest::webhooks::testkit::sign::mailgun_signature as hmac_hex;
 use serde_json::Value;
-use sha2::Sha256;
 
 use crate::helpers::spawn_app_on;
 use crate::webhooks_common::*;
@@ -22,13 +21,6 @@ const FIXTURES: [&str; 9] = [
     "mailgun/complained.json",
     "mailgun/delivered-uncorrelated.json",
 ];
-
-fn hmac_hex(key: &str, timestamp: &str, token: &str) -> String {
-    let mut mac = <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(key.as_bytes()).expect("key");
-    mac.update(timestamp.as_bytes());
-    mac.update(token.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
-}
 
 fn fresh_token() -> String {
     format!("{}{}", uuid::Uuid::new_v4().simple(), "0123456789abcdefff")

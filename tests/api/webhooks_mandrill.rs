@@ -3,10 +3,9 @@
 //! real server, and what lands in PostgreSQL; the unsigned HEAD URL check and the empty test
 //! batch; re-deliveries change nothing; bad signatures and bodies write nothing.
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use hmac::{KeyInit, Mac};
 use reachly_ingest::config::Secret;
+use reachly_ingest::webhooks::testkit::sign::{form, mandrill_signature as signature};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -29,27 +28,6 @@ async fn mandrill_app() -> Mandrill {
     })
     .await;
     Mandrill { app, key }
-}
-
-fn signature(key: &str, url: &str, params: &[(&str, &str)]) -> String {
-    let mut sorted = params.to_vec();
-    sorted.sort();
-    let mut data = url.to_string();
-    for (k, v) in sorted {
-        data.push_str(k);
-        data.push_str(v);
-    }
-    let mut mac = <hmac::Hmac<sha1::Sha1> as KeyInit>::new_from_slice(key.as_bytes()).unwrap();
-    mac.update(data.as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-}
-
-fn form(params: &[(&str, &str)]) -> String {
-    let mut s = url::form_urlencoded::Serializer::new(String::new());
-    for (k, v) in params {
-        s.append_pair(k, v);
-    }
-    s.finish()
 }
 
 impl Mandrill {

@@ -1,8 +1,8 @@
 //! Postmark webhooks end to end: the documented records posted with basic auth over a real
 //! socket into a real PostgreSQL; re-deliveries; refusals writing nothing.
 
-use base64::Engine as _;
 use reachly_ingest::config::Secret;
+use reachly_ingest::webhooks::testkit::sign::basic;
 use serde_json::Value;
 
 use crate::webhooks_common::*;
@@ -18,13 +18,6 @@ const FIXTURES: [&str; 7] = [
     "postmark/subscription-change.json",
     "postmark/delivery-uncorrelated.json",
 ];
-
-fn basic(credentials: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(credentials)
-    )
-}
 
 async fn postmark_world(max_bytes: Option<usize>) -> World {
     world(move |a| {

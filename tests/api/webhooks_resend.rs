@@ -3,10 +3,9 @@
 //! (`email_events`, `campaign_messages`, `contacts.status`, `webhook_dead_letters`);
 //! re-deliveries change nothing; bad signatures and bodies write nothing.
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use hmac::{KeyInit, Mac};
 use reachly_ingest::config::Secret;
+use reachly_ingest::webhooks::testkit::sign::{svix_secret, svix_signature};
 use uuid::Uuid;
 
 use crate::helpers::*;
@@ -21,14 +20,7 @@ struct Resend {
 }
 
 async fn resend_app() -> Resend {
-    let key: Vec<u8> = [Uuid::new_v4(), Uuid::new_v4()]
-        .iter()
-        .flat_map(|u| u.as_bytes().to_vec())
-        .collect();
-    let secret = format!(
-        "whsec_{}",
-        base64::engine::general_purpose::STANDARD.encode(&key)
-    );
+    let (secret, key) = svix_secret();
     let app = spawn_app_with(move |a| {
         a.webhooks.resend_webhook_secret = Some(Secret::new(secret));
     })
@@ -47,18 +39,9 @@ fn fixture_for(name: &str, s: &Seeded) -> String {
         .replace(FIXTURE_ORG, &s.org.to_string())
 }
 
-fn svix_signature(key: &[u8], id: &str, ts: i64, body: &str) -> String {
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).unwrap();
-    mac.update(format!("{id}.{ts}.{body}").as_bytes());
-    format!(
-        "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
-    )
-}
-
 impl Resend {
     async fn post_signed_at(&self, id: &str, body: &str, at: i64) -> reqwest::Response {
-        let sig = svix_signature(&self.key, id, at, body);
+        let sig = svix_signature(&self.key, id, at, body.as_bytes());
         self.app
             .post_webhook(
                 "resend",
@@ -248,7 +231,7 @@ async fn bad_signatures_are_401_and_write_nothing() {
     let now = Utc::now().timestamp();
 
     // Tampered after signing.
-    let sig = svix_signature(&r.key, "msg_t", now, &body);
+    let sig = svix_signature(&r.key, "msg_t", now, body.as_bytes());
     let tampered = body.replace("Permanent", "Transient");
     let statuses = [
         app.post_webhook(
@@ -273,7 +256,7 @@ async fn bad_signatures_are_401_and_write_nothing() {
                 ("svix-timestamp", &now.to_string()),
                 (
                     "svix-signature",
-                    &svix_signature(&[7u8; 24], "msg_w", now, &body),
+                    &svix_signature(&[7u8; 24], "msg_w", now, body.as_bytes()),
                 ),
             ],
             body.clone(),
@@ -331,7 +314,7 @@ async fn malformed_bodies_are_4xx_and_write_nothing() {
     }
     let body = fixture_for("email.delivered.json", &s);
     let now = Utc::now().timestamp();
-    let sig = svix_signature(&r.key, "msg_ct", now, &body);
+    let sig = svix_signature(&r.key, "msg_ct", now, body.as_bytes());
     let wrong_type = app
         .post_webhook(
             "resend",

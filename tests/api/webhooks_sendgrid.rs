@@ -1,13 +1,9 @@
 //! SendGrid's signed event webhook end to end: signed documented events over a real socket
 //! into a real PostgreSQL, re-deliveries, and every refusal writing nothing.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
-use p256::ecdsa::signature::Signer;
-use p256::ecdsa::{Signature, SigningKey};
-use p256::elliptic_curve::Generate;
-use p256::pkcs8::EncodePublicKey;
+use p256::ecdsa::SigningKey;
 use reachly_ingest::config::Secret;
+use reachly_ingest::webhooks::testkit::sign::{sendgrid_keypair, sendgrid_signature};
 use serde_json::Value;
 
 use crate::webhooks_common::*;
@@ -15,29 +11,30 @@ use crate::webhooks_common::*;
 const SIG: &str = "x-twilio-email-event-webhook-signature";
 const TS: &str = "x-twilio-email-event-webhook-timestamp";
 
-struct Signer256(SigningKey);
+/// A SendGrid key pair from the test kit.
+struct Signer256 {
+    key: SigningKey,
+    public_key_b64: String,
+}
 
 impl Signer256 {
     fn new() -> Signer256 {
-        Signer256(SigningKey::generate())
+        let (key, public_key_b64) = sendgrid_keypair();
+        Signer256 {
+            key,
+            public_key_b64,
+        }
     }
 
     fn public_key_b64(&self) -> String {
-        let der = self
-            .0
-            .verifying_key()
-            .to_public_key_der()
-            .expect("DER of a P-256 key");
-        STANDARD.encode(der.as_bytes())
+        self.public_key_b64.clone()
     }
 
     /// (timestamp, signature) over `timestamp + body`, signed `skew_secs` from now.
     fn sign(&self, body: &[u8], skew_secs: i64) -> (String, String) {
         let ts = (chrono::Utc::now().timestamp() + skew_secs).to_string();
-        let mut msg = ts.as_bytes().to_vec();
-        msg.extend_from_slice(body);
-        let sig: Signature = self.0.sign(&msg);
-        (ts, STANDARD.encode(sig.to_der().as_bytes()))
+        let sig = sendgrid_signature(&self.key, &ts, body);
+        (ts, sig)
     }
 }
 

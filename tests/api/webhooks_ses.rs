@@ -5,118 +5,21 @@
 //! the SubscribeURL only once verified; re-deliveries change nothing; bad signatures,
 //! disallowed topics and certificate URLs write nothing and fetch nothing they should not.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use reachly_ingest::webhooks::{BoxFuture, HttpsGet};
-use serde_json::{Map, Value, json};
+use reachly_ingest::webhooks::HttpsGet;
+use reachly_ingest::webhooks::testkit::sns::{
+    CERT_URL, SUBSCRIBE_URL, Seam, TOPIC, notification, other_key, sign, sign_with, sns_time,
+};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::helpers::*;
 
-const CERT_URL: &str = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem";
-const TOPIC: &str = "arn:aws:sns:us-east-1:123456789012:MyTopic";
-const SUBSCRIBE_URL: &str = "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&TopicArn=arn:aws:sns:us-east-1:123456789012:MyTopic&Token=2336412f37fb687f5d51e6e241d09c805a5a57b30d712f794cc5f6a988666d92768dd60a747ba6f3beb71854e285d6ad02428b09ceece29417f1f02d609c582afbacc99c583a916b9981dd2728f4ae6fdb82efd087cc3b7849e05798d2d2785c03b0879594eeac82c01f235d0e717736";
 const FIXTURE_MESSAGE: &str = "0190a6f0-0000-7000-8000-000000000002";
 const FIXTURE_ORG: &str = "0190a6f0-0000-7000-8000-000000000001";
-
-/// A locally generated RSA key and its self-signed certificate (PEM), made once.
-struct TestKey {
-    key: rsa::PrivateKey,
-    pem: Vec<u8>,
-}
-
-fn test_key() -> &'static TestKey {
-    static KEY: OnceLock<TestKey> = OnceLock::new();
-    KEY.get_or_init(|| {
-        use std::str::FromStr;
-        use x509_cert::builder::profile::BuilderProfile;
-        use x509_cert::builder::{Builder, CertificateBuilder};
-        use x509_cert::der::EncodePem;
-        use x509_cert::name::Name;
-
-        struct SelfSigned(Name);
-        impl BuilderProfile for SelfSigned {
-            fn get_issuer(&self, subject: &Name) -> Name {
-                subject.clone()
-            }
-            fn get_subject(&self) -> Name {
-                self.0.clone()
-            }
-            fn build_extensions(
-                &self,
-                _spk: x509_cert::spki::SubjectPublicKeyInfoRef<'_>,
-                _issuer_spk: x509_cert::spki::SubjectPublicKeyInfoRef<'_>,
-                _tbs: &x509_cert::TbsCertificate,
-            ) -> x509_cert::builder::Result<Vec<x509_cert::ext::Extension>> {
-                Ok(Vec::new())
-            }
-        }
-
-        let key = rsa::PrivateKey::new(&mut rand::rng(), 2048).expect("RSA key");
-        let spki =
-            x509_cert::spki::SubjectPublicKeyInfo::from_key(&key.to_public_key()).expect("SPKI");
-        let now = std::time::SystemTime::now();
-        let hour = std::time::Duration::from_secs(3600);
-        let validity = x509_cert::time::Validity::new(
-            x509_cert::time::Time::try_from(now - hour).unwrap(),
-            x509_cert::time::Time::try_from(now + 24 * hour).unwrap(),
-        );
-        let signer = rsa::pkcs1v15::SigningKey::<sha2::Sha256>::new(key.clone());
-        let cert = CertificateBuilder::new(
-            SelfSigned(Name::from_str("CN=sns.amazonaws.com").unwrap()),
-            x509_cert::serial_number::SerialNumber::from(7u32),
-            validity,
-            spki,
-        )
-        .expect("builder")
-        .build::<_, rsa::pkcs1v15::Signature>(&signer)
-        .expect("certificate");
-        let pem = cert
-            .to_pem(x509_cert::der::pem::LineEnding::LF)
-            .expect("PEM");
-        TestKey {
-            key,
-            pem: pem.into_bytes(),
-        }
-    })
-}
-
-/// The outbound HTTPS seam: records every URL asked for; serves the certificate and answers
-/// the confirmation URL; `down` makes every request fail.
-#[derive(Default)]
-struct Seam {
-    calls: Mutex<Vec<String>>,
-    down: AtomicBool,
-    /// Serve something that is not a certificate (a proxy's error page, a truncated body).
-    garbage: AtomicBool,
-}
-
-impl Seam {
-    fn calls(&self) -> Vec<String> {
-        self.calls.lock().unwrap().clone()
-    }
-}
-
-impl HttpsGet for Seam {
-    fn get<'a>(&'a self, url: &'a url::Url) -> BoxFuture<'a, Result<Vec<u8>, String>> {
-        self.calls.lock().unwrap().push(url.to_string());
-        let answer = if self.down.load(Ordering::SeqCst) {
-            Err("connection refused".to_string())
-        } else if url.as_str() == CERT_URL && self.garbage.load(Ordering::SeqCst) {
-            Ok(b"<html>502 Bad Gateway</html>".to_vec())
-        } else if url.as_str() == CERT_URL {
-            Ok(test_key().pem.clone())
-        } else if url.as_str() == SUBSCRIBE_URL {
-            Ok(b"<ConfirmSubscriptionResponse/>".to_vec())
-        } else {
-            Err(format!("unexpected URL {url}"))
-        };
-        Box::pin(async move { answer })
-    }
-}
 
 struct Ses {
     app: TestApp,
@@ -124,7 +27,7 @@ struct Ses {
 }
 
 async fn ses_app() -> Ses {
-    let seam = Arc::new(Seam::default());
+    let seam = Seam::new();
     let app = spawn_app_on(
         &fresh_database().await,
         |a| a.webhooks.ses_topic_arns = vec![TOPIC.to_string()],
@@ -132,60 +35,6 @@ async fn ses_app() -> Ses {
     )
     .await;
     Ses { app, seam }
-}
-
-fn sns_time(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
-}
-
-/// Signs with the test key (or `key`) per `SignatureVersion`, over the documented string.
-fn sign_with(env: &mut Map<String, Value>, key: &rsa::PrivateKey) {
-    let mut text = String::new();
-    for k in [
-        "Message",
-        "MessageId",
-        "Subject",
-        "SubscribeURL",
-        "Timestamp",
-        "Token",
-        "TopicArn",
-        "Type",
-    ] {
-        if let Some(v) = env.get(k).and_then(Value::as_str) {
-            text.push_str(&format!("{k}\n{v}\n"));
-        }
-    }
-    let sig = if env["SignatureVersion"] == "1" {
-        key.pkcs1v15_sign::<sha1::Sha1>(text.as_bytes())
-    } else {
-        key.pkcs1v15_sign::<sha2::Sha256>(text.as_bytes())
-    }
-    .unwrap();
-    env.insert(
-        "Signature".into(),
-        Value::from(base64::engine::general_purpose::STANDARD.encode(sig)),
-    );
-}
-
-fn sign(env: &mut Map<String, Value>) {
-    sign_with(env, &test_key().key);
-}
-
-fn notification(message: &str, sns_id: &str, version: &str) -> Map<String, Value> {
-    match json!({
-        "Type": "Notification",
-        "MessageId": sns_id,
-        "TopicArn": TOPIC,
-        "Subject": "Amazon SES Email Event Notification",
-        "Message": message,
-        "Timestamp": sns_time(Utc::now()),
-        "SignatureVersion": version,
-        "SigningCertURL": CERT_URL,
-        "UnsubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=Unsubscribe&SubscriptionArn=arn:aws:sns:us-east-1:123456789012:MyTopic:c9135db0-26c4-47ec-8998-413945fb5a96"
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
 }
 
 fn read_fixture(name: &str) -> String {
@@ -247,10 +96,7 @@ async fn subscription_confirmation_is_visited_once_verified_and_never_unsigned()
     assert!(ses.seam.calls().is_empty(), "{:?}", ses.seam.calls());
 
     let mut forged = sns_envelope("sns-subscription-confirmation.json");
-    sign_with(
-        &mut forged,
-        &rsa::PrivateKey::new(&mut rand::rng(), 2048).unwrap(),
-    );
+    sign_with(&mut forged, other_key());
     assert_eq!(ses.post(&forged).await, 401);
     assert_eq!(ses.seam.calls(), [CERT_URL], "only the certificate");
 
@@ -417,6 +263,7 @@ async fn documented_ses_messages_land_once_with_their_effects() {
             &ses_message_for(name, &s),
             &Uuid::new_v4().to_string(),
             version,
+            Utc::now(),
         );
         sign(&mut env);
         assert_eq!(ses.post(&env).await, 200, "{name}");
@@ -428,6 +275,7 @@ async fn documented_ses_messages_land_once_with_their_effects() {
         &read_fixture("notification-complaint-no-feedback.json"),
         "stray-sns-id",
         "2",
+        Utc::now(),
     );
     sign(&mut stray);
     assert_eq!(ses.post(&stray).await, 200);
@@ -527,26 +375,23 @@ async fn bad_signatures_and_disallowed_urls_are_401_write_nothing_and_fetch_noth
     let s = app.seed().await;
     let message = ses_message_for("event-bounce.json", &s);
 
-    let mut tampered = notification(&message, "sns-1", "2");
+    let mut tampered = notification(&message, "sns-1", "2", Utc::now());
     sign(&mut tampered);
     tampered.insert(
         "Message".into(),
         Value::from(message.replace("Permanent", "Transient")),
     );
-    let mut wrong_key = notification(&message, "sns-2", "1");
-    sign_with(
-        &mut wrong_key,
-        &rsa::PrivateKey::new(&mut rand::rng(), 2048).unwrap(),
-    );
-    let mut unsigned = notification(&message, "sns-3", "2");
+    let mut wrong_key = notification(&message, "sns-2", "1", Utc::now());
+    sign_with(&mut wrong_key, other_key());
+    let mut unsigned = notification(&message, "sns-3", "2", Utc::now());
     unsigned.remove("Signature");
-    let mut stale = notification(&message, "sns-4", "2");
+    let mut stale = notification(&message, "sns-4", "2", Utc::now());
     stale.insert(
         "Timestamp".into(),
         Value::from(sns_time(Utc::now() - chrono::Duration::hours(2))),
     );
     sign(&mut stale);
-    let mut evil_cert = notification(&message, "sns-5", "2");
+    let mut evil_cert = notification(&message, "sns-5", "2", Utc::now());
     evil_cert.insert(
         "SigningCertURL".into(),
         Value::from(
@@ -554,13 +399,13 @@ async fn bad_signatures_and_disallowed_urls_are_401_write_nothing_and_fetch_noth
         ),
     );
     sign(&mut evil_cert);
-    let mut plain_http = notification(&message, "sns-6", "2");
+    let mut plain_http = notification(&message, "sns-6", "2", Utc::now());
     plain_http.insert(
         "SigningCertURL".into(),
         Value::from("http://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem"),
     );
     sign(&mut plain_http);
-    let mut other_topic = notification(&message, "sns-7", "2");
+    let mut other_topic = notification(&message, "sns-7", "2", Utc::now());
     other_topic.insert(
         "TopicArn".into(),
         Value::from("arn:aws:sns:us-east-1:123456789012:SomeoneElses"),
@@ -591,7 +436,7 @@ async fn bad_signatures_and_disallowed_urls_are_401_write_nothing_and_fetch_noth
         7.0
     );
 
-    let mut good = notification(&message, "sns-ok", "2");
+    let mut good = notification(&message, "sns-ok", "2", Utc::now());
     sign(&mut good);
     assert_eq!(ses.post(&good).await, 200);
     app.wait_count("SELECT count(*) FROM email_events", 1).await;
@@ -619,7 +464,12 @@ async fn malformed_bodies_are_4xx_and_an_unreachable_certificate_host_is_503() {
             "{body:?}"
         );
     }
-    let mut env = notification(&ses_message_for("event-delivery.json", &s), "sns-d", "2");
+    let mut env = notification(
+        &ses_message_for("event-delivery.json", &s),
+        "sns-d",
+        "2",
+        Utc::now(),
+    );
     sign(&mut env);
     let body = serde_json::to_string(&env).unwrap();
     assert_eq!(
@@ -658,12 +508,18 @@ async fn one_bounce_through_both_publishing_paths_is_stored_once() {
     let s = app.seed().await;
     // Configuration-set event publishing and the identity's feedback notification report the
     // same bounce in two SNS messages with different MessageIds.
-    let mut published = notification(&ses_message_for("event-bounce.json", &s), "sns-pub-1", "2");
+    let mut published = notification(
+        &ses_message_for("event-bounce.json", &s),
+        "sns-pub-1",
+        "2",
+        Utc::now(),
+    );
     sign(&mut published);
     let mut notified = notification(
         &ses_message_for("both-paths-notification-bounce.json", &s),
         "sns-feedback-1",
         "1",
+        Utc::now(),
     );
     sign(&mut notified);
     assert_eq!(ses.post(&published).await, 200);
@@ -717,17 +573,37 @@ async fn raw_message_delivery_is_refused_counted_and_writes_nothing() {
 
 #[tokio::test]
 async fn a_certificate_that_does_not_parse_is_503_so_sns_retries() {
-    let ses = ses_app().await;
-    let app = &ses.app;
+    // The certificate host answers something that is not a certificate (a proxy's error
+    // page, a truncated body): transient, so 503 and SNS retries; never a 401, which SNS
+    // would take as final.
+    let seam = Seam::serving(Ok(b"<html>502 Bad Gateway</html>".to_vec()));
+    let app = spawn_app_on(
+        &fresh_database().await,
+        |a| a.webhooks.ses_topic_arns = vec![TOPIC.to_string()],
+        Some(Arc::clone(&seam) as Arc<dyn HttpsGet>),
+    )
+    .await;
     let s = app.seed().await;
-    let mut env = notification(&ses_message_for("event-bounce.json", &s), "sns-cert-1", "2");
+    let mut env = notification(
+        &ses_message_for("event-bounce.json", &s),
+        "sns-cert-1",
+        "2",
+        Utc::now(),
+    );
     sign(&mut env);
-    ses.seam.garbage.store(true, Ordering::SeqCst);
-    assert_eq!(ses.post(&env).await, 503);
+    let r = app
+        .post_webhook(
+            "ses",
+            &[
+                ("content-type", "text/plain; charset=UTF-8"),
+                ("x-amz-sns-message-type", "Notification"),
+            ],
+            serde_json::to_string(&env).unwrap(),
+        )
+        .await;
+    assert_eq!(r.status().as_u16(), 503);
     assert_eq!(app.count("SELECT count(*) FROM email_events").await, 0);
-    ses.seam.garbage.store(false, Ordering::SeqCst);
-    assert_eq!(ses.post(&env).await, 200);
-    assert_eq!(app.contact_status(s.contact).await, "bounced");
+    assert_eq!(app.contact_status(s.contact).await, "active");
 }
 
 #[tokio::test]
@@ -738,7 +614,7 @@ async fn a_not_spam_feedback_report_is_not_a_complaint() {
     let mut msg: Value =
         serde_json::from_str(&ses_message_for("event-complaint.json", &s)).unwrap();
     msg["complaint"]["complaintFeedbackType"] = Value::from("not-spam");
-    let mut env = notification(&msg.to_string(), "sns-not-spam-1", "2");
+    let mut env = notification(&msg.to_string(), "sns-not-spam-1", "2", Utc::now());
     sign(&mut env);
     assert_eq!(ses.post(&env).await, 200);
     assert!(app.events(s.message).await.is_empty());
@@ -760,10 +636,11 @@ async fn a_retry_an_hour_after_publication_is_stored() {
     let app = &ses.app;
     let s = app.seed().await;
     // SNS retries the same signed message for up to an hour (plus its own delays).
-    let mut env = notification(&ses_message_for("event-bounce.json", &s), "sns-late-1", "2");
-    env.insert(
-        "Timestamp".into(),
-        Value::from(sns_time(Utc::now() - chrono::TimeDelta::minutes(75))),
+    let mut env = notification(
+        &ses_message_for("event-bounce.json", &s),
+        "sns-late-1",
+        "2",
+        Utc::now() - chrono::TimeDelta::minutes(75),
     );
     sign(&mut env);
     assert_eq!(ses.post(&env).await, 200);
@@ -772,10 +649,7 @@ async fn a_retry_an_hour_after_publication_is_stored() {
         &ses_message_for("event-delivery.json", &s),
         "sns-late-2",
         "2",
-    );
-    stale.insert(
-        "Timestamp".into(),
-        Value::from(sns_time(Utc::now() - chrono::TimeDelta::minutes(125))),
+        Utc::now() - chrono::TimeDelta::minutes(125),
     );
     sign(&mut stale);
     assert_eq!(ses.post(&stale).await, 401);

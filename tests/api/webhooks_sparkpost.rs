@@ -2,21 +2,14 @@
 //! credential over a real socket into a real PostgreSQL; the validation ping; re-deliveries;
 //! refusals writing nothing.
 
-use base64::Engine as _;
 use reachly_ingest::config::Secret;
+use reachly_ingest::webhooks::testkit::sign::basic;
 use serde_json::Value;
 
 use crate::webhooks_common::*;
 
 const BASIC: &str = "sparkpost-hook:s3cret";
 const TOKEN: &str = "3f1c9a7e5b2d4f6a8c0e1b3d5f7a9c2e";
-
-fn basic(credentials: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(credentials)
-    )
-}
 
 async fn sparkpost_world(max_bytes: Option<usize>) -> World {
     world(move |a| {

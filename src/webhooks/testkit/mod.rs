@@ -1,6 +1,17 @@
-//! Test support for the provider modules: an owned webhook request, the documented fixtures
-//! under `tests/fixtures/`, and running a provider the way [`super::handle`] does (verify,
-//! after_verify, parse) without a server or a database.
+//! The webhook test kit, one copy for the unit tests beside each provider and for the API
+//! tests (`tests/api/webhooks_*.rs`): signers for every provider's scheme ([`sign`]), the
+//! self-signed SNS certificate and its outbound HTTPS seam ([`sns`]), an owned webhook
+//! request, the documented fixtures under `tests/fixtures/`, and running a provider the way
+//! the HTTP handler does (verify, after_verify, parse) without a server or a database.
+//!
+//! It is compiled for this crate's tests (`cfg(test)`) and, through the `testkit` feature
+//! that the crate's self dev-dependency turns on, for the API test crate, which links the
+//! library as any client would. A `#[path]` include would compile it twice, once as a module
+//! of each crate, with `crate::` meaning different things in each; the feature keeps one
+//! module with one set of paths, and production builds never see it.
+
+pub mod sign;
+pub mod sns;
 
 use chrono::{DateTime, Utc};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
@@ -115,7 +126,7 @@ pub const M_DROPPED: &str = "0190a6f0-0000-7000-8000-00000000a006";
 
 /// RFC 3339 to a time, for expectations.
 pub fn t(s: &str) -> DateTime<Utc> {
-    super::rfc3339(s).unwrap_or_else(|| panic!("bad test time {s}"))
+    super::extract::rfc3339(s).unwrap_or_else(|| panic!("bad test time {s}"))
 }
 
 /// An empty [`crate::config::WebhookConfig`] (every provider unconfigured).
