@@ -6,7 +6,6 @@
 //! `REACHLY_FUZZ_CASES` raises the number of cases (default 2000 per target).
 
 use std::io::Write as _;
-use std::sync::Arc;
 
 use base64::Engine as _;
 use chrono::Utc;
@@ -15,11 +14,11 @@ use hyper::{Method, Uri};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use reachly_ingest::config::{Secret, ServeArgs};
-use reachly_ingest::event::Record;
+use reachly_ingest::event::{MAX_TEXT_BYTES, Record};
 use reachly_ingest::machine::MachineDetector;
 use reachly_ingest::token::TokenKeys;
 use reachly_ingest::token::{self, Purpose};
-use reachly_ingest::webhooks::{BoxFuture, HttpsGet, ParseContext, Registry, WebhookRequest};
+use reachly_ingest::webhooks::{ParseContext, Registry, WebhookRequest, testkit};
 use serde_json::Value;
 
 fn cases() -> u32 {
@@ -134,6 +133,9 @@ fn scalar() -> impl Strategy<Value = Value> {
         (0i64..4_000_000_000).prop_map(Value::from),
         uuidish().prop_map(Value::from),
         "\\PC{0,24}".prop_map(Value::from),
+        // A NUL (PostgreSQL refuses it in text and jsonb) and text past every length bound.
+        Just(Value::from(" x\u{0}y ")),
+        Just(Value::from("é".repeat(3000))),
         prop_oneof![
             Just("delivered"),
             Just("bounce"),
@@ -186,13 +188,6 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
-struct NoNetwork;
-impl HttpsGet for NoNetwork {
-    fn get<'a>(&'a self, _url: &'a url::Url) -> BoxFuture<'a, Result<Vec<u8>, String>> {
-        Box::pin(async { Err("no network while fuzzing".into()) })
-    }
-}
-
 fn all_providers() -> Registry {
     let public = {
         use p256::pkcs8::EncodePublicKey as _;
@@ -214,7 +209,7 @@ fn all_providers() -> Registry {
     w.mandrill_webhook_key = Some(Secret::new("mandrill-key"));
     w.mandrill_webhook_url = Some("https://t.example.com/webhooks/mandrill".into());
     w.resend_webhook_secret = Some(Secret::new(whsec));
-    let r = Registry::from_config(&args.webhooks, Arc::new(NoNetwork))
+    let r = Registry::from_config(&args.webhooks, testkit::no_network())
         .expect("every provider configures");
     assert_eq!(r.names().len(), 7, "{:?}", r.names());
     r
@@ -233,6 +228,16 @@ fn headers_strategy() -> impl Strategy<Value = Vec<(String, String)>> {
         "x-amz-sns-message-type",
     ]);
     proptest::collection::vec((names.prop_map(str::to_string), "[ -~]{0,64}"), 0..6)
+}
+
+/// Every string in a JSON tree.
+fn strings(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+        Value::Object(map) => map.values().for_each(|i| strings(i, out)),
+        _ => {}
+    }
 }
 
 #[test]
@@ -271,10 +276,22 @@ fn webhook_parsers_and_verifiers_never_panic() {
                 "{name} accepted an unsigned random request"
             );
             // And parsing, as if it had been authenticated, must not panic either.
+            // Whatever an event keeps is storable as extracted: NUL-free and bounded.
             if let Ok(records) = p.parse(&req, &ParseContext { machine: &machine }) {
                 for rec in records {
                     if let Record::Event(e) = rec {
                         prop_assert!(!e.metadata_json().to_string().contains("\\u0000"));
+                        let mut texts = Vec::new();
+                        strings(&Value::Object(e.metadata.clone()), &mut texts);
+                        texts.extend(e.error_message.clone());
+                        for t in texts {
+                            prop_assert!(
+                                !t.contains('\0') && t.len() <= MAX_TEXT_BYTES,
+                                "{name}: {} bytes, NUL {}",
+                                t.len(),
+                                t.contains('\0')
+                            );
+                        }
                     }
                 }
             }

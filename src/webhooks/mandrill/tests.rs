@@ -437,3 +437,23 @@ fn the_webhook_url_is_required_with_the_key() {
 fn the_module_doc_shows_the_event_table() {
     crate::webhooks::records::assert_doc_shows(include_str!("mod.rs"), EVENTS);
 }
+
+#[test]
+fn kept_text_is_bounded_and_nul_free() {
+    let key = random_key();
+    let p = provider(&key);
+    let long = "é".repeat(3000);
+    let batch = serde_json::json!([{
+        "event": "hard_bounce", "_id": "m1", "ts": 1700000000,
+        "msg": {"state": " bounced\u{0} ", "diag": long, "bounce_description": "bad_mailbox",
+                "metadata": {"reachly_message_id": MESSAGE}}
+    }])
+    .to_string();
+    let r = Req::signed(&key, &[("mandrill_events", &batch)]);
+    let recs = parse(&p, &r).unwrap();
+    let e = event(&recs[0]);
+    assert_eq!(e.metadata["mandrill_state"], "bounced\u{FFFD}");
+    let diag = e.metadata["diagnostic_code"].as_str().unwrap();
+    assert!(diag.len() <= crate::event::MAX_TEXT_BYTES && diag.len() > 4000);
+    assert_eq!(e.error_message.as_deref(), Some(diag));
+}

@@ -452,3 +452,20 @@ impl HttpsGet for NoNetwork {
 fn the_module_doc_shows_the_event_table() {
     crate::webhooks::records::assert_doc_shows(include_str!("mod.rs"), EVENTS);
 }
+
+#[test]
+fn kept_text_is_bounded_and_nul_free() {
+    let (s, key) = secret();
+    let p = provider(&s);
+    let mut doc: Value = serde_json::from_slice(&fixture("email.bounced.json")).unwrap();
+    doc["data"]["bounce"]["subType"] = Value::from("Supp\u{0}ressed");
+    doc["data"]["bounce"]["diagnosticCode"] = Value::from("é".repeat(3000));
+    let body = serde_json::to_vec(&doc).unwrap();
+    let r = Req::signed(&key, "msg_bounded", &body, now());
+    verify(&p, &r).unwrap();
+    let recs = parse(&p, &r).unwrap();
+    let e = event(&recs[0]);
+    assert_eq!(e.metadata["bounce_sub_type"], "Supp\u{FFFD}ressed");
+    let diag = e.metadata["diagnostic_code"].as_str().unwrap();
+    assert!(diag.len() <= crate::event::MAX_TEXT_BYTES && diag.len() > 4000);
+}

@@ -877,3 +877,22 @@ fn topic_arns_and_regions_are_checked() {
     let none = crate::config::ServeArgs::from_argv(["serve"]).webhooks;
     assert!(matches!(from_config(&none, &https), Ok(None)));
 }
+
+#[test]
+fn kept_text_is_bounded_and_nul_free() {
+    let seam = Seam::new();
+    let p = provider(&seam);
+    let message = serde_json::json!({
+        "eventType": "Bounce",
+        "bounce": {"bounceType": "Permanent", "bounceSubType": "Gen\u{0}eral",
+                   "bouncedRecipients": [{"diagnosticCode": "é".repeat(3000)}]},
+        "mail": {"messageId": "m1", "tags": {"reachly_message_id": [MESSAGE]}}
+    })
+    .to_string();
+    let recs = deliver(&p, &message);
+    let e = only_event(&recs);
+    assert_eq!(e.metadata["bounce_sub_type"], "Gen\u{FFFD}eral");
+    let diag = e.metadata["diagnostic_code"].as_str().unwrap();
+    assert!(diag.len() <= crate::event::MAX_TEXT_BYTES && diag.len() > 4000);
+    assert_eq!(e.error_message.as_deref(), Some(diag));
+}
