@@ -330,6 +330,11 @@ pub struct WebhookConfig {
     /// SparkPost webhook bearer token (alternative to basic auth).
     #[arg(long, env = "REACHLY_SPARKPOST_TOKEN", hide_env_values = true)]
     pub sparkpost_token: Option<Secret>,
+    /// SparkPost sends `initial_open` (top pixel) and `open` (bottom pixel) for one open:
+    /// true counts `initial_open` and keeps `open` as a dead letter; false (default) the
+    /// reverse. Enable only one of them at SparkPost (docs/providers.md).
+    #[arg(long, env = "REACHLY_SPARKPOST_INITIAL_OPEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sparkpost_initial_open: bool,
     /// Mandrill webhook key.
     #[arg(long, env = "REACHLY_MANDRILL_WEBHOOK_KEY", hide_env_values = true)]
     pub mandrill_webhook_key: Option<Secret>,

@@ -266,6 +266,7 @@ fn webhook_parsers_and_verifiers_never_panic() {
             headers: &headers,
             body: &body,
             received_at: Utc::now(),
+            replay: reachly_ingest::webhooks::MemoryReplayStore::shared(),
         };
         for name in registry.names() {
             let p = registry.get(name).unwrap();

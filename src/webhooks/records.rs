@@ -6,7 +6,9 @@
 //! 1. an event whose name maps to no SPEC type is a dead letter `unknown_event_type`;
 //! 2. correlation: a missing or malformed `reachly_message_id`, or a malformed
 //!    `reachly_organization_id`, is a dead letter ([`correlate`]);
-//! 3. the event time, else the arrival time (SPEC: an unreadable time falls back);
+//! 3. the event time, else the arrival time (SPEC: an unreadable time falls back), and then
+//!    the event is marked `undated` so that the writer catches its re-delivery on the key
+//!    alone (`webhook_event_keys`), whatever time that re-delivery arrives at;
 //! 4. engagement: address and client as the ESP reported them (the HTTP layer then applies
 //!    `REACHLY_IP_MODE`), the link of a click, and for opens and clicks the machine-traffic
 //!    verdict: the ESP's own (SendGrid machine opens, Mailgun bots) or else the user agent's;
@@ -139,6 +141,9 @@ impl Facts<'_> {
             source,
         );
         e.claimed_organization_id = organization_id;
+        // No time of its own: stored at its arrival, so the writer deduplicates it on the
+        // key alone (a re-delivery arrives at another time).
+        e.undated = self.occurred_at.is_none();
         e.dedup_key = Some(
             self.key
                 .unwrap_or_else(|| content_key(source, &["dead_letter", raw])),

@@ -51,6 +51,9 @@ pub const TIMESTAMP_TOLERANCE_SECS: i64 = 15 * 60;
 /// Tokens remembered at most (about 100 bytes each).
 pub const REPLAY_CACHE_CAPACITY: usize = 100_000;
 
+/// Largest body read. One event per request; user variables are limited to 4 KB and a handful of headers is echoed.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
 const SOURCE: Source = Source::Mailgun;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
@@ -192,6 +195,10 @@ impl Mailgun {
 impl Provider for Mailgun {
     fn source(&self) -> Source {
         SOURCE
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(

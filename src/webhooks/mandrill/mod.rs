@@ -55,6 +55,9 @@ use crate::event::{BounceClass, EventType, Record, Source};
 
 type HmacSha1 = hmac::Hmac<Sha1>;
 
+/// Largest body read. Up to 1,000 events per batch, form-encoded, each with its `msg` object (opens, clicks, SMTP events): Mandrill documents no byte bound.
+pub const MAX_BODY_BYTES: usize = 10 << 20;
+
 pub struct Mandrill {
     key: Vec<u8>,
     /// The webhook URL exactly as configured in Mandrill: the first part of the signed string.
@@ -130,6 +133,10 @@ impl Mandrill {
 impl Provider for Mandrill {
     fn source(&self) -> Source {
         Source::Mandrill
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(

@@ -48,6 +48,9 @@ use super::{
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
 
+/// Largest body read. One record per request. "Include bounce content" adds the full bounce message and must stay off (docs/providers.md).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
 const SOURCE: Source = Source::Postmark;
 
 /// The Postmark provider: the expected `USER:PASSWORD`.
@@ -75,6 +78,10 @@ pub fn from_config(
 impl Provider for Postmark {
     fn source(&self) -> Source {
         SOURCE
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(

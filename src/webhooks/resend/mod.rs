@@ -51,6 +51,9 @@ pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
 /// Longest `svix-signature` header looked at (a handful of `v1,<44 chars>` entries).
 const MAX_SIGNATURE_HEADER_BYTES: usize = 4096;
 
+/// Largest body read. One event per request (Svix).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
 pub struct Resend {
     /// The HMAC key: the base64-decoded part of `whsec_<base64>`.
     key: Vec<u8>,
@@ -139,6 +142,10 @@ impl Resend {
 impl Provider for Resend {
     fn source(&self) -> Source {
         Source::Resend
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(

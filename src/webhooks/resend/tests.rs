@@ -65,6 +65,7 @@ impl Req {
             headers: &self.headers,
             body: &self.body,
             received_at: self.at,
+            replay: crate::webhooks::MemoryReplayStore::shared(),
         }
     }
 }

@@ -52,6 +52,9 @@ pub const TIMESTAMP_HEADER: &str = "x-twilio-email-event-webhook-timestamp";
 /// How far the signed timestamp may be from the arrival time, either way.
 pub const TIMESTAMP_TOLERANCE_SECS: i64 = 10 * 60;
 
+/// Largest body read. Batches are posted "every 30 seconds or when the batch size reaches 768 KB"; the event that crosses the mark is still in the batch.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
 const SOURCE: Source = Source::Sendgrid;
 
 /// The SendGrid provider: its verification key.
@@ -137,6 +140,10 @@ impl SendGrid {
 impl Provider for SendGrid {
     fn source(&self) -> Source {
         SOURCE
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(

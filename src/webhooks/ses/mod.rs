@@ -81,6 +81,9 @@ pub const TIMESTAMP_TOLERANCE_SECS: i64 = 60 * 60;
 /// Signing certificates kept in memory (SNS uses a handful per region at a time).
 pub const CERT_CACHE_MAX: usize = 32;
 
+/// Largest body read. An SNS message is at most 256 KiB, carried as a JSON string in the SNS envelope (escaping roughly doubles quote-heavy JSON).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
 pub struct Ses {
     topics: Vec<String>,
     https: Arc<dyn HttpsGet>,
@@ -242,6 +245,10 @@ impl Ses {
 impl Provider for Ses {
     fn source(&self) -> Source {
         Source::Ses
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(

@@ -52,6 +52,9 @@ use super::{
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
 
+/// Largest body read. Batches of events; SparkPost documents no byte bound.
+pub const MAX_BODY_BYTES: usize = 10 << 20;
+
 const SOURCE: Source = Source::Sparkpost;
 
 /// SparkPost's deprecated `auth_token` header (still accepted with the configured token).
@@ -119,6 +122,10 @@ impl SparkPost {
 impl Provider for SparkPost {
     fn source(&self) -> Source {
         SOURCE
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(
