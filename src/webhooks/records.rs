@@ -47,6 +47,19 @@ pub enum DeadReason {
     UnparseableMessage,
     /// SES: a subscription preference change other than "unsubscribe from all".
     UnmappedSubscriptionChange,
+    /// The ESP's notice that it suppressed an address because of an event it reports on its
+    /// own (Postmark's SubscriptionChange after a Bounce or SpamComplaint), or a suppression
+    /// that is not the recipient's (by the sender or the ESP): moves nothing.
+    SuppressionNotice,
+    /// A feedback report saying the message is not spam (SES `not-spam`).
+    NotAComplaint,
+    /// A "bounce" that is no failure of the send: an auto-reply, a subscribe request, a
+    /// challenge-response (SparkPost classes 60, 80, 100).
+    NotAFailure,
+    /// SparkPost's top-pixel `initial_open` while `open` is the open counted (default).
+    InitialOpenNotCounted,
+    /// SparkPost's bottom-pixel `open` while `initial_open` is the open counted.
+    OpenCountedAsInitialOpen,
 }
 
 impl DeadReason {
@@ -60,6 +73,11 @@ impl DeadReason {
             DeadReason::InvalidOrganizationId => "invalid_organization_id",
             DeadReason::UnparseableMessage => "unparseable_message",
             DeadReason::UnmappedSubscriptionChange => "unmapped_subscription_change",
+            DeadReason::SuppressionNotice => "suppression_notice",
+            DeadReason::NotAComplaint => "not_a_complaint",
+            DeadReason::NotAFailure => "not_a_failure",
+            DeadReason::InitialOpenNotCounted => "initial_open_not_counted",
+            DeadReason::OpenCountedAsInitialOpen => "open_counted_as_initial_open",
         }
     }
 }

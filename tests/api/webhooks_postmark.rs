@@ -112,7 +112,7 @@ async fn documented_records_are_stored_as_exactly_these_rows() {
     );
     assert_eq!(
         (dl[1].reason.as_str(), dl[1].event_type.as_deref()),
-        ("suppression_notice", Some("SubscriptionChange"))
+        ("suppression_notice", Some("SubscriptionChange/HardBounce"))
     );
     let raw: Value = serde_json::from_str(&dl[0].payload).expect("json");
     assert_eq!(raw["Metadata"]["a_key"], "a_value");
