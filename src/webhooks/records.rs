@@ -189,6 +189,9 @@ impl Facts<'_> {
 pub struct Part {
     pub error: Option<String>,
     pub metadata: Metadata,
+    /// This recipient's own dedup key (SES keys each recipient's event on its content);
+    /// `None`: the message's key, suffixed `#<index>` when there are several parts.
+    pub key: Option<String>,
 }
 
 impl Facts<'_> {
@@ -225,6 +228,9 @@ impl Facts<'_> {
     fn absorb(&mut self, part: Part) {
         if part.error.is_some() {
             self.error = part.error;
+        }
+        if part.key.is_some() {
+            self.key = part.key;
         }
         self.metadata.0.extend(part.metadata.0);
     }
@@ -519,6 +525,7 @@ mod tests {
                     Part {
                         error: Some(format!("550 {i}")),
                         metadata,
+                        key: None,
                     }
                 })
                 .collect::<Vec<_>>()
