@@ -289,7 +289,7 @@ async fn documented_ses_messages_land_once_with_their_effects() {
 
     let (cases, seeded, envelopes) = (&cases, &seeded, &envelopes);
     let check = |label: &'static str| async move {
-        for ((name, stored, status, contact, error, at), (s, env)) in
+        for ((name, stored, status, contact, error, at), (s, _env)) in
             cases.iter().zip(seeded.iter().zip(envelopes.iter()))
         {
             let rows = app.events(s.message).await;
