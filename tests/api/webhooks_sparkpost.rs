@@ -141,7 +141,7 @@ async fn re_deliveries_change_nothing() {
     let batch = w.fixture("sparkpost/batch.json");
     assert_eq!(post(&w, batch.clone()).await.status(), 200);
     let before = snapshot(&w.app).await;
-    assert_eq!(before.events.len(), 14);
+    assert_eq!(before.events.len(), 13);
     assert_eq!(post(&w, batch.clone()).await.status(), 200);
     let bearer = format!("Bearer {TOKEN}");
     assert_eq!(post_as(&w, Some(&bearer), batch).await.status(), 200);
@@ -207,6 +207,36 @@ async fn malformed_empty_wrongly_typed_and_oversized_bodies_are_4xx_and_write_no
     assert_eq!(post(&w, big).await.status(), 413);
     assert_eq!(total_events(&w.app).await, 0);
     assert_eq!(total_dead_letters(&w.app).await, 0);
+}
+
+#[tokio::test]
+async fn with_initial_open_configured_the_top_pixel_counts_and_the_bottom_one_does_not() {
+    let w = world(|a| {
+        a.webhooks.sparkpost_basic_auth = Some(Secret::new(BASIC));
+        a.webhooks.sparkpost_initial_open = true;
+    })
+    .await;
+    assert_eq!(
+        post(&w, w.fixture("sparkpost/batch.json")).await.status(),
+        200
+    );
+    assert_eq!(
+        w.types(ENGAGED).await,
+        ["clicked", "delivered", "opened", "sent"]
+    );
+    let opened: Vec<_> = w
+        .app
+        .events(w.msgs[ENGAGED].message)
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "opened")
+        .collect();
+    assert_eq!(opened[0].metadata["sparkpost_type"], "initial_open");
+    let dl = dead_letters(&w.app).await;
+    assert_eq!(
+        (dl[0].reason.as_str(), dl[0].event_type.as_deref()),
+        ("open_counted_as_initial_open", Some("open"))
+    );
 }
 
 /// One bounce of `class` for message `to`, with its own event id.
