@@ -342,7 +342,6 @@ fn facts<'a>(ev: &'a Value, raw: &str, count_initial_open: bool) -> Facts<'a> {
         engagement,
         error,
         metadata,
-        ..Facts::default()
     }
 }
 
