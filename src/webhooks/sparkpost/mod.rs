@@ -17,12 +17,12 @@
 //! | --- | --- |
 //! | `injection` | sent |
 //! | `delivery` | delivered |
-//! | `bounce`, `out_of_band` | by `bounce_class` (below) |
+//! | `bounce`, `out_of_band` | bounced, hard or soft by `bounce_class`; some classes are unsubscribed, dropped or a dead letter (below) |
 //! | `delay` | deferred |
 //! | `policy_rejection`, `generation_rejection`, `generation_failure` | dropped |
 //! | `spam_complaint` | complained |
-//! | `open`, `amp_open` (bottom pixel) | opened; dead letter `open_counted_as_initial_open` with `REACHLY_SPARKPOST_INITIAL_OPEN=true` |
-//! | `initial_open`, `amp_initial_open` (top pixel) | dead letter `initial_open_not_counted`; opened with `REACHLY_SPARKPOST_INITIAL_OPEN=true` |
+//! | `open`, `amp_open` | opened (bottom pixel); dead letter `open_counted_as_initial_open` with `REACHLY_SPARKPOST_INITIAL_OPEN=true` |
+//! | `initial_open`, `amp_initial_open` | opened (top pixel) with `REACHLY_SPARKPOST_INITIAL_OPEN=true`; else dead letter `initial_open_not_counted` |
 //! | `click`, `amp_click` | clicked (`target_link_url` → `link_url`) |
 //! | `list_unsubscribe`, `link_unsubscribe` | unsubscribed |
 //! | anything else (`sms_status`, `relay_*`, `ab_test_*`, ...) | dead letter `unknown_event_type` |
