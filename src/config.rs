@@ -318,6 +318,11 @@ pub struct WebhookConfig {
     /// Mailgun HTTP webhook signing key.
     #[arg(long, env = "REACHLY_MAILGUN_SIGNING_KEY", hide_env_values = true)]
     pub mailgun_signing_key: Option<Secret>,
+    /// Mailgun: optional USER:PASSWORD put in the webhook URL (`https://USER:PASSWORD@host/...`),
+    /// required on every request when set: a second factor beside the signature, which does
+    /// not cover the event.
+    #[arg(long, env = "REACHLY_MAILGUN_BASIC_AUTH", hide_env_values = true)]
+    pub mailgun_basic_auth: Option<Secret>,
     /// Amazon SNS topic ARNs allowed to post SES notifications (comma-separated).
     #[arg(long, env = "REACHLY_SES_TOPIC_ARNS", value_delimiter = ',', num_args = 0..)]
     pub ses_topic_arns: Vec<String>,

@@ -333,3 +333,42 @@ async fn a_permanent_failure_without_bounce_type_is_hard_only_for_a_dead_mailbox
     assert_eq!(e.metadata["bounce_class"], "soft");
     assert_eq!(w.contact(SOFT).await, "active");
 }
+
+#[tokio::test]
+async fn with_basic_auth_in_the_url_a_captured_signature_alone_is_401_and_writes_nothing() {
+    use base64::Engine as _;
+    let w = world(|a| {
+        a.webhooks.mailgun_signing_key = Some(Secret::new(KEY));
+        a.webhooks.mailgun_basic_auth = Some(Secret::new("mailgun:url-password"));
+    })
+    .await;
+    let body = sign(
+        &w.fixture("mailgun/failed-permanent.json"),
+        KEY,
+        &fresh_token(),
+        0,
+    );
+    // Signed, but without the credentials of the webhook URL.
+    assert_eq!(post(&w, body.clone()).await.status(), 401);
+    assert_eq!(total_events(&w.app).await, 0);
+    assert_eq!(w.contact(HARD).await, "active");
+    // As Mailgun sends it, the URL's user info as basic auth.
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("mailgun:url-password")
+    );
+    let r = w
+        .app
+        .post_webhook(
+            "mailgun",
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(w.types(HARD).await, ["bounced"]);
+    assert_eq!(w.contact(HARD).await, "bounced");
+}

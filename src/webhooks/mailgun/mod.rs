@@ -43,8 +43,10 @@
 //! unavailable is 503 (Mailgun retries). Before any of it, only the `signature` object is
 //! deserialized (the event is skipped, not built), from a body of at most
 //! [`MAX_BODY_BYTES`]. First come wins: a forgery that reaches us before the genuine request
-//! would make the genuine one 401; Mailgun's basic auth in the webhook URL would be a second
-//! factor against that (not configured here yet).
+//! would make the genuine one 401. Against that, and against a captured signature used at
+//! all, `REACHLY_MAILGUN_BASIC_AUTH` adds a second factor: Mailgun sends the user info of
+//! the webhook URL (`https://USER:PASSWORD@host/webhooks/mailgun`) as basic auth, checked
+//! first, before the body is read.
 //!
 //! Dedup key: `event-data.id` (Mailgun's event id, the same on every retry, distinct for
 //! every event), else the signature token (the same on every retry of that POST); so a
@@ -58,6 +60,7 @@ use hmac::{KeyInit, Mac};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::auth::basic_auth_ok;
 use super::extract::{header_message_id, json_body, json_str, json_time, require_json};
 use super::records::{Engagement, Facts, Metadata, content_key, id_key};
 use super::{
@@ -84,6 +87,8 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 /// The Mailgun provider: its signing key (the tokens seen are in the shared replay store).
 pub struct Mailgun {
     key: Secret,
+    /// `REACHLY_MAILGUN_BASIC_AUTH`: credentials Mailgun sends from the webhook URL.
+    basic: Option<Secret>,
 }
 
 /// The provider if its secret is configured.
@@ -97,7 +102,16 @@ pub fn from_config(
     if key.expose().trim().is_empty() {
         return Err("REACHLY_MAILGUN_SIGNING_KEY must not be blank".into());
     }
-    Ok(Some(Arc::new(Mailgun { key: key.clone() })))
+    if let Some(basic) = &cfg.mailgun_basic_auth {
+        match basic.expose().split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => {}
+            _ => return Err("REACHLY_MAILGUN_BASIC_AUTH must be USER:PASSWORD".into()),
+        }
+    }
+    Ok(Some(Arc::new(Mailgun {
+        key: key.clone(),
+        basic: cfg.mailgun_basic_auth.clone(),
+    })))
 }
 
 /// The body's `signature` object and nothing else: read before anything is trusted, without
@@ -136,6 +150,15 @@ impl Mailgun {
     /// Everything but the replay check: content type, the signature object (parsed alone),
     /// the window, the HMAC. Returns the token and the signature time.
     fn check_signature(&self, req: &WebhookRequest<'_>) -> Result<(String, i64), WebhookError> {
+        // The second factor, when configured, before anything in the body is read.
+        if let Some(basic) = &self.basic {
+            if !req.headers.contains_key(hyper::header::AUTHORIZATION) {
+                return Err(WebhookError::Unauthorized(AuthFailure::MissingCredentials));
+            }
+            if !basic_auth_ok(req.headers, basic.expose()) {
+                return Err(WebhookError::Unauthorized(AuthFailure::WrongCredentials));
+            }
+        }
         require_json(req)?;
         let signed: Signed = match serde_json::from_slice(req.body) {
             Ok(s) => s,

@@ -467,3 +467,32 @@ fn from_config_is_absent_without_a_key_and_refuses_a_blank_one() {
     let err = from_config(&cfg, &no_network()).err().expect("refused");
     assert!(err.contains("REACHLY_MAILGUN_SIGNING_KEY"), "{err}");
 }
+
+#[tokio::test]
+async fn with_basic_auth_configured_a_signed_request_without_it_is_refused() {
+    use base64::Engine as _;
+    let mut cfg = no_secrets();
+    cfg.mailgun_signing_key = Some(Secret::new(KEY));
+    cfg.mailgun_basic_auth = Some(Secret::new("mailgun:s3cret"));
+    let p = from_config(&cfg, &no_network())
+        .expect("valid")
+        .expect("configured");
+    let req = signed("mailgun/delivered.json", &token(70));
+    assert_eq!(
+        run(&*p, &req).await.err(),
+        Some(WebhookError::Unauthorized(AuthFailure::MissingCredentials))
+    );
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let wrong = signed("mailgun/delivered.json", &token(71))
+        .header("authorization", &format!("Basic {}", b64("mailgun:nope")));
+    assert_eq!(
+        run(&*p, &wrong).await.err(),
+        Some(WebhookError::Unauthorized(AuthFailure::WrongCredentials))
+    );
+    let good = signed("mailgun/delivered.json", &token(72))
+        .header("authorization", &format!("Basic {}", b64("mailgun:s3cret")));
+    assert!(run(&*p, &good).await.is_ok());
+    cfg.mailgun_basic_auth = Some(Secret::new("no-colon"));
+    let err = from_config(&cfg, &no_network()).err().expect("refused");
+    assert!(err.contains("REACHLY_MAILGUN_BASIC_AUTH"), "{err}");
+}

@@ -145,6 +145,7 @@ pub fn no_secrets() -> crate::config::WebhookConfig {
         webhook_max_bytes: 10 << 20,
         sendgrid_public_key: None,
         mailgun_signing_key: None,
+        mailgun_basic_auth: None,
         ses_topic_arns: Vec::new(),
         postmark_basic_auth: None,
         sparkpost_basic_auth: None,
