@@ -490,6 +490,11 @@ pub struct WebhookConfig {
     /// Mailgun HTTP webhook signing key.
     #[arg(long, env = "REACHLY_MAILGUN_SIGNING_KEY", hide_env_values = true)]
     pub mailgun_signing_key: Option<Secret>,
+    /// Mailgun: optional USER:PASSWORD put in the webhook URL (`https://USER:PASSWORD@host/...`),
+    /// required on every request when set: a second factor beside the signature, which does
+    /// not cover the event.
+    #[arg(long, env = "REACHLY_MAILGUN_BASIC_AUTH", hide_env_values = true)]
+    pub mailgun_basic_auth: Option<Secret>,
     /// Amazon SNS topic ARNs allowed to post SES notifications (comma-separated).
     #[arg(long, env = "REACHLY_SES_TOPIC_ARNS", value_delimiter = ',', num_args = 0..)]
     pub ses_topic_arns: Vec<String>,
@@ -502,6 +507,11 @@ pub struct WebhookConfig {
     /// SparkPost webhook bearer token (alternative to basic auth).
     #[arg(long, env = "REACHLY_SPARKPOST_TOKEN", hide_env_values = true)]
     pub sparkpost_token: Option<Secret>,
+    /// SparkPost sends `initial_open` (top pixel) and `open` (bottom pixel) for one open:
+    /// true counts `initial_open` and keeps `open` as a dead letter; false (default) the
+    /// reverse. Enable only one of them at SparkPost (docs/providers.md).
+    #[arg(long, env = "REACHLY_SPARKPOST_INITIAL_OPEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sparkpost_initial_open: bool,
     /// Mandrill webhook key.
     #[arg(long, env = "REACHLY_MANDRILL_WEBHOOK_KEY", hide_env_values = true)]
     pub mandrill_webhook_key: Option<Secret>,

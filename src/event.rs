@@ -135,6 +135,12 @@ pub struct Event {
     pub source: Source,
     /// Idempotency key of ESP events (provider-prefixed); `None` for our own tracking hits.
     pub dedup_key: Option<String>,
+    /// The ESP gave no time of its own, so `occurred_at` is this delivery's arrival and
+    /// differs between re-deliveries. The unique index of `email_events` includes the time
+    /// (its partition key), so the writer deduplicates such an event on `dedup_key` alone,
+    /// through `webhook_event_keys`.
+    #[serde(default)]
+    pub undated: bool,
     pub bounce_class: Option<BounceClass>,
     /// `Some(reason)`: machine traffic (HEAD, prefetcher, scanner). Stored, moves nothing.
     pub machine_reason: Option<String>,
@@ -163,6 +169,7 @@ impl Event {
             link_url: None,
             source,
             dedup_key: None,
+            undated: false,
             bounce_class: None,
             machine_reason: None,
             error_message: None,

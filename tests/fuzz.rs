@@ -267,6 +267,7 @@ fn webhook_parsers_and_verifiers_never_panic() {
             headers: &headers,
             body: &body,
             received_at: Utc::now(),
+            replay: reachly_ingest::webhooks::MemoryReplayStore::shared(),
         };
         for name in registry.names() {
             let p = registry.get(name).unwrap();
@@ -484,6 +485,7 @@ fn the_committed_fuzz_corpora_replay_cleanly() {
             headers: &headers,
             body,
             received_at: Utc::now(),
+            replay: reachly_ingest::webhooks::MemoryReplayStore::shared(),
         };
         let p = registry.get(name).unwrap();
         let verified = rt.block_on(p.verify(&req));

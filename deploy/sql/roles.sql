@@ -77,6 +77,16 @@ BEGIN
   GRANT SELECT, INSERT ON public.email_events, public.webhook_dead_letters TO reachly_app;
   -- `serve` reads it to skip migrating when nothing is pending.
   GRANT SELECT ON public.refinery_schema_history TO reachly_app;
+  -- Mailgun replay protection shared by every instance (V9) and the dedup keys of ESP events
+  -- without a time of their own (V10); neither holds tenant rows. Pruning them is the owner's.
+  IF to_regclass('public.webhook_signature_tokens') IS NOT NULL THEN
+    -- INSERT ... ON CONFLICT DO UPDATE reads the first body's digest; expired rows are
+    -- pruned by the service.
+    GRANT SELECT, INSERT, UPDATE, DELETE ON public.webhook_signature_tokens TO reachly_app;
+  END IF;
+  IF to_regclass('public.webhook_event_keys') IS NOT NULL THEN
+    GRANT SELECT, INSERT ON public.webhook_event_keys TO reachly_app;
+  END IF;
 
   FOREACH t IN ARRAY ARRAY['campaign_messages', 'contacts', 'email_events', 'webhook_dead_letters'] LOOP
     IF NOT EXISTS (SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = t

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod reject;
+pub mod replay;
 pub mod routes;
 pub mod state;
 pub mod tracking;

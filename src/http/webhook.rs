@@ -3,9 +3,10 @@
 //! privacy mode, and answers 2xx only once every record of the request is committed or
 //! fsync'd to the spool (`Ingest::submit_durable`). Refusals are [`Reject`]s: 401 on failed
 //! authentication (counted by provider, the reason logged, never sent), 400 on an
-//! unparseable body, 413 past `REACHLY_WEBHOOK_MAX_BYTES` or for a batch whose events could
-//! never fit the spool (retrying it cannot help), 503 when the events cannot be made
-//! durable now or the body budget is spent, and 404 for a provider with no secret configured.
+//! unparseable body, 413 past the provider's body limit (`Provider::max_body_bytes`, capped by
+//! `REACHLY_WEBHOOK_MAX_BYTES`) or for a batch whose events could never fit the spool
+//! (retrying it cannot help), 503 when the events cannot be made durable now or the body
+//! budget is spent, and 404 for a provider with no secret configured.
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use chrono::Utc;
 use hyper::{Method, StatusCode};
 
 use super::reject::{NotDurableWhat, Reject};
+use super::replay::PgReplayStore;
 use super::state::AppState;
 use super::{Req, Resp, read_body, stored_ip, text};
 use crate::config::IpMode;
@@ -32,20 +34,20 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, 
     }
     let received_at = Utc::now();
     let cfg = &state.config;
+    let limit = provider
+        .max_body_bytes()
+        .min(cfg.webhooks.webhook_max_bytes);
     // `_held` keeps the body's bytes counted against the budget until the request is done.
-    let (parts, body, _held) = read_body(
-        req,
-        cfg.webhooks.webhook_max_bytes,
-        cfg.server.body_timeout,
-        &state.body_budget,
-    )
-    .await?;
+    let (parts, body, _held) =
+        read_body(req, limit, cfg.server.body_timeout, &state.body_budget).await?;
+    let replay = PgReplayStore { pool: &state.pool };
     let wreq = WebhookRequest {
         method: &parts.method,
         uri: &parts.uri,
         headers: &parts.headers,
         body: &body,
         received_at,
+        replay: &replay,
     };
     let source = provider.source().label();
     if let Err(e) = provider.verify(&wreq).await {

@@ -22,7 +22,7 @@
 //! none (under row-level security, a request claiming tenant B for tenant A's message must not
 //! show B a dead letter about A's message).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -212,6 +212,11 @@ async fn write_in(
             writer.as_mut().write(&row).await?;
         }
         writer.finish().await?;
+        let staged = good.len() as u64;
+        let skipped = drop_undated_duplicates(tx, &good).await?;
+        if !skipped.is_empty() {
+            good.retain(|(e, _)| !skipped.contains(&e.id));
+        }
         let rows = tx
             .query(
                 &format!(
@@ -231,7 +236,7 @@ async fn write_in(
                 *outcome.written.entry(t).or_default() += n;
             }
         }
-        outcome.duplicates = good.len() as u64 - inserted;
+        outcome.duplicates = staged - inserted;
     }
 
     // 4. + 5. Status merge and suppression. Re-applying a duplicate changes nothing (the
@@ -265,6 +270,41 @@ async fn write_in(
         insert_dead_letters(tx, &dead).await?;
     }
     Ok(outcome)
+}
+
+/// Events without a time of their own ([`Event::undated`]) are stored at their arrival, so
+/// `idx_events_dedup` (key, created_at) cannot see their re-delivery. Their keys are claimed
+/// in `webhook_event_keys` (unpartitioned, unique on the key alone, V10); a staged row whose
+/// key was claimed before, or by an earlier row of this batch, is removed from staging. The
+/// removed ids are returned so that they are neither inserted nor merged.
+async fn drop_undated_duplicates(
+    tx: &Transaction<'_>,
+    good: &[(&Event, Uuid)],
+) -> Result<HashSet<Uuid>, tokio_postgres::Error> {
+    let ids: Vec<Uuid> = good
+        .iter()
+        .filter(|(e, _)| e.undated && e.dedup_key.is_some())
+        .map(|(e, _)| e.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let rows = tx
+        .query(
+            "WITH claimed AS ( \
+               INSERT INTO public.webhook_event_keys (dedup_key) \
+               SELECT DISTINCT dedup_key FROM pg_temp.reachly_stage_events WHERE id = ANY($1) \
+               ON CONFLICT DO NOTHING RETURNING dedup_key), \
+             keep AS ( \
+               SELECT DISTINCT ON (dedup_key) id FROM pg_temp.reachly_stage_events \
+               WHERE id = ANY($1) AND dedup_key IN (SELECT dedup_key FROM claimed) \
+               ORDER BY dedup_key, id) \
+             DELETE FROM pg_temp.reachly_stage_events \
+             WHERE id = ANY($1) AND id NOT IN (SELECT id FROM keep) RETURNING id",
+            &[&ids],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 async fn update_messages(

@@ -55,6 +55,8 @@ pub enum AuthFailure {
     CertificateExpired,
     /// SNS: the signing certificate cannot be read as an RSA certificate.
     BadCertificate,
+    /// SNS: raw message delivery is on (`x-amz-sns-rawdelivery: true`): no signed envelope.
+    SnsRawDelivery,
 }
 
 impl AuthFailure {
@@ -77,6 +79,7 @@ impl AuthFailure {
             AuthFailure::SubscribeUrlNotAllowed => "subscribe_url_not_allowed",
             AuthFailure::CertificateExpired => "certificate_expired",
             AuthFailure::BadCertificate => "bad_certificate",
+            AuthFailure::SnsRawDelivery => "sns_raw_delivery",
         }
     }
 }
@@ -110,6 +113,7 @@ mod tests {
             AuthFailure::SubscribeUrlNotAllowed,
             AuthFailure::CertificateExpired,
             AuthFailure::BadCertificate,
+            AuthFailure::SnsRawDelivery,
         ];
         let mut reasons: Vec<&str> = all.iter().map(|a| a.reason()).collect();
         for r in &reasons {

@@ -31,6 +31,7 @@ pub mod mailgun;
 pub mod mandrill;
 pub mod postmark;
 pub mod records;
+pub mod replay;
 pub mod resend;
 pub mod sendgrid;
 pub mod ses;
@@ -52,6 +53,7 @@ use crate::event::{Record, Source};
 use crate::machine::MachineDetector;
 
 pub use error::{AuthFailure, WebhookError};
+pub use replay::{MemoryReplayStore, ReplayStore};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -62,6 +64,8 @@ pub struct WebhookRequest<'a> {
     pub headers: &'a HeaderMap,
     pub body: &'a [u8],
     pub received_at: DateTime<Utc>,
+    /// Signature tokens seen by every instance (Mailgun's replay protection).
+    pub replay: &'a dyn ReplayStore,
 }
 
 impl WebhookRequest<'_> {
@@ -78,6 +82,11 @@ pub struct ParseContext<'a> {
 /// One ESP's webhook.
 pub trait Provider: Send + Sync {
     fn source(&self) -> Source;
+
+    /// The largest body this ESP really sends (one event, or its largest batch), with
+    /// headroom: the HTTP layer reads at most this much (and never more than
+    /// `REACHLY_WEBHOOK_MAX_BYTES`) before anything is checked. Each provider's doc says why.
+    fn max_body_bytes(&self) -> usize;
 
     /// Authenticates the request. Must compare secrets in constant time.
     fn verify<'a>(&'a self, req: &'a WebhookRequest<'a>)

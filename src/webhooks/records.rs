@@ -6,7 +6,9 @@
 //! 1. an event whose name maps to no SPEC type is a dead letter `unknown_event_type`;
 //! 2. correlation: a missing or malformed `reachly_message_id`, or a malformed
 //!    `reachly_organization_id`, is a dead letter ([`correlate`]);
-//! 3. the event time, else the arrival time (SPEC: an unreadable time falls back);
+//! 3. the event time, else the arrival time (SPEC: an unreadable time falls back), and then
+//!    the event is marked `undated` so that the writer catches its re-delivery on the key
+//!    alone (`webhook_event_keys`), whatever time that re-delivery arrives at;
 //! 4. engagement: address and client as the ESP reported them (the HTTP layer then applies
 //!    `REACHLY_IP_MODE`), the link of a click, and for opens and clicks the machine-traffic
 //!    verdict: the ESP's own (SendGrid machine opens, Mailgun bots) or else the user agent's;
@@ -45,6 +47,19 @@ pub enum DeadReason {
     UnparseableMessage,
     /// SES: a subscription preference change other than "unsubscribe from all".
     UnmappedSubscriptionChange,
+    /// The ESP's notice that it suppressed an address because of an event it reports on its
+    /// own (Postmark's SubscriptionChange after a Bounce or SpamComplaint), or a suppression
+    /// that is not the recipient's (by the sender or the ESP): moves nothing.
+    SuppressionNotice,
+    /// A feedback report saying the message is not spam (SES `not-spam`).
+    NotAComplaint,
+    /// A "bounce" that is no failure of the send: an auto-reply, a subscribe request, a
+    /// challenge-response (SparkPost classes 60, 80, 100).
+    NotAFailure,
+    /// SparkPost's top-pixel `initial_open` while `open` is the open counted (default).
+    InitialOpenNotCounted,
+    /// SparkPost's bottom-pixel `open` while `initial_open` is the open counted.
+    OpenCountedAsInitialOpen,
 }
 
 impl DeadReason {
@@ -58,6 +73,11 @@ impl DeadReason {
             DeadReason::InvalidOrganizationId => "invalid_organization_id",
             DeadReason::UnparseableMessage => "unparseable_message",
             DeadReason::UnmappedSubscriptionChange => "unmapped_subscription_change",
+            DeadReason::SuppressionNotice => "suppression_notice",
+            DeadReason::NotAComplaint => "not_a_complaint",
+            DeadReason::NotAFailure => "not_a_failure",
+            DeadReason::InitialOpenNotCounted => "initial_open_not_counted",
+            DeadReason::OpenCountedAsInitialOpen => "open_counted_as_initial_open",
         }
     }
 }
@@ -139,6 +159,9 @@ impl Facts<'_> {
             source,
         );
         e.claimed_organization_id = organization_id;
+        // No time of its own: stored at its arrival, so the writer deduplicates it on the
+        // key alone (a re-delivery arrives at another time).
+        e.undated = self.occurred_at.is_none();
         e.dedup_key = Some(
             self.key
                 .unwrap_or_else(|| content_key(source, &["dead_letter", raw])),
@@ -166,6 +189,9 @@ impl Facts<'_> {
 pub struct Part {
     pub error: Option<String>,
     pub metadata: Metadata,
+    /// This recipient's own dedup key (SES keys each recipient's event on its content);
+    /// `None`: the message's key, suffixed `#<index>` when there are several parts.
+    pub key: Option<String>,
 }
 
 impl Facts<'_> {
@@ -202,6 +228,9 @@ impl Facts<'_> {
     fn absorb(&mut self, part: Part) {
         if part.error.is_some() {
             self.error = part.error;
+        }
+        if part.key.is_some() {
+            self.key = part.key;
         }
         self.metadata.0.extend(part.metadata.0);
     }
@@ -496,6 +525,7 @@ mod tests {
                     Part {
                         error: Some(format!("550 {i}")),
                         metadata,
+                        key: None,
                     }
                 })
                 .collect::<Vec<_>>()

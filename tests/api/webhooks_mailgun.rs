@@ -5,6 +5,7 @@ use reachly_ingest::config::Secret;
 use reachly_ingest::webhooks::testkit::sign::mailgun_signature as hmac_hex;
 use serde_json::Value;
 
+use crate::helpers::spawn_app_on;
 use crate::webhooks_common::*;
 
 const KEY: &str = "key-0123456789abcdef-test";
@@ -188,7 +189,7 @@ async fn bad_signatures_stale_times_and_replays_are_401_and_write_nothing() {
         ("missing signature", no_signature.to_string()),
         (
             "stale timestamp",
-            sign(&body, KEY, &fresh_token(), -16 * 60),
+            sign(&body, KEY, &fresh_token(), -(8 * 3600 + 16 * 60)),
         ),
     ];
     for (what, b) in &cases {
@@ -236,4 +237,138 @@ async fn malformed_empty_wrongly_typed_and_oversized_bodies_are_4xx_and_write_no
     assert_eq!(post(&w, big).await.status(), 413);
     assert_eq!(total_events(&w.app).await, 0);
     assert_eq!(total_dead_letters(&w.app).await, 0);
+}
+
+#[tokio::test]
+async fn a_retry_hours_late_with_its_original_signature_is_stored_and_one_past_the_schedule_is_not()
+{
+    let w = mailgun_world(None).await;
+    // Mailgun retries after 5, 10, 15 min, 1, 2 and 4 h with the signature of the first
+    // attempt: the last retry arrives about 7.5 h after it was signed.
+    let late = sign(
+        &w.fixture("mailgun/failed-permanent.json"),
+        KEY,
+        &fresh_token(),
+        -(7 * 3600 + 35 * 60),
+    );
+    assert_eq!(post(&w, late).await.status(), 200);
+    assert_eq!(w.types(HARD).await, ["bounced"]);
+    assert_eq!(w.contact(HARD).await, "bounced");
+    // Beyond the schedule plus skew (8 h 15 min): refused, nothing written.
+    let before = snapshot(&w.app).await;
+    let stale = sign(
+        &w.fixture("mailgun/delivered.json"),
+        KEY,
+        &fresh_token(),
+        -(8 * 3600 + 16 * 60),
+    );
+    assert_eq!(post(&w, stale).await.status(), 401);
+    assert_eq!(snapshot(&w.app).await, before);
+}
+
+#[tokio::test]
+async fn a_replayed_signature_with_a_forged_body_at_a_second_instance_is_401_and_writes_nothing() {
+    let w = mailgun_world(None).await;
+    let second = spawn_app_on(
+        &w.app.db_url,
+        |a| a.webhooks.mailgun_signing_key = Some(Secret::new(KEY)),
+        None,
+    )
+    .await;
+    // The genuine delivery notice reaches the first instance.
+    let genuine = sign(&w.fixture("mailgun/delivered.json"), KEY, &fresh_token(), 0);
+    assert_eq!(post(&w, genuine.clone()).await.status(), 200);
+    let before = snapshot(&w.app).await;
+    // Its captured signature, with a forged hard bounce of another contact, at the second.
+    let mut forged: Value = serde_json::from_str(&genuine).expect("json");
+    let bounce: Value =
+        serde_json::from_str(&w.fixture("mailgun/failed-permanent.json")).expect("json");
+    forged["event-data"] = bounce["event-data"].clone();
+    let r = second
+        .post_webhook(
+            "mailgun",
+            &[("content-type", "application/json")],
+            forged.to_string(),
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(snapshot(&w.app).await, before);
+    assert_eq!(w.contact(HARD).await, "active");
+    // The genuine request re-delivered to the second instance is still accepted (same body).
+    let r = second
+        .post_webhook("mailgun", &[("content-type", "application/json")], genuine)
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(snapshot(&w.app).await, before);
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_without_bounce_type_is_hard_only_for_a_dead_mailbox() {
+    let w = mailgun_world(None).await;
+    // Captured 2018 shape: no bounce-type; 550 5.1.1 "does not exist".
+    let dead = w.fixture("mailgun/failed-permanent-no-bounce-type.json");
+    assert_eq!(
+        post(&w, sign(&dead, KEY, &fresh_token(), 0)).await.status(),
+        200
+    );
+    assert_eq!(w.types(HARD).await, ["bounced"]);
+    let e = &w.app.events(w.msgs[HARD].message).await[0];
+    assert_eq!(e.metadata["bounce_class"], "hard");
+    assert_eq!(w.contact(HARD).await, "bounced");
+    // The same shape refused for a policy reason (5.7.1): the address is not known dead.
+    let mut blocked: Value = serde_json::from_str(&dead).expect("json");
+    blocked["event-data"]["delivery-status"]["message"] =
+        Value::from("5.7.1 Message rejected due to local policy");
+    blocked["event-data"]["user-variables"]["reachly_message_id"] =
+        Value::from(w.msgs[SOFT].message.to_string());
+    assert_eq!(
+        post(&w, sign(&blocked.to_string(), KEY, &fresh_token(), 0))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(w.types(SOFT).await, ["bounced"]);
+    let e = &w.app.events(w.msgs[SOFT].message).await[0];
+    assert_eq!(e.metadata["bounce_class"], "soft");
+    assert_eq!(w.contact(SOFT).await, "active");
+}
+
+#[tokio::test]
+async fn with_basic_auth_in_the_url_a_captured_signature_alone_is_401_and_writes_nothing() {
+    use base64::Engine as _;
+    let w = world(|a| {
+        a.webhooks.mailgun_signing_key = Some(Secret::new(KEY));
+        a.webhooks.mailgun_basic_auth = Some(Secret::new("mailgun:url-password"));
+    })
+    .await;
+    let body = sign(
+        &w.fixture("mailgun/failed-permanent.json"),
+        KEY,
+        &fresh_token(),
+        0,
+    );
+    // Signed, but without the credentials of the webhook URL.
+    assert_eq!(post(&w, body.clone()).await.status(), 401);
+    assert_eq!(total_events(&w.app).await, 0);
+    assert_eq!(w.contact(HARD).await, "active");
+    // As Mailgun sends it, the URL's user info as basic auth.
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("mailgun:url-password")
+    );
+    let r = w
+        .app
+        .post_webhook(
+            "mailgun",
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &auth),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(w.types(HARD).await, ["bounced"]);
+    assert_eq!(w.contact(HARD).await, "bounced");
 }

@@ -285,3 +285,36 @@ async fn malformed_bodies_are_4xx_and_write_nothing() {
         0
     );
 }
+
+#[tokio::test]
+async fn same_second_opens_from_two_clients_are_two_rows_and_a_redelivery_adds_none() {
+    let m = mandrill_app().await;
+    let app = &m.app;
+    let s = app.seed().await;
+    let path = format!(
+        "{}/tests/fixtures/mandrill/mandrill_events.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let batch: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut open = batch
+        .iter()
+        .find(|e| e["event"] == "open")
+        .expect("the example open")
+        .clone();
+    open["msg"]["metadata"]["reachly_message_id"] = Value::from(s.message.to_string());
+    open["msg"]["metadata"]["reachly_organization_id"] = Value::from(s.org.to_string());
+    // The same message opened in the same second by an image proxy and by a phone.
+    let mut proxy = open.clone();
+    proxy["ip"] = Value::from("66.249.84.1");
+    proxy["user_agent"] = Value::from(
+        "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)",
+    );
+    let events = Value::Array(vec![open, proxy]).to_string();
+    assert_eq!(m.post_events(&events).await, 200);
+    app.wait_count("SELECT count(*) FROM email_events", 2).await;
+    let rows = app.events(s.message).await;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|e| e.event_type == "opened"));
+    assert_eq!(m.post_events(&events).await, 200);
+    assert_eq!(app.events(s.message).await.len(), 2);
+}

@@ -417,3 +417,39 @@ async fn without_a_secret_resend_is_404() {
         .await;
     assert_eq!(resp.status().as_u16(), 404);
 }
+
+#[tokio::test]
+async fn a_bounce_without_a_type_is_read_from_its_message() {
+    let r = resend_app().await;
+    let app = &r.app;
+    let hard = app.seed().await;
+    let suppressed = app.seed_message(&hard).await;
+    // Captured in 2023: `bounce` carries only the message text.
+    let body = fixture_for("email.bounced-no-type-hard.json", &hard);
+    assert_eq!(r.post_signed("msg_no_type_hard", &body).await, 200);
+    let ev = app.events(hard.message).await;
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].event_type, "bounced");
+    assert_eq!(ev[0].metadata["bounce_class"], "hard");
+    assert_eq!(app.contact_status(hard.contact).await, "bounced");
+    // "Resend has suppressed sending": never attempted, a drop (the address is on the
+    // account's list for an earlier event, already recorded then).
+    let body = fixture_for("email.bounced-no-type-suppressed.json", &suppressed);
+    assert_eq!(r.post_signed("msg_no_type_suppressed", &body).await, 200);
+    let ev = app.events(suppressed.message).await;
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].event_type, "dropped");
+    assert_eq!(app.contact_status(suppressed.contact).await, "active");
+    // A message text we cannot read is a soft bounce: never a contact suppressed on a guess.
+    let unknown = app.seed_message(&hard).await;
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&fixture_for("email.bounced-no-type-hard.json", &unknown)).unwrap();
+    doc["data"]["bounce"]["message"] = serde_json::Value::from("Something happened.");
+    assert_eq!(
+        r.post_signed("msg_no_type_unknown", &doc.to_string()).await,
+        200
+    );
+    let ev = app.events(unknown.message).await;
+    assert_eq!(ev[0].metadata["bounce_class"], "soft");
+    assert_eq!(app.contact_status(unknown.contact).await, "active");
+}

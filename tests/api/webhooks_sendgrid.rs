@@ -222,7 +222,7 @@ async fn bad_signatures_are_401_and_write_nothing() {
     let tampered = body.replacen("processed", "delivered", 1);
     let other = Signer256::new();
     let (ots, osig) = other.sign(body.as_bytes(), 0);
-    let (sts, ssig) = key.sign(body.as_bytes(), -11 * 60);
+    let (sts, ssig) = key.sign(body.as_bytes(), -(24 * 3600 + 16 * 60));
     let cases: Vec<Case> = vec![
         (
             "tampered body",
@@ -335,4 +335,118 @@ async fn a_thousand_event_batch_is_accepted_in_one_request_and_written_in_full()
             Some("clicked")
         );
     }
+}
+
+async fn post_signed_at(w: &World, key: &Signer256, body: &str, skew: i64) -> reqwest::Response {
+    let (ts, sig) = key.sign(body.as_bytes(), skew);
+    w.app
+        .post_webhook(
+            "sendgrid",
+            &[(TS, &ts), (SIG, &sig), ("content-type", "application/json")],
+            body.to_string(),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn same_second_opens_and_clicks_from_different_clients_are_distinct_rows_and_a_redelivery_adds_none()
+ {
+    let (w, key) = sendgrid_world(None).await;
+    let body = w.fixture("sendgrid/same-second.json");
+    assert_eq!(post_signed(&w, &key, &body).await.status(), 200);
+    // The documented open, the Apple proxy's fetch of it and a phone's, all in one second;
+    // the documented click, a scanner's click of it, and the same URL at its second place.
+    let ev = w.app.events(w.msgs[ENGAGED].message).await;
+    assert_eq!(
+        w.types(ENGAGED).await,
+        [
+            "clicked", "clicked", "clicked", "opened", "opened", "opened"
+        ]
+    );
+    let machine: Vec<bool> = {
+        let mut m: Vec<bool> = ev
+            .iter()
+            .filter(|e| e.event_type == "opened")
+            .map(|e| e.metadata.get("machine") == Some(&Value::Bool(true)))
+            .collect();
+        m.sort();
+        m
+    };
+    assert_eq!(machine, [false, false, true]);
+    let before = snapshot(&w.app).await;
+    // Re-delivered (SendGrid retries the whole batch, re-signed or not): nothing new.
+    assert_eq!(post_signed_at(&w, &key, &body, 5).await.status(), 200);
+    assert_eq!(snapshot(&w.app).await, before);
+}
+
+#[tokio::test]
+async fn a_retry_signed_hours_ago_is_stored_and_one_past_the_schedule_is_not() {
+    let (w, key) = sendgrid_world(None).await;
+    let body = w.fixture("sendgrid/events.json");
+    // SendGrid retries for up to 24 hours; whether it re-signs is not documented.
+    assert_eq!(
+        post_signed_at(&w, &key, &body, -23 * 3600).await.status(),
+        200
+    );
+    assert_eq!(w.types(HARD).await, ["bounced"]);
+    let before = snapshot(&w.app).await;
+    let stale = post_signed_at(&w, &key, &body, -(24 * 3600 + 16 * 60)).await;
+    assert_eq!(stale.status(), 401);
+    let future = post_signed_at(&w, &key, &body, 16 * 60).await;
+    assert_eq!(future.status(), 401);
+    assert_eq!(snapshot(&w.app).await, before);
+}
+
+#[tokio::test]
+async fn only_an_invalid_address_is_a_hard_bounce() {
+    let (w, key) = sendgrid_world(None).await;
+    let events: Vec<Value> =
+        serde_json::from_str(&w.fixture("sendgrid/events.json")).expect("json");
+    let bounce = events
+        .iter()
+        .find(|e| e["event"] == "bounce" && e["type"] == "bounce")
+        .expect("the documented bounce")
+        .clone();
+    let with = |msg: usize, class: Option<&str>, typ: Option<&str>, second: i64| {
+        let mut b = bounce.clone();
+        b["reachly_message_id"] = Value::from(w.msgs[msg].message.to_string());
+        b["timestamp"] = Value::from(1513299569 + second);
+        match class {
+            Some(c) => b["bounce_classification"] = Value::from(c),
+            None => {
+                b.as_object_mut()
+                    .expect("object")
+                    .remove("bounce_classification");
+            }
+        }
+        match typ {
+            Some(t) => b["type"] = Value::from(t),
+            None => {
+                b.as_object_mut().expect("object").remove("type");
+            }
+        }
+        b
+    };
+    let batch = Value::Array(vec![
+        with(HARD, Some("Invalid Address"), Some("bounce"), 0),
+        with(SOFT, Some("Reputation"), Some("bounce"), 1),
+        with(SOFT, Some("Content"), Some("bounce"), 2),
+        with(SOFT, Some("Technical"), Some("bounce"), 3),
+        with(SOFT, Some("Frequency or Volume"), Some("bounce"), 4),
+        with(SOFT, Some("Invalid Address"), Some("blocked"), 5),
+        with(SOFT, None, None, 6),
+        with(SOFT, None, Some("something-new"), 7),
+    ]);
+    assert_eq!(
+        post_signed(&w, &key, &batch.to_string()).await.status(),
+        200
+    );
+    assert_eq!(w.types(HARD).await, ["bounced"]);
+    assert_eq!(w.contact(HARD).await, "bounced");
+    let soft = w.app.events(w.msgs[SOFT].message).await;
+    assert_eq!(soft.len(), 7);
+    for e in &soft {
+        assert_eq!(e.metadata["bounce_class"], "soft", "{:?}", e.metadata);
+    }
+    assert_eq!(w.contact(SOFT).await, "active");
 }

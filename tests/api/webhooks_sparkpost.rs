@@ -69,7 +69,7 @@ async fn the_documented_batch_is_stored_as_exactly_these_rows() {
     let ev = w.app.events(w.msgs[ENGAGED].message).await;
     assert_eq!(
         w.types(ENGAGED).await,
-        ["clicked", "delivered", "opened", "opened", "sent"]
+        ["clicked", "delivered", "opened", "sent"]
     );
     for e in &ev {
         assert_eq!(e.provider, "sparkpost");
@@ -119,14 +119,19 @@ async fn the_documented_batch_is_stored_as_exactly_these_rows() {
     assert!(m.error_message.is_some());
     assert_eq!(w.contact(DROPPED).await, "active");
 
-    assert_eq!(total_events(&w.app).await, 15);
+    assert_eq!(total_events(&w.app).await, 14);
     let dl = dead_letters(&w.app).await;
-    assert_eq!(dl.len(), 1);
+    assert_eq!(dl.len(), 2);
+    // The top pixel's open is the same human open as the bottom pixel's: kept, not counted.
     assert_eq!(
         (dl[0].reason.as_str(), dl[0].event_type.as_deref()),
+        ("initial_open_not_counted", Some("initial_open"))
+    );
+    assert_eq!(
+        (dl[1].reason.as_str(), dl[1].event_type.as_deref()),
         ("unknown_event_type", Some("sms_status"))
     );
-    let raw: Value = serde_json::from_str(&dl[0].payload).expect("json");
+    let raw: Value = serde_json::from_str(&dl[1].payload).expect("json");
     assert_eq!(raw["type"], "sms_status");
 }
 
@@ -136,7 +141,7 @@ async fn re_deliveries_change_nothing() {
     let batch = w.fixture("sparkpost/batch.json");
     assert_eq!(post(&w, batch.clone()).await.status(), 200);
     let before = snapshot(&w.app).await;
-    assert_eq!(before.events.len(), 14);
+    assert_eq!(before.events.len(), 13);
     assert_eq!(post(&w, batch.clone()).await.status(), 200);
     let bearer = format!("Bearer {TOKEN}");
     assert_eq!(post_as(&w, Some(&bearer), batch).await.status(), 200);
@@ -202,4 +207,83 @@ async fn malformed_empty_wrongly_typed_and_oversized_bodies_are_4xx_and_write_no
     assert_eq!(post(&w, big).await.status(), 413);
     assert_eq!(total_events(&w.app).await, 0);
     assert_eq!(total_dead_letters(&w.app).await, 0);
+}
+
+#[tokio::test]
+async fn with_initial_open_configured_the_top_pixel_counts_and_the_bottom_one_does_not() {
+    let w = world(|a| {
+        a.webhooks.sparkpost_basic_auth = Some(Secret::new(BASIC));
+        a.webhooks.sparkpost_initial_open = true;
+    })
+    .await;
+    assert_eq!(
+        post(&w, w.fixture("sparkpost/batch.json")).await.status(),
+        200
+    );
+    assert_eq!(
+        w.types(ENGAGED).await,
+        ["clicked", "delivered", "opened", "sent"]
+    );
+    let opened: Vec<_> = w
+        .app
+        .events(w.msgs[ENGAGED].message)
+        .await
+        .into_iter()
+        .filter(|e| e.event_type == "opened")
+        .collect();
+    assert_eq!(opened[0].metadata["sparkpost_type"], "initial_open");
+    let dl = dead_letters(&w.app).await;
+    assert_eq!(
+        (dl[0].reason.as_str(), dl[0].event_type.as_deref()),
+        ("open_counted_as_initial_open", Some("open"))
+    );
+}
+
+/// One bounce of `class` for message `to`, with its own event id.
+fn bounce_of_class(to: uuid::Uuid, class: &str) -> Value {
+    serde_json::json!({"msys": {"message_event": {
+        "type": "bounce", "bounce_class": class, "event_id": format!("41253632115437{class:0>3}"),
+        "timestamp": "1460989507", "error_code": "550",
+        "reason": format!("class {class}"),
+        "rcpt_meta": {"reachly_message_id": to.to_string()}
+    }}})
+}
+
+#[tokio::test]
+async fn bounce_classes_follow_sparkposts_table() {
+    let w = sparkpost_world(None).await;
+    let batch = Value::Array(vec![
+        bounce_of_class(w.msgs[HARD].message, "10"),
+        bounce_of_class(w.msgs[HARD].message, "30"),
+        bounce_of_class(w.msgs[UNSUB].message, "90"),
+        bounce_of_class(w.msgs[DROPPED].message, "25"),
+        bounce_of_class(w.msgs[DROPPED].message, "26"),
+        bounce_of_class(w.msgs[SOFT].message, "21"),
+        bounce_of_class(w.msgs[SOFT].message, "50"),
+        bounce_of_class(w.msgs[SOFT].message, "1"),
+        bounce_of_class(w.msgs[ENGAGED].message, "60"),
+        bounce_of_class(w.msgs[ENGAGED].message, "80"),
+        bounce_of_class(w.msgs[ENGAGED].message, "100"),
+    ]);
+    assert_eq!(post(&w, batch.to_string()).await.status(), 200);
+    assert_eq!(w.types(HARD).await, ["bounced", "bounced"]);
+    assert_eq!(w.contact(HARD).await, "bounced");
+    assert_eq!(w.types(UNSUB).await, ["unsubscribed"]);
+    assert_eq!(w.contact(UNSUB).await, "unsubscribed");
+    assert_eq!(w.types(DROPPED).await, ["dropped", "dropped"]);
+    assert_eq!(w.contact(DROPPED).await, "active");
+    assert_eq!(w.types(SOFT).await, ["bounced", "bounced", "bounced"]);
+    for e in w.app.events(w.msgs[SOFT].message).await {
+        assert_eq!(e.metadata["bounce_class"], "soft");
+    }
+    assert_eq!(w.contact(SOFT).await, "active");
+    // Auto-reply, subscribe and challenge-response are no failure: kept, moving nothing.
+    assert!(w.types(ENGAGED).await.is_empty());
+    assert_eq!(w.contact(ENGAGED).await, "active");
+    let reasons: Vec<String> = dead_letters(&w.app)
+        .await
+        .into_iter()
+        .map(|d| d.reason)
+        .collect();
+    assert_eq!(reasons, ["not_a_failure", "not_a_failure", "not_a_failure"]);
 }

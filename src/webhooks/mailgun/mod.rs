@@ -17,28 +17,51 @@
 //! | `unsubscribed` | unsubscribed |
 //! | `failed`, `severity` = `temporary` | deferred (Mailgun keeps retrying; nothing bounced yet) |
 //! | `failed`, permanent, `reason` = `suppress-bounce`/`-unsubscribe`/`-complaint` | dropped (never attempted: the address is on a Mailgun suppression list) |
-//! | `failed`, permanent, `reason` = `old` or `delivery-status.bounce-type` = `soft` | bounced, soft (retries expired; the address itself was not refused) |
-//! | `failed`, any other permanent failure | bounced, hard |
+//! | `failed`, permanent, `reason` = `old` | bounced, soft (retries expired; the address itself was not refused) |
+//! | `failed`, permanent, `delivery-status.bounce-type` = `hard` / `soft` | bounced, hard / soft |
+//! | `failed`, permanent, no `bounce-type` | bounced, hard only for a dead mailbox (enhanced status 5.1.x in `enhanced-code` or the SMTP message), else soft |
 //! | `rejected` | dropped |
 //! | anything else (`stored`, list events, ...) | dead letter `unknown_event_type` |
 //!
-//! Choices: a signature whose timestamp is more than [`TIMESTAMP_TOLERANCE_SECS`]
-//! (15 minutes) from the arrival time either way is refused (401). Mailgun's signature
-//! covers `timestamp + token` only, not the event, so each token is remembered (bounded, in
-//! memory, per process) with a digest of the body it came with: the same token with the same
-//! body is a re-delivery and is accepted idempotently (the event id keys it, so no second
-//! row); the same token with another body is refused (401). Events are keyed on Mailgun's
-//! `event-data.id` (the token when it is missing).
+//! Bounce classes, in short: hard = `bounce-type` `hard`, or no `bounce-type` and a 5.1.x
+//! status (the receiver says the address does not exist: the captured 2018 shape in
+//! `tests/fixtures/mailgun/failed-permanent-no-bounce-type.json`); soft = everything else
+//! that failed permanently. A wrong hard bounce suppresses a contact forever; a missed one
+//! costs one more attempt, which Mailgun then drops itself (`suppress-bounce`).
+//!
+//! Retries and window: Mailgun retries any answer but 200 and 406 after 5, 10 and 15
+//! minutes, 1, 2 and 4 hours (about 8 hours; delivered notifications are never retried), with
+//! the signature object of the first attempt. A signature up to [`MAX_SIGNATURE_AGE_SECS`]
+//! old (8 h 15 min: the schedule plus skew) or [`MAX_SIGNATURE_AHEAD_SECS`] ahead is
+//! accepted; later, 401. This service never answers 406.
+//!
+//! Replay protection: the signature covers `timestamp + token` only, not the event. Each
+//! token is recorded with the SHA-256 of its body in the shared [`super::ReplayStore`] (the
+//! database, table `webhook_signature_tokens`, so every instance and every restart sees it):
+//! the same token with the same body is a re-delivery, accepted (its event key stores no
+//! second row); with another body it is a forgery under a captured signature, 401. The store
+//! unavailable is 503 (Mailgun retries). Before any of it, only the `signature` object is
+//! deserialized (the event is skipped, not built), from a body of at most
+//! [`MAX_BODY_BYTES`]. First come wins: a forgery that reaches us before the genuine request
+//! would make the genuine one 401. Against that, and against a captured signature used at
+//! all, `REACHLY_MAILGUN_BASIC_AUTH` adds a second factor: Mailgun sends the user info of
+//! the webhook URL (`https://USER:PASSWORD@host/webhooks/mailgun`) as basic auth, checked
+//! first, before the body is read.
+//!
+//! Dedup key: `event-data.id` (Mailgun's event id, the same on every retry, distinct for
+//! every event), else the signature token (the same on every retry of that POST); so a
+//! re-delivery is caught and two events never share a key. An event without `timestamp` is
+//! stored at its arrival and deduplicated on the key alone (`undated`).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use hmac::{KeyInit, Mac};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::extract::{header_message_id, json_body, json_str, json_time};
+use super::auth::basic_auth_ok;
+use super::extract::{header_message_id, json_body, json_str, json_time, require_json};
 use super::records::{Engagement, Facts, Metadata, content_key, id_key};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
@@ -46,19 +69,26 @@ use super::{
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
 
-/// How far the signature's timestamp may be from the arrival time, either way.
-pub const TIMESTAMP_TOLERANCE_SECS: i64 = 15 * 60;
-/// Tokens remembered at most (about 100 bytes each).
-pub const REPLAY_CACHE_CAPACITY: usize = 100_000;
+/// Oldest signature accepted: Mailgun retries a failed POST after 5, 10 and 15 minutes, 1,
+/// 2 and 4 hours (7 h 30 min in all, "8 hours" in its words) with the signature of the first
+/// attempt, so the window is the whole schedule, rounded up to 8 hours, plus 15 minutes of
+/// clock skew.
+pub const MAX_SIGNATURE_AGE_SECS: i64 = 8 * 3600 + 15 * 60;
+/// Clock skew tolerated the other way (a signature from the future).
+pub const MAX_SIGNATURE_AHEAD_SECS: i64 = 15 * 60;
+
+/// Largest body read. One event per request; user variables are limited to 4 KB and a handful of headers is echoed.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 const SOURCE: Source = Source::Mailgun;
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
-/// The Mailgun provider: the signing key and the tokens seen recently.
+/// The Mailgun provider: its signing key (the tokens seen are in the shared replay store).
 pub struct Mailgun {
     key: Secret,
-    seen: Mutex<ReplayCache>,
+    /// `REACHLY_MAILGUN_BASIC_AUTH`: credentials Mailgun sends from the webhook URL.
+    basic: Option<Secret>,
 }
 
 /// The provider if its secret is configured.
@@ -72,62 +102,34 @@ pub fn from_config(
     if key.expose().trim().is_empty() {
         return Err("REACHLY_MAILGUN_SIGNING_KEY must not be blank".into());
     }
+    if let Some(basic) = &cfg.mailgun_basic_auth {
+        match basic.expose().split_once(':') {
+            Some((user, password)) if !user.is_empty() && !password.is_empty() => {}
+            _ => return Err("REACHLY_MAILGUN_BASIC_AUTH must be USER:PASSWORD".into()),
+        }
+    }
     Ok(Some(Arc::new(Mailgun {
         key: key.clone(),
-        seen: Mutex::new(ReplayCache::new(REPLAY_CACHE_CAPACITY)),
+        basic: cfg.mailgun_basic_auth.clone(),
     })))
 }
 
-/// Recently seen signature tokens and the digest of the body each came with. Bounded: tokens
-/// whose timestamp has left the window are forgotten first (they are refused as stale
-/// anyway), then the oldest.
-struct ReplayCache {
-    by_token: HashMap<String, [u8; 32]>,
-    order: VecDeque<(i64, String)>,
-    capacity: usize,
+/// The body's `signature` object and nothing else: read before anything is trusted, without
+/// building the event's tree (serde skips `event-data` as it scans).
+#[derive(serde::Deserialize)]
+struct Signed {
+    signature: Option<SignatureFields>,
 }
 
-impl ReplayCache {
-    fn new(capacity: usize) -> ReplayCache {
-        ReplayCache {
-            by_token: HashMap::new(),
-            order: VecDeque::new(),
-            capacity: capacity.max(1),
-        }
-    }
-
-    fn admit(
-        &mut self,
-        token: &str,
-        signed_at: i64,
-        body: [u8; 32],
-        now: i64,
-    ) -> Result<(), WebhookError> {
-        while let Some((at, _)) = self.order.front() {
-            if now - *at <= TIMESTAMP_TOLERANCE_SECS {
-                break;
-            }
-            self.forget_oldest();
-        }
-        match self.by_token.get(token) {
-            Some(digest) if *digest == body => Ok(()),
-            Some(_) => Err(WebhookError::Unauthorized(AuthFailure::ReplayedToken)),
-            None => {
-                while self.order.len() >= self.capacity {
-                    self.forget_oldest();
-                }
-                self.by_token.insert(token.to_owned(), body);
-                self.order.push_back((signed_at, token.to_owned()));
-                Ok(())
-            }
-        }
-    }
-
-    fn forget_oldest(&mut self) {
-        if let Some((_, old)) = self.order.pop_front() {
-            self.by_token.remove(&old);
-        }
-    }
+#[derive(serde::Deserialize)]
+struct SignatureFields {
+    /// A string as documented; a number tolerated (its decimal text is what was signed).
+    timestamp: Option<Value>,
+    token: Option<String>,
+    signature: Option<String>,
+    /// A subaccount's events: the same HMAC made with the primary account's key.
+    #[serde(rename = "parent-signature")]
+    parent_signature: Option<String>,
 }
 
 impl Mailgun {
@@ -145,47 +147,83 @@ impl Mailgun {
         mac.verify_slice(&given).is_ok()
     }
 
-    fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
-        let body = json_body(req)?;
-        let sig = body
-            .get("signature")
-            .filter(|s| s.is_object())
+    /// Everything but the replay check: content type, the signature object (parsed alone),
+    /// the window, the HMAC. Returns the token and the signature time.
+    fn check_signature(&self, req: &WebhookRequest<'_>) -> Result<(String, i64), WebhookError> {
+        // The second factor, when configured, before anything in the body is read.
+        if let Some(basic) = &self.basic {
+            if !req.headers.contains_key(hyper::header::AUTHORIZATION) {
+                return Err(WebhookError::Unauthorized(AuthFailure::MissingCredentials));
+            }
+            if !basic_auth_ok(req.headers, basic.expose()) {
+                return Err(WebhookError::Unauthorized(AuthFailure::WrongCredentials));
+            }
+        }
+        require_json(req)?;
+        let signed: Signed = match serde_json::from_slice(req.body) {
+            Ok(s) => s,
+            // Valid JSON of another shape (an array, a string) carries no signature.
+            Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(req.body).is_ok() => {
+                return Err(WebhookError::Unauthorized(AuthFailure::MissingSignature));
+            }
+            Err(e) => return Err(WebhookError::BadRequest(format!("body is not JSON: {e}"))),
+        };
+        let sig = signed
+            .signature
             .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         // The exact values Mailgun signed (the timestamp may come as a string or a number).
-        let timestamp = match sig.get("timestamp") {
-            Some(Value::String(s)) => s.clone(),
+        let timestamp = match sig.timestamp {
+            Some(Value::String(s)) => s,
             Some(Value::Number(n)) => n.to_string(),
             _ => return Err(WebhookError::Unauthorized(AuthFailure::MissingTimestamp)),
         };
         let token = sig
-            .get("token")
-            .and_then(Value::as_str)
+            .token
             .filter(|t| !t.is_empty())
             .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         let signed_at: i64 = timestamp
             .trim()
             .parse()
             .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
-        let now = req.received_at.timestamp();
-        if (now - signed_at).abs() > TIMESTAMP_TOLERANCE_SECS {
+        let age = req.received_at.timestamp() - signed_at;
+        if age > MAX_SIGNATURE_AGE_SECS || -age > MAX_SIGNATURE_AHEAD_SECS {
             return Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp));
         }
-        let signature = json_str(sig, "signature")
+        let signature = sig
+            .signature
+            .filter(|s| !s.trim().is_empty())
             .ok_or(WebhookError::Unauthorized(AuthFailure::MissingSignature))?;
         // A subaccount's events also carry `parent-signature`, made with the primary
         // account's key: either may match the configured key.
-        let parent = json_str(sig, "parent-signature");
-        let ok = self.signature_ok(&timestamp, token, signature)
-            | parent.is_some_and(|p| self.signature_ok(&timestamp, token, p));
+        let ok = self.signature_ok(&timestamp, &token, &signature)
+            | sig
+                .parent_signature
+                .is_some_and(|p| self.signature_ok(&timestamp, &token, &p));
         if !ok {
             return Err(WebhookError::Unauthorized(AuthFailure::BadSignature));
         }
+        Ok((token, signed_at))
+    }
+
+    /// The signature, then the token against every instance's record of it: the same token
+    /// with another body is a forgery under a captured signature.
+    async fn check(&self, req: &WebhookRequest<'_>) -> Result<(), WebhookError> {
+        let (token, signed_at) = self.check_signature(req)?;
         let digest: [u8; 32] = Sha256::digest(req.body).into();
-        let mut seen = self
-            .seen
-            .lock()
-            .map_err(|_| WebhookError::Unavailable("replay cache unavailable".into()))?;
-        seen.admit(token, signed_at, digest, now)
+        let signed_at = DateTime::from_timestamp(signed_at, 0)
+            .ok_or(WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
+        let expires_before = req.received_at - chrono::TimeDelta::seconds(MAX_SIGNATURE_AGE_SECS);
+        match req
+            .replay
+            .admit(SOURCE.label(), &token, digest, signed_at, expires_before)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(WebhookError::Unauthorized(AuthFailure::ReplayedToken)),
+            Err(why) => Err(WebhookError::Unavailable(format!(
+                "cannot check the Mailgun signature token: {why}"
+            ))),
+        }
     }
 }
 
@@ -194,11 +232,15 @@ impl Provider for Mailgun {
         SOURCE
     }
 
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
+    }
+
     fn verify<'a>(
         &'a self,
         req: &'a WebhookRequest<'a>,
     ) -> BoxFuture<'a, Result<(), WebhookError>> {
-        Box::pin(async move { self.check(req) })
+        Box::pin(self.check(req))
     }
 
     fn parse(
@@ -241,15 +283,38 @@ fn map_type(data: &Value) -> Option<(EventType, Option<BounceClass>)> {
                 (EventType::Deferred, None)
             } else if reason.starts_with("suppress-") {
                 (EventType::Dropped, None)
-            } else if reason == "old" || bounce_type.as_deref() == Some("soft") {
+            } else if reason == "old" {
                 (EventType::Bounced, Some(BounceClass::Soft))
             } else {
-                (EventType::Bounced, Some(BounceClass::Hard))
+                let hard = match bounce_type.as_deref() {
+                    Some(t) => t == "hard",
+                    // Older events (and some failures still) carry no bounce-type: only a
+                    // mailbox the receiver says does not exist is known dead.
+                    None => dead_mailbox(data.get("delivery-status")),
+                };
+                let class = if hard {
+                    BounceClass::Hard
+                } else {
+                    BounceClass::Soft
+                };
+                (EventType::Bounced, Some(class))
             }
         }
         _ => return None,
     };
     Some(t)
+}
+
+/// Whether a failure without `bounce-type` says the address itself is dead: an enhanced
+/// status 5.1.x (RFC 3463 "addressing status": bad mailbox, bad domain, bad syntax, moved),
+/// from `enhanced-code` or the start of the SMTP message. A policy block (5.7.x), a full
+/// mailbox (5.2.x) or anything unreadable is not: a wrong hard bounce suppresses a contact
+/// forever, a missed one costs one more attempt that Mailgun then drops (`suppress-bounce`).
+fn dead_mailbox(status: Option<&Value>) -> bool {
+    let Some(status) = status else { return false };
+    let enhanced = json_str(status, "enhanced-code")
+        .or_else(|| json_str(status, "message").and_then(|m| m.split_whitespace().next()));
+    enhanced.is_some_and(|code| code.starts_with("5.1."))
 }
 
 /// The failure text: "code message" from `delivery-status`, else the reject reason.

@@ -223,15 +223,36 @@ fn failure_variants_and_other_events_map_as_documented() {
         "delivery-status": {"bounce-type": "soft"}}),
     );
     assert_eq!(map(soft).1, Some(BounceClass::Soft));
+    // Without bounce-type, only a dead mailbox (5.1.x) is hard; without anything, soft.
     let no_severity = base(serde_json::json!({}));
     assert_eq!(
         map(no_severity),
         (
             EventType::Bounced,
-            Some(BounceClass::Hard),
+            Some(BounceClass::Soft),
             Some("failed".into())
         )
     );
+    let unknown_user = base(
+        serde_json::json!({"severity": "permanent", "reason": "bounce",
+        "delivery-status": {"code": 550, "message": "5.1.1 The email account that you tried to reach does not exist."}}),
+    );
+    assert_eq!(map(unknown_user).1, Some(BounceClass::Hard));
+    let enhanced = base(
+        serde_json::json!({"severity": "permanent", "reason": "bounce",
+        "delivery-status": {"code": 550, "enhanced-code": "5.1.10", "message": "Recipient address rejected"}}),
+    );
+    assert_eq!(map(enhanced).1, Some(BounceClass::Hard));
+    let policy = base(
+        serde_json::json!({"severity": "permanent", "reason": "bounce",
+        "delivery-status": {"code": 550, "message": "5.7.1 Message rejected due to local policy"}}),
+    );
+    assert_eq!(map(policy).1, Some(BounceClass::Soft));
+    let typed_soft = base(
+        serde_json::json!({"severity": "permanent", "reason": "bounce",
+        "delivery-status": {"bounce-type": "soft", "message": "5.1.1 no such user"}}),
+    );
+    assert_eq!(map(typed_soft).1, Some(BounceClass::Soft));
     let rejected = base(serde_json::json!({"event": "rejected",
         "reject": {"reason": "Sandbox subdomains are for test purposes only"}}));
     assert_eq!(
@@ -317,8 +338,8 @@ async fn bad_key_tampered_signature_missing_parts_and_stale_time_are_unauthorize
         .await,
     );
 
-    // Correctly signed 16 minutes before (or after) arrival: stale.
-    for skew in [-16, 16] {
+    // Correctly signed past the retry schedule plus skew, or 16 minutes ahead: stale.
+    for skew in [-(8 * 60 + 16), 16] {
         let signed_at = Utc::now() + chrono::TimeDelta::minutes(skew);
         let mut req = signed_with(KEY, path, &token(24), signed_at);
         req.received_at = Utc::now();
@@ -327,8 +348,8 @@ async fn bad_key_tampered_signature_missing_parts_and_stale_time_are_unauthorize
             Some(WebhookError::Unauthorized(AuthFailure::StaleTimestamp))
         );
     }
-    // Fourteen minutes old is inside the window.
-    let signed_at = Utc::now() - chrono::TimeDelta::minutes(14);
+    // The last retry, 7 h 35 min after the first attempt's signature, is inside the window.
+    let signed_at = Utc::now() - chrono::TimeDelta::minutes(7 * 60 + 35);
     let mut req = signed_with(KEY, path, &token(25), signed_at);
     req.received_at = Utc::now();
     assert!(run(&*p, &req).await.is_ok());
@@ -356,7 +377,9 @@ async fn a_subaccount_event_verifies_with_the_parent_signature() {
 #[tokio::test]
 async fn a_replayed_token_is_idempotent_for_the_same_body_and_refused_for_another() {
     let p = provider();
-    let first = signed("mailgun/failed-permanent.json", &token(40));
+    // One store, as the instances of a deployment share the database's.
+    let store = std::sync::Arc::new(crate::webhooks::MemoryReplayStore::default());
+    let first = signed("mailgun/failed-permanent.json", &token(40)).with_replay(&store);
     let a = run(&*p, &first).await.expect("accepted");
     // The very same request again (a re-delivery): accepted, and the same key, so the
     // writer stores nothing new.
@@ -367,30 +390,38 @@ async fn a_replayed_token_is_idempotent_for_the_same_body_and_refused_for_anothe
     let mut doc: Value = serde_json::from_slice(&first.body).expect("json");
     doc["event-data"]["user-variables"]["reachly_message_id"] = Value::from(M_ENGAGED);
     doc["event-data"]["event"] = Value::from("delivered");
-    let forged =
-        TestRequest::post("mailgun", serde_json::to_vec(&doc).expect("json")).at(first.received_at);
+    let forged = TestRequest::post("mailgun", serde_json::to_vec(&doc).expect("json"))
+        .at(first.received_at)
+        .with_replay(&store);
     assert_eq!(
         run(&*p, &forged).await.err(),
         Some(WebhookError::Unauthorized(AuthFailure::ReplayedToken))
     );
 }
 
-#[test]
-fn the_replay_cache_is_bounded_and_forgets_stale_tokens_first() {
-    let mut c = ReplayCache::new(3);
-    let now = 1_000_000;
-    for (i, tok) in ["a", "b", "c"].into_iter().enumerate() {
-        assert!(c.admit(tok, now, [i as u8; 32], now).is_ok());
+#[tokio::test]
+async fn an_unavailable_replay_store_is_503_so_mailgun_retries() {
+    struct Down;
+    impl crate::webhooks::ReplayStore for Down {
+        fn admit<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: [u8; 32],
+            _: DateTime<Utc>,
+            _: DateTime<Utc>,
+        ) -> crate::webhooks::BoxFuture<'a, Result<bool, String>> {
+            Box::pin(async { Err("database unreachable".to_string()) })
+        }
     }
-    // Full: admitting a fourth forgets the oldest.
-    assert!(c.admit("d", now, [9; 32], now).is_ok());
-    assert_eq!(c.order.len(), 3);
-    assert!(!c.by_token.contains_key("a"));
-    assert!(c.admit("b", now, [0; 32], now).is_err());
-    // Once their timestamps leave the window, tokens are forgotten.
-    let later = now + TIMESTAMP_TOLERANCE_SECS + 1;
-    assert!(c.admit("e", later, [1; 32], later).is_ok());
-    assert_eq!(c.order.len(), 1);
+    let p = provider();
+    let req = signed("mailgun/delivered.json", &token(60));
+    let r = req.request();
+    let r = WebhookRequest { replay: &Down, ..r };
+    assert!(matches!(
+        p.verify(&r).await,
+        Err(WebhookError::Unavailable(_))
+    ));
 }
 
 #[tokio::test]
@@ -438,4 +469,33 @@ fn from_config_is_absent_without_a_key_and_refuses_a_blank_one() {
     cfg.mailgun_signing_key = Some(Secret::new("   "));
     let err = from_config(&cfg, &no_network()).err().expect("refused");
     assert!(err.contains("REACHLY_MAILGUN_SIGNING_KEY"), "{err}");
+}
+
+#[tokio::test]
+async fn with_basic_auth_configured_a_signed_request_without_it_is_refused() {
+    use base64::Engine as _;
+    let mut cfg = no_secrets();
+    cfg.mailgun_signing_key = Some(Secret::new(KEY));
+    cfg.mailgun_basic_auth = Some(Secret::new("mailgun:s3cret"));
+    let p = from_config(&cfg, &no_network())
+        .expect("valid")
+        .expect("configured");
+    let req = signed("mailgun/delivered.json", &token(70));
+    assert_eq!(
+        run(&*p, &req).await.err(),
+        Some(WebhookError::Unauthorized(AuthFailure::MissingCredentials))
+    );
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let wrong = signed("mailgun/delivered.json", &token(71))
+        .header("authorization", &format!("Basic {}", b64("mailgun:nope")));
+    assert_eq!(
+        run(&*p, &wrong).await.err(),
+        Some(WebhookError::Unauthorized(AuthFailure::WrongCredentials))
+    );
+    let good = signed("mailgun/delivered.json", &token(72))
+        .header("authorization", &format!("Basic {}", b64("mailgun:s3cret")));
+    assert!(run(&*p, &good).await.is_ok());
+    cfg.mailgun_basic_auth = Some(Secret::new("no-colon"));
+    let err = from_config(&cfg, &no_network()).err().expect("refused");
+    assert!(err.contains("REACHLY_MAILGUN_BASIC_AUTH"), "{err}");
 }

@@ -35,8 +35,18 @@
 //!
 //! Sync events and inbound messages concern addresses, not a Reachly message, but nothing
 //! is dropped: they are dead letters.
-//! The dedup key hashes `_id`, `event`, `ts` (and the URL of a click, so two links clicked in
-//! the same second stay two events).
+//!
+//! Dedup key: Mandrill gives no event id, so the key hashes `_id` (the message), `event`,
+//! `ts`, the URL of a click, and the client's `ip` and `user_agent`: two links clicked in one
+//! second, or two opens of one second by an image proxy and a person (two devices, a scanner
+//! and a person), stay two events. A re-delivered batch repeats every field, so it is caught;
+//! only two events alike in all of them (one client, one second, one link) merge, and
+//! nothing in the payload could tell them apart. The signature has no timestamp, so there is
+//! no window; a replayed batch stores nothing new. Mandrill retries failed batches (its
+//! documentation gives no schedule). Body limit [`MAX_BODY_BYTES`].
+//!
+//! Bounce classes: `hard_bounce` → hard, `soft_bounce` → soft (Mandrill's own verdict),
+//! `reject` → dropped, `deferral` → deferred.
 
 use std::sync::Arc;
 
@@ -54,6 +64,9 @@ use crate::config::WebhookConfig;
 use crate::event::{BounceClass, EventType, Record, Source};
 
 type HmacSha1 = hmac::Hmac<Sha1>;
+
+/// Largest body read. Up to 1,000 events per batch, form-encoded, each with its `msg` object (opens, clicks, SMTP events): Mandrill documents no byte bound.
+pub const MAX_BODY_BYTES: usize = 10 << 20;
 
 pub struct Mandrill {
     key: Vec<u8>,
@@ -132,6 +145,10 @@ impl Provider for Mandrill {
         Source::Mandrill
     }
 
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
+    }
+
     fn verify<'a>(
         &'a self,
         req: &'a WebhookRequest<'a>,
@@ -204,7 +221,19 @@ fn facts(obj: &Map<String, Value>) -> Facts<'_> {
     let ts = number_text(obj.get("ts"));
     let url = str_at(Some(obj), "url");
     let click_url = if event == "click" { url } else { None };
-    let key = content_key(Source::Mandrill, &[id, event, &ts, click_url.unwrap_or("")]);
+    // Two opens or clicks of one message in one second (an image proxy and a person, two
+    // devices, a scanner and a person) differ only in their client: part of the key.
+    let key = content_key(
+        Source::Mandrill,
+        &[
+            id,
+            event,
+            &ts,
+            click_url.unwrap_or(""),
+            str_at(Some(obj), "ip").unwrap_or(""),
+            str_at(Some(obj), "user_agent").unwrap_or(""),
+        ],
+    );
     let msg = obj_at(Some(obj), "msg");
     let ids = obj_at(msg, "metadata");
 

@@ -71,6 +71,7 @@ impl Req {
             headers: &self.headers,
             body: &self.body,
             received_at: self.at,
+            replay: crate::webhooks::MemoryReplayStore::shared(),
         }
     }
 }
@@ -182,9 +183,14 @@ fn the_documented_example_batch_maps_to_the_expected_records() {
         } else {
             ""
         };
+        // The client (address, user agent) as the example gives it, when it gives one.
+        let doc: Vec<Value> = serde_json::from_str(&fixture()).expect("json");
+        let raw = doc.iter().find(|d| d["_id"] == id).expect("in the example");
+        let ip = raw["ip"].as_str().unwrap_or("");
+        let ua = raw["user_agent"].as_str().unwrap_or("");
         assert_eq!(
             e.dedup_key.as_deref(),
-            Some(content_key(Source::Mandrill, &[id, name, "1384954004", url]).as_str()),
+            Some(content_key(Source::Mandrill, &[id, name, "1384954004", url, ip, ua]).as_str()),
             "{name}"
         );
         assert_eq!(e.machine_reason, None, "{name}");
@@ -397,7 +403,7 @@ fn uncorrelatable_events_and_scanner_clicks() {
     assert_eq!(d.event_type.as_deref(), Some("open"));
     assert_eq!(
         d.dedup_key.as_deref(),
-        Some(content_key(Source::Mandrill, &["m1", "open", "1700000000", ""]).as_str())
+        Some(content_key(Source::Mandrill, &["m1", "open", "1700000000", "", "", ""]).as_str())
     );
     let click = event(&recs[1]);
     assert_eq!(

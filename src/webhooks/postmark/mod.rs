@@ -18,21 +18,42 @@
 //! | `Bounce` | by `Type`, below |
 //! | `SpamComplaint` | complained |
 //! | `Open` / `Click` | opened / clicked (`OriginalLink` → `link_url`) |
-//! | `SubscriptionChange`, `SuppressSending: true` | by `SuppressionReason`: `HardBounce` → bounced hard, `SpamComplaint` → complained, `ManualSuppression` → unsubscribed |
+//! | `SubscriptionChange`, `SuppressSending: true`, `SuppressionReason` `ManualSuppression`, `Origin` `Recipient` | unsubscribed (the recipient's own choice) |
+//! | `SubscriptionChange`, `SuppressSending: true`, any other reason or origin | dead letter `suppression_notice` (see below) |
 //! | `SubscriptionChange`, `SuppressSending: false` (reactivation) | dead letter `unknown_event_type` (SPEC: a contact never returns to active here) |
 //! | anything else | dead letter `unknown_event_type` |
 //!
-//! Bounce `Type` (Postmark's table): `HardBounce`, `BadEmailAddress` → bounced hard;
-//! `Transient`, `DnsError`, `SoftBounce`, `SpamNotification`, `Unknown`, `VirusNotification`,
-//! `ChallengeVerification`, `Unconfirmed`, `Blocked`, `DMARCPolicy` → bounced soft (the
-//! address is not known to be dead); `SpamComplaint` → complained; `Unsubscribe` (an
-//! unsubscribe request by mail) → unsubscribed; `ManuallyDeactivated`, `SMTPApiError`,
-//! `TemplateRenderingFailed` → dropped (never sent); `Subscribe`, `AutoResponder`,
-//! `AddressChange`, `OpenRelayTest`, `InboundError` (not outcomes of the send) → dead letter
-//! `unknown_event_type`. A missing `Type` is read from `TypeCode`.
+//! Bounce classes, by `Type` (Postmark's table): `HardBounce`, `BadEmailAddress` → bounced
+//! hard; `Transient` (a delay) and `DnsError` (a temporary DNS failure) → deferred: Postmark
+//! keeps trying, nothing has bounced; `SoftBounce`, `SpamNotification`, `Unknown`,
+//! `VirusNotification`, `ChallengeVerification`, `Unconfirmed`, `Blocked`, `DMARCPolicy` →
+//! bounced soft (the address is not known to be dead); `SpamComplaint` → complained;
+//! `Unsubscribe` (an unsubscribe request by mail) → unsubscribed; `ManuallyDeactivated`,
+//! `SMTPApiError`, `TemplateRenderingFailed` → dropped (never sent); `Subscribe`,
+//! `AutoResponder`, `AddressChange`, `OpenRelayTest`, `InboundError` (not outcomes of the
+//! send) → dead letter `unknown_event_type`. A missing `Type` is read from `TypeCode`.
 //!
-//! Postmark has no event id, so an event is keyed on its content: `RecordType`,
-//! `MessageID`, the record's own time field, the recipient and the URL.
+//! SubscriptionChange: Postmark sends one after every hard bounce and spam complaint (its own
+//! suppression of the address), on top of the Bounce or SpamComplaint record that reports
+//! the event. Storing both would count one bounce twice, so only a recipient's own
+//! suppression is an event; the others are kept as `suppression_notice` dead letters and move
+//! nothing (a suppression by the sender, `Origin` `Customer`, or by Postmark, `Admin`, is not
+//! the recipient unsubscribing either).
+//!
+//! Retries: no signature, so no time window (basic auth on every request). Postmark's
+//! current schedule retries 5xx, 408, 429 and timeouts only (9 retries over about 72
+//! minutes); earlier it retried any non-200 but 403 over about 10.5 hours. Either way a 401
+//! (a wrong `REACHLY_POSTMARK_BASIC_AUTH`) loses the event. Body limit [`MAX_BODY_BYTES`]: one
+//! record per request ("Include bounce content" must stay off).
+//!
+//! Dedup key: Postmark sends no event id (its `ID` exists on bounces only), so a record is
+//! keyed on its content: `RecordType`, `MessageID`, the record's own time field, the
+//! recipient, the URL, the bounce `Type`, `TypeCode` and `ID`, and the client's user agent
+//! and address. A re-delivery repeats every field, so it is caught; two real records of one
+//! message differ in their time, their bounce ID or type, or their client (two opens of one
+//! second from two devices). A record without its time field (a real `Unsubscribe` bounce
+//! has no `BouncedAt`) is stored at its arrival and deduplicated on the key alone
+//! (`undated`), so its re-delivery, arriving later, is still one row.
 
 use std::sync::Arc;
 
@@ -41,12 +62,15 @@ use serde_json::Value;
 
 use super::auth::basic_auth_ok;
 use super::extract::{header_message_id, json_body, json_str, json_time};
-use super::records::{Engagement, Facts, Metadata, content_key};
+use super::records::{DeadReason, Engagement, Facts, Metadata, content_key};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
+
+/// Largest body read. One record per request. "Include bounce content" adds the full bounce message and must stay off (docs/providers.md).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 const SOURCE: Source = Source::Postmark;
 
@@ -75,6 +99,10 @@ pub fn from_config(
 impl Provider for Postmark {
     fn source(&self) -> Source {
         SOURCE
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(
@@ -137,9 +165,10 @@ const TYPE_CODES: &[(i64, &str)] = &[
 fn bounce_type(name: &str) -> Option<(EventType, Option<BounceClass>)> {
     let t = match name {
         "HardBounce" | "BadEmailAddress" => (EventType::Bounced, Some(BounceClass::Hard)),
-        "Transient"
-        | "DnsError"
-        | "SoftBounce"
+        // Postmark keeps trying after these: "Transient" is a delay, "DnsError" a temporary
+        // DNS failure. Nothing has bounced yet.
+        "Transient" | "DnsError" => (EventType::Deferred, None),
+        "SoftBounce"
         | "SpamNotification"
         | "Unknown"
         | "VirusNotification"
@@ -175,7 +204,7 @@ struct Kind {
     recipient_field: &'static str,
 }
 
-fn classify(rec: &Value) -> Result<Kind, String> {
+fn classify(rec: &Value) -> Result<Kind, (String, DeadReason)> {
     let record_type = json_str(rec, "RecordType").unwrap_or("");
     let kind = |event_type, bounce_class, time_field, recipient_field| Kind {
         event_type,
@@ -199,25 +228,37 @@ fn classify(rec: &Value) -> Result<Kind, String> {
             let name = name.unwrap_or_default();
             bounce_type(&name)
                 .map(|(t, c)| kind(t, c, "BouncedAt", "Email"))
-                .ok_or_else(|| format!("Bounce/{name}"))
+                .ok_or_else(|| (format!("Bounce/{name}"), DeadReason::UnknownEventType))
         }
         "SubscriptionChange" => {
             let reason = json_str(rec, "SuppressionReason").unwrap_or("");
-            let mapped = match (suppress_sending(rec), reason) {
-                (Some(true), "HardBounce") => Some((EventType::Bounced, Some(BounceClass::Hard))),
-                (Some(true), "SpamComplaint") => Some((EventType::Complained, None)),
-                (Some(true), "ManualSuppression") => Some((EventType::Unsubscribed, None)),
-                _ => None,
-            };
-            match mapped {
-                Some((t, c)) => Ok(kind(t, c, "ChangedAt", "Recipient")),
-                None if suppress_sending(rec) == Some(false) => {
-                    Err("SubscriptionChange/reactivated".into())
-                }
-                None => Err(format!("SubscriptionChange/{reason}")),
+            let origin = json_str(rec, "Origin").unwrap_or("");
+            match (suppress_sending(rec), reason, origin) {
+                // The recipient's own unsubscribe (a link, a List-Unsubscribe).
+                (Some(true), "ManualSuppression", "Recipient") => Ok(kind(
+                    EventType::Unsubscribed,
+                    None,
+                    "ChangedAt",
+                    "Recipient",
+                )),
+                // Postmark's suppression after a hard bounce or a complaint, which its Bounce
+                // or SpamComplaint record reports; or a suppression by the sender or
+                // Postmark, which is not the recipient's choice.
+                (Some(true), _, _) => Err((
+                    format!("SubscriptionChange/{reason}"),
+                    DeadReason::SuppressionNotice,
+                )),
+                (Some(false), _, _) => Err((
+                    "SubscriptionChange/reactivated".into(),
+                    DeadReason::UnknownEventType,
+                )),
+                _ => Err((
+                    format!("SubscriptionChange/{reason}"),
+                    DeadReason::UnknownEventType,
+                )),
             }
         }
-        other => Err(other.to_owned()),
+        other => Err((other.to_owned(), DeadReason::UnknownEventType)),
     }
 }
 
@@ -242,10 +283,11 @@ fn facts<'a>(rec: &'a Value, raw: &str) -> Facts<'a> {
     let record_type = json_str(rec, "RecordType").unwrap_or("");
     let kind = match classify(rec) {
         Ok(k) => k,
-        Err(name) => {
+        Err((name, reason)) => {
             // Unknown records have no known time field: key the whole record.
             return Facts {
                 kind: Some(name.into()),
+                unmapped: Some(reason),
                 key: Some(content_key(SOURCE, &["dead_letter", raw])),
                 ..Facts::default()
             };
@@ -263,6 +305,15 @@ fn facts<'a>(rec: &'a Value, raw: &str) -> Facts<'a> {
             &ts_raw,
             json_str(rec, kind.recipient_field).unwrap_or(""),
             json_str(rec, "OriginalLink").unwrap_or(""),
+            // Two bounces of one message at one time differ in their type and Postmark's
+            // bounce ID; two opens or clicks of one second, in their client.
+            json_str(rec, "Type").unwrap_or(""),
+            &rec.get("TypeCode")
+                .map(Value::to_string)
+                .unwrap_or_default(),
+            &rec.get("ID").map(Value::to_string).unwrap_or_default(),
+            json_str(rec, "UserAgent").unwrap_or(""),
+            rec.get("Geo").and_then(|g| json_str(g, "IP")).unwrap_or(""),
         ],
     );
     let metadata_ids = rec.get("Metadata").filter(|m| m.is_object());

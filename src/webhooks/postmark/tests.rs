@@ -42,9 +42,31 @@ fn check(e: &Event, typ: EventType, msg: &str, at: &str, key: [&str; 5]) {
         Some(ORG)
     );
     assert_eq!(e.occurred_at, t(at));
+    // Then what tells apart two records of one message and time: bounce type, type code and
+    // bounce ID, the client's user agent and address (as the fixture has them, parsed).
+    let text = |k: &str| match e.metadata.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    };
+    let (typ, code, id) = (
+        text("bounce_type"),
+        text("bounce_type_code"),
+        text("bounce_id"),
+    );
+    let ua = e.user_agent.clone().unwrap_or_default();
+    let ip = e.ip_address.clone().unwrap_or_default();
+    let mut parts: Vec<&str> = key.to_vec();
+    parts.extend([
+        typ.as_str(),
+        code.as_str(),
+        id.as_str(),
+        ua.as_str(),
+        ip.as_str(),
+    ]);
     assert_eq!(
         e.dedup_key.as_deref(),
-        Some(content_key(SOURCE, &key).as_str())
+        Some(content_key(SOURCE, &parts).as_str())
     );
     assert_eq!(e.source, Source::Postmark);
 }
@@ -150,22 +172,39 @@ async fn documented_records_map_to_exactly_these_events() {
         ],
     );
 
-    let e = event(one("postmark/subscription-change.json").await);
+    // The documented SubscriptionChange is Postmark's suppression after a hard bounce: the
+    // Bounce record carries the event, so this one is kept as a dead letter.
+    match one("postmark/subscription-change.json").await {
+        Record::DeadLetter(d) => {
+            assert_eq!(d.reason, "suppression_notice");
+            assert_eq!(
+                d.event_type.as_deref(),
+                Some("SubscriptionChange/HardBounce")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // A recipient's own suppression (captured by django-anymail) is an unsubscribe.
+    let e = event(one("postmark/subscription-change-manual.json").await);
     check(
         &e,
-        EventType::Bounced,
+        EventType::Unsubscribed,
         M_UNSUB,
-        "2020-02-01T10:53:34.416071Z",
+        "2022-06-05T17:17:32Z",
         [
             "SubscriptionChange",
-            PM_ID,
-            "\"2020-02-01T10:53:34.416071Z\"",
-            "bounced-address@wildbit.com",
+            "a4909a96-73d7-4c49-b148-a54522d3f7ac",
+            "\"2022-06-05T17:17:32Z\"",
+            "john@example.com",
             "",
         ],
     );
-    assert_eq!(e.bounce_class, Some(BounceClass::Hard));
-    assert_eq!(e.metadata["suppression_reason"], "HardBounce");
+    assert_eq!(e.metadata["suppression_reason"], "ManualSuppression");
+    assert!(!e.undated);
+    // A real Bounce without BouncedAt: stored at its arrival, deduplicated on its key alone.
+    let e = event(one("postmark/bounce-unsubscribe-no-time.json").await);
+    assert_eq!(e.event_type, EventType::Unsubscribed);
+    assert!(e.undated);
 
     // The documented example as is (its Metadata has no Reachly ids): a dead letter.
     match one("postmark/delivery-uncorrelated.json").await {
@@ -183,6 +222,11 @@ async fn documented_records_map_to_exactly_these_events() {
                     PM_ID,
                     "\"2019-11-05T16:33:54.9070259Z\"",
                     "john@example.com",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
                     "",
                 ],
             );
@@ -219,14 +263,8 @@ fn every_bounce_type_of_postmarks_table_has_a_mapping() {
             "SoftBounce",
             Some((EventType::Bounced, Some(BounceClass::Soft))),
         ),
-        (
-            "Transient",
-            Some((EventType::Bounced, Some(BounceClass::Soft))),
-        ),
-        (
-            "DnsError",
-            Some((EventType::Bounced, Some(BounceClass::Soft))),
-        ),
+        ("Transient", Some((EventType::Deferred, None))),
+        ("DnsError", Some((EventType::Deferred, None))),
         (
             "Blocked",
             Some((EventType::Bounced, Some(BounceClass::Soft))),
@@ -297,11 +335,27 @@ fn subscription_changes_headers_and_scanners() {
         map(&unsub),
         Ok((EventType::Unsubscribed, M_UNSUB.into(), None))
     );
-    let complaint = with(
-        "postmark/subscription-change.json",
-        serde_json::json!({"SuppressionReason": "SpamComplaint"}),
-    );
-    assert_eq!(map(&complaint).map(|x| x.0), Ok(EventType::Complained));
+    // Postmark's own suppression after a complaint or a hard bounce, or one by the sender:
+    // the SpamComplaint or Bounce record carries the event; this moves nothing.
+    for (reason, origin) in [
+        ("SpamComplaint", "Recipient"),
+        ("HardBounce", "Recipient"),
+        ("ManualSuppression", "Customer"),
+        ("ManualSuppression", "Admin"),
+    ] {
+        let notice = with(
+            "postmark/subscription-change.json",
+            serde_json::json!({"SuppressionReason": reason, "Origin": origin}),
+        );
+        assert_eq!(
+            map(&notice),
+            Err((
+                "suppression_notice".into(),
+                Some(format!("SubscriptionChange/{reason}"))
+            )),
+            "{reason} {origin}"
+        );
+    }
     let reactivated = with(
         "postmark/subscription-change.json",
         serde_json::json!({"SuppressSending": false, "SuppressionReason": null}),

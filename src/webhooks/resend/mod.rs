@@ -22,12 +22,26 @@
 //! | `email.delivered` | delivered |
 //! | `email.delivery_delayed` | deferred |
 //! | `email.complained` | complained |
-//! | `email.bounced` | bounced (`bounce.type` `Permanent` hard, anything else soft) |
+//! | `email.bounced` | bounced (`bounce.type` `Permanent` hard, any other type soft; no type: read from `bounce.message`, below) |
 //! | `email.opened` | opened |
 //! | `email.clicked` | clicked (`click.link` → `link_url`) |
 //! | `email.failed`, `email.suppressed` | dropped (Resend never handed the message to the recipient's server) |
 //! | anything else (`email.scheduled`, `email.received`, `contact.*`, `domain.*`, ...) | dead letter `unknown_event_type` |
-
+//!
+//! Bounce classes: `bounce.type` `Permanent` → hard (its sub-types General, NoEmail,
+//! Suppressed: the address is dead or has a history of hard bounces); `Transient`,
+//! `Temporary`, `Undetermined` → soft. An `email.bounced` without `bounce.type` (the shape of
+//! real payloads in 2023: only `bounce.message`) is read from its text: "suppressed sending"
+//! (Resend refused, never attempted) → dropped; "hard bounce" → hard; anything else → soft.
+//!
+//! Retries and window: Svix retries any non-2xx immediately, then after 5 s, 5 min, 30 min,
+//! 2 h, 5 h, 10 h and 10 h (about 27.5 h). Every attempt is signed afresh (`svix-timestamp` is
+//! the attempt's time: django-anymail notes it changes on every repost), so the 5-minute
+//! window ([`TIMESTAMP_TOLERANCE_SECS`]) loses no retry. Body limit [`MAX_BODY_BYTES`].
+//!
+//! Dedup key: `svix-id`, the same on every attempt and distinct for every event, so a
+//! re-delivery is caught and two events never share a key. An event without `created_at`
+//! is stored at its arrival and deduplicated on the key alone (`undated`).
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -36,7 +50,7 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 
 use super::extract::{obj_at, require_json, rfc3339, str_at};
-use super::records::{Engagement, EventTable, Facts, Metadata, id_key, lookup};
+use super::records::{Engagement, EventTable, Facts, Mapped, Metadata, id_key, lookup};
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
 };
@@ -50,6 +64,9 @@ pub const TIMESTAMP_TOLERANCE_SECS: i64 = 5 * 60;
 
 /// Longest `svix-signature` header looked at (a handful of `v1,<44 chars>` entries).
 const MAX_SIGNATURE_HEADER_BYTES: usize = 4096;
+
+/// Largest body read. One event per request (Svix).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 pub struct Resend {
     /// The HMAC key: the base64-decoded part of `whsec_<base64>`.
@@ -141,6 +158,10 @@ impl Provider for Resend {
         Source::Resend
     }
 
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
+    }
+
     fn verify<'a>(
         &'a self,
         req: &'a WebhookRequest<'a>,
@@ -204,6 +225,30 @@ fn tag<'a>(data: Option<&'a Map<String, Value>>, name: &str) -> Option<&'a str> 
     }
 }
 
+/// An `email.bounced`: by `bounce.type` (`Permanent` hard; `Transient`, `Temporary`,
+/// `Undetermined` soft). Real payloads of 2023 carry no type, only `bounce.message`
+/// (captured by django-anymail): read as django-anymail reads it, "suppressed" (Resend
+/// refused to send to a suppressed address: never attempted) is a drop, "hard bounce" is
+/// hard, anything else soft, so a contact is never suppressed on a guess.
+fn bounce_outcome(bounce_type: Option<&str>, message: Option<&str>) -> Mapped {
+    let hard = (EventType::Bounced, Some(BounceClass::Hard));
+    let soft = (EventType::Bounced, Some(BounceClass::Soft));
+    match bounce_type {
+        Some(t) if t.eq_ignore_ascii_case("permanent") => hard,
+        Some(_) => soft,
+        None => {
+            let text = message.unwrap_or("").to_ascii_lowercase();
+            if text.contains("suppress") {
+                (EventType::Dropped, None)
+            } else if text.contains("hard bounce") {
+                hard
+            } else {
+                soft
+            }
+        }
+    }
+}
+
 /// What the request's one event says; `key` is its `svix-id` key.
 fn facts<'a>(obj: &'a Map<String, Value>, kind: &'a str, key: String) -> Facts<'a> {
     let data = obj_at(Some(obj), "data");
@@ -221,12 +266,7 @@ fn facts<'a>(obj: &'a Map<String, Value>, kind: &'a str, key: String) -> Facts<'
         Some(EventType::Bounced) => {
             let bounce = obj_at(data, "bounce");
             let bounce_type = str_at(bounce, "type");
-            let class = if bounce_type == Some("Permanent") {
-                BounceClass::Hard
-            } else {
-                BounceClass::Soft
-            };
-            mapped = Some((EventType::Bounced, Some(class)));
+            mapped = Some(bounce_outcome(bounce_type, str_at(bounce, "message")));
             let diagnostic: Vec<&str> = bounce
                 .and_then(|b| b.get("diagnosticCode"))
                 .map(|d| match d {

@@ -65,6 +65,7 @@ impl Req {
             headers: &self.headers,
             body: &self.body,
             received_at: self.at,
+            replay: crate::webhooks::MemoryReplayStore::shared(),
         }
     }
 }
@@ -468,4 +469,35 @@ fn kept_text_is_bounded_and_nul_free() {
     assert_eq!(e.metadata["bounce_sub_type"], "Supp\u{FFFD}ressed");
     let diag = e.metadata["diagnostic_code"].as_str().unwrap();
     assert!(diag.len() <= crate::event::MAX_TEXT_BYTES && diag.len() > 4000);
+}
+
+#[test]
+fn a_bounce_without_a_type_is_read_from_its_message() {
+    use crate::event::BounceClass;
+    let hard = "The recipient's email provider sent a hard bounce message, but didn't specify the reason for the hard bounce.";
+    let suppressed = "Resend has suppressed sending to this address because it is on the account-level suppression list.";
+    assert_eq!(
+        bounce_outcome(None, Some(hard)),
+        (EventType::Bounced, Some(BounceClass::Hard))
+    );
+    assert_eq!(
+        bounce_outcome(None, Some(suppressed)),
+        (EventType::Dropped, None)
+    );
+    assert_eq!(
+        bounce_outcome(None, Some("The recipient's inbox was full.")),
+        (EventType::Bounced, Some(BounceClass::Soft))
+    );
+    assert_eq!(
+        bounce_outcome(None, None),
+        (EventType::Bounced, Some(BounceClass::Soft))
+    );
+    assert_eq!(
+        bounce_outcome(Some("Permanent"), Some(suppressed)),
+        (EventType::Bounced, Some(BounceClass::Hard))
+    );
+    assert_eq!(
+        bounce_outcome(Some("Transient"), Some(hard)),
+        (EventType::Bounced, Some(BounceClass::Soft))
+    );
 }

@@ -13,8 +13,8 @@
 //! | `processed` | sent | |
 //! | `delivered` | delivered | `response` kept |
 //! | `deferred` | deferred | `response` is the error message |
-//! | `bounce`, `type` = `bounce` (or absent) | bounced, hard | "permanent delivery denial" |
-//! | `bounce`, `type` = `blocked`; legacy `blocked` | bounced, soft | "temporary delivery denial" |
+//! | `bounce` | bounced, class below | |
+//! | legacy `blocked` | bounced, soft | "temporary delivery denial" |
 //! | `dropped` | dropped | `reason` is the error message |
 //! | `open` | opened | `sg_machine_open: true` → machine `sendgrid_machine_open` |
 //! | `click` | clicked | `url` → `link_url` |
@@ -22,12 +22,33 @@
 //! | `unsubscribe`, `group_unsubscribe` | unsubscribed | |
 //! | `group_resubscribe`, `account_status_change`, anything else | dead letter `unknown_event_type` | a resubscribe cannot re-activate a contact (SPEC: never back to active here) |
 //!
-//! Choices: the timestamp header must be within [`TIMESTAMP_TOLERANCE_SECS`] (10 minutes)
-//! of the arrival time, either way, so a captured request cannot be replayed later.
-//! `sg_event_id` is not stable (SendGrid re-sends an event with a new one), so an event is
-//! keyed on its content (message, event, bounce type, timestamp, URL, `sg_message_id`) and
-//! `sg_event_id` is only kept in metadata. The bounce `type` is part of the key because
-//! SendGrid's own examples show a bounce and a block that differ in nothing else.
+//! Bounce classes (only an invalid address is hard; a wrong hard bounce suppresses a contact
+//! forever):
+//!
+//! | `type` | `bounce_classification` | class |
+//! | --- | --- | --- |
+//! | `blocked` | any | soft |
+//! | any other, or none | `Invalid Address` | hard |
+//! | any other, or none | Reputation, Content, Technical, Frequency or Volume, Mailbox Unavailable, Unclassified, unknown | soft |
+//! | `bounce` | none (events from before classifications) | hard (SendGrid: "permanent delivery denial") |
+//! | missing or unknown | none | soft |
+//!
+//! Retries and window: SendGrid retries any non-2xx "at increasing intervals for up to 24
+//! hours after the event occurs"; it does not document whether a retry is signed again, so
+//! a signed timestamp up to [`MAX_SIGNATURE_AGE_SECS`] old (24 h 15 min) or
+//! [`MAX_SIGNATURE_AHEAD_SECS`] ahead is accepted. The wide window gives a replayer nothing:
+//! the signature covers the body, and a replayed body's events are already stored under the
+//! same keys. Body limit [`MAX_BODY_BYTES`]: SendGrid posts batches of up to 768 KB.
+//!
+//! Dedup key: `sg_event_id` is not stable (SendGrid re-sends an event with a new one), so an
+//! event is keyed on its content: message, event, bounce `type`, timestamp, URL,
+//! `sg_message_id`, and what tells two real events of one second apart: `ip`, `useragent`,
+//! `sg_machine_open` and the click's `url_offset.index` (two opens of one message in one
+//! second by an image proxy and a person, or a scanner's and a person's click, stay two
+//! rows). A re-delivery repeats all of these, so it is caught; only two events identical in
+//! every field (one client, one second, one link position) merge, and nothing in the payload
+//! could tell them apart. The bounce `type` is in the key because SendGrid's own examples
+//! show a bounce and a block that differ in nothing else. `sg_event_id` is kept in metadata.
 
 use std::sync::Arc;
 
@@ -49,8 +70,15 @@ use crate::event::{BounceClass, EventType, Record, Source};
 
 pub const SIGNATURE_HEADER: &str = "x-twilio-email-event-webhook-signature";
 pub const TIMESTAMP_HEADER: &str = "x-twilio-email-event-webhook-timestamp";
-/// How far the signed timestamp may be from the arrival time, either way.
-pub const TIMESTAMP_TOLERANCE_SECS: i64 = 10 * 60;
+/// Oldest signed timestamp accepted: SendGrid retries "at increasing intervals for up to 24
+/// hours after the event occurs" and does not document whether a retry is signed again, so
+/// the window is the whole schedule plus 15 minutes of clock skew.
+pub const MAX_SIGNATURE_AGE_SECS: i64 = 24 * 3600 + 15 * 60;
+/// Clock skew tolerated the other way.
+pub const MAX_SIGNATURE_AHEAD_SECS: i64 = 15 * 60;
+
+/// Largest body read. Batches are posted "every 30 seconds or when the batch size reaches 768 KB"; the event that crosses the mark is still in the batch.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 const SOURCE: Source = Source::Sendgrid;
 
@@ -114,7 +142,8 @@ fn check_fresh(timestamp: &str, now: DateTime<Utc>) -> Result<(), WebhookError> 
         .trim()
         .parse()
         .map_err(|_| WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
-    if (now.timestamp() - ts).abs() > TIMESTAMP_TOLERANCE_SECS {
+    let age = now.timestamp() - ts;
+    if age > MAX_SIGNATURE_AGE_SECS || -age > MAX_SIGNATURE_AHEAD_SECS {
         return Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp));
     }
     Ok(())
@@ -137,6 +166,10 @@ impl SendGrid {
 impl Provider for SendGrid {
     fn source(&self) -> Source {
         SOURCE
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(
@@ -165,15 +198,19 @@ impl Provider for SendGrid {
 }
 
 /// SendGrid's event name (and bounce `type`) to a SPEC type and bounce class.
-fn map_type(event: &str, bounce_type: Option<&str>) -> Option<(EventType, Option<BounceClass>)> {
+fn map_type(
+    event: &str,
+    bounce_type: Option<&str>,
+    classification: Option<&str>,
+) -> Option<(EventType, Option<BounceClass>)> {
     let t = match event.to_ascii_lowercase().as_str() {
         "processed" => (EventType::Sent, None),
         "delivered" => (EventType::Delivered, None),
         "deferred" => (EventType::Deferred, None),
-        "bounce" => match bounce_type.map(str::to_ascii_lowercase).as_deref() {
-            Some("blocked") => (EventType::Bounced, Some(BounceClass::Soft)),
-            _ => (EventType::Bounced, Some(BounceClass::Hard)),
-        },
+        "bounce" => (
+            EventType::Bounced,
+            Some(bounce_class(bounce_type, classification)),
+        ),
         "blocked" => (EventType::Bounced, Some(BounceClass::Soft)),
         "dropped" => (EventType::Dropped, None),
         "open" => (EventType::Opened, None),
@@ -183,6 +220,27 @@ fn map_type(event: &str, bounce_type: Option<&str>) -> Option<(EventType, Option
         _ => return None,
     };
     Some(t)
+}
+
+/// A `bounce`'s class. Hard only when the address is invalid: `bounce_classification`
+/// "Invalid Address", or (events from before classifications) `type` `bounce`, which SendGrid
+/// defines as a permanent denial. A `blocked` type, every other classification (Reputation,
+/// Content, Technical, Frequency or Volume, Mailbox Unavailable, Unclassified) and a missing
+/// or unknown type are soft: a wrong hard bounce suppresses a contact forever.
+fn bounce_class(bounce_type: Option<&str>, classification: Option<&str>) -> BounceClass {
+    let bounce_type = bounce_type.map(str::to_ascii_lowercase);
+    if bounce_type.as_deref() == Some("blocked") {
+        return BounceClass::Soft;
+    }
+    let hard = match classification.map(|c| c.trim().to_ascii_lowercase()) {
+        Some(c) => c == "invalid address",
+        None => bounce_type.as_deref() == Some("bounce"),
+    };
+    if hard {
+        BounceClass::Hard
+    } else {
+        BounceClass::Soft
+    }
 }
 
 /// SendGrid fields kept in `metadata` (SendGrid name, our name).
@@ -237,6 +295,17 @@ fn facts(ev: &Value) -> Facts<'_> {
             json_str(ev, "email").unwrap_or(""),
         ],
     );
+    // What tells apart two real events of one message in one second: the client (address,
+    // user agent, SendGrid's machine-open flag) and, for clicks, the link's position.
+    let machine_open = match ev.get("sg_machine_open") {
+        Some(Value::Bool(b)) => b.to_string(),
+        _ => String::new(),
+    };
+    let url_index = ev
+        .get("url_offset")
+        .and_then(|o| o.get("index"))
+        .map(Value::to_string)
+        .unwrap_or_default();
     // The event's key names the message as parsed (a malformed id is a dead letter anyway).
     let key = message_raw
         .and_then(|m| uuid::Uuid::parse_str(m).ok())
@@ -250,10 +319,14 @@ fn facts(ev: &Value) -> Facts<'_> {
                     &ts_raw,
                     url,
                     sg_message_id,
+                    json_str(ev, "ip").unwrap_or(""),
+                    json_str(ev, "useragent").unwrap_or(""),
+                    &machine_open,
+                    &url_index,
                 ],
             )
         });
-    let mapped = kind.and_then(|k| map_type(k, bounce_type));
+    let mapped = kind.and_then(|k| map_type(k, bounce_type, json_str(ev, "bounce_classification")));
     let mut metadata = Metadata::default();
     metadata.keep(Some(ev), KEPT);
     let mut engagement = Engagement::default();

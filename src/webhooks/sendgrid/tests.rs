@@ -25,8 +25,13 @@ fn signed(sk: &SigningKey, body: &[u8]) -> TestRequest {
         .header(SIGNATURE_HEADER, &sign(sk, &ts, body))
 }
 
+/// The key of an event without client data (no address, user agent, machine flag or link
+/// position).
 fn key_of(message: &str, event: &str, typ: &str, ts: &str, url: &str, sg_msg: &str) -> String {
-    content_key(SOURCE, &[message, event, typ, ts, url, sg_msg])
+    content_key(
+        SOURCE,
+        &[message, event, typ, ts, url, sg_msg, "", "", "", ""],
+    )
 }
 
 const SG_MSG: &str = "14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.0";
@@ -111,13 +116,20 @@ async fn documented_events_map_to_exactly_these_records() {
     assert_eq!(
         ev[4].dedup_key.as_deref(),
         Some(
-            key_of(
-                M_ENGAGED,
-                "click",
-                "",
-                "1249948800",
-                "http://example.com/blog/news.html",
-                "sendgrid_internal_message_id"
+            content_key(
+                SOURCE,
+                &[
+                    M_ENGAGED,
+                    "click",
+                    "",
+                    "1249948800",
+                    "http://example.com/blog/news.html",
+                    "sendgrid_internal_message_id",
+                    "255.255.255.255",
+                    "Mozilla/5.0 (iPhone; CPU iPhone OS 7_1_2 like Mac OS X) AppleWebKit/537.51.2 (KHTML, like Gecko) Version/7.0 Mobile/11D257 Safari/9537.53",
+                    "",
+                    "0",
+                ]
             )
             .as_str()
         )
@@ -346,8 +358,9 @@ async fn tampered_body_wrong_key_missing_headers_and_stale_time_are_unauthorized
         Err(WebhookError::Unauthorized(_))
     ));
 
-    // Correctly signed, but eleven minutes old (or ahead): refused.
-    for skew in [-11 * 60, 11 * 60] {
+    // Correctly signed, but past the 24-hour retry schedule plus skew (or 16 minutes
+    // ahead): refused.
+    for skew in [-(24 * 3600 + 16 * 60), 16 * 60] {
         let now = Utc::now();
         let ts = (now.timestamp() + skew).to_string();
         let stale = TestRequest::post("sendgrid", body.clone())
@@ -445,4 +458,25 @@ fn from_config_needs_a_valid_p256_key_and_is_absent_without_one() {
     let mut cfg = no_secrets();
     cfg.sendgrid_public_key = Some(Secret::new(pem));
     assert!(from_config(&cfg, &no_network()).expect("valid").is_some());
+}
+
+#[test]
+fn only_an_invalid_address_is_a_hard_bounce() {
+    use BounceClass::{Hard, Soft};
+    for (typ, class, want) in [
+        (Some("bounce"), Some("Invalid Address"), Hard),
+        (Some("bounce"), None, Hard),
+        (None, Some("invalid address"), Hard),
+        (Some("bounce"), Some("Reputation"), Soft),
+        (Some("bounce"), Some("Content"), Soft),
+        (Some("bounce"), Some("Technical"), Soft),
+        (Some("bounce"), Some("Frequency or Volume"), Soft),
+        (Some("bounce"), Some("Mailbox Unavailable"), Soft),
+        (Some("bounce"), Some("Unclassified"), Soft),
+        (Some("blocked"), Some("Invalid Address"), Soft),
+        (None, None, Soft),
+        (Some("new-type"), None, Soft),
+    ] {
+        assert_eq!(bounce_class(typ, class), want, "{typ:?} {class:?}");
+    }
 }

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use crate::event::{BounceClass, EventType, Record, Source};
 use crate::machine::MachineDetector;
 use crate::webhooks::extract::{header_message_id, obj_at, rfc3339, str_at};
-use crate::webhooks::records::{DeadReason, Engagement, Facts, Metadata, Part};
+use crate::webhooks::records::{DeadReason, Engagement, Facts, Metadata, Part, content_key};
 
 /// `mail.tags[name]`: event publishing gives an array of strings per tag.
 fn mail_tag<'a>(mail: Option<&'a Map<String, Value>>, name: &str) -> Option<&'a str> {
@@ -28,6 +28,48 @@ fn mail_header(mail: Option<&Map<String, Value>>) -> Option<&str> {
         let h = h.as_object()?;
         Some((h.get("name")?.as_str()?, h.get("value")?.as_str()?))
     }))
+}
+
+/// The dedup key of one SES event: the SES message, the event kind, the recipient, the
+/// event's own time, and what tells two opens or clicks of one instant apart. Not the SNS
+/// `MessageId`: the same bounce published by a configuration set and notified to the
+/// identity arrives as two SNS messages, and must be one row.
+pub(super) fn ses_key(
+    mail_id: &str,
+    kind: &str,
+    recipient: &str,
+    at: &str,
+    extra: &[&str],
+) -> String {
+    let mut parts = vec![mail_id, kind, recipient, at];
+    parts.extend_from_slice(extra);
+    content_key(Source::Ses, &parts)
+}
+
+/// A recipient's address: a string (delivery `recipients`) or `emailAddress` of an object.
+fn address(item: Option<&Value>) -> &str {
+    match item {
+        Some(Value::String(s)) => s.trim(),
+        Some(Value::Object(o)) => o
+            .get("emailAddress")
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .unwrap_or(""),
+        _ => "",
+    }
+}
+
+/// `emailAddress` of a recipient object.
+fn email_of(r: Option<&Map<String, Value>>) -> &str {
+    str_at(r, "emailAddress").unwrap_or("")
+}
+
+/// The addresses of a recipients list (at least one slot).
+fn addresses<'a>(detail: Option<&'a Map<String, Value>>, field: &str) -> Vec<&'a str> {
+    match detail.and_then(|d| d.get(field)).and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => list.iter().map(|r| address(Some(r))).collect(),
+        _ => vec![""],
+    }
 }
 
 /// The recipients list of a bounce, complaint, delivery or delay (at least one slot, so a
@@ -87,11 +129,31 @@ fn facts<'a>(
             .and_then(rfc3339)
             .or_else(|| str_at(mail, "timestamp").and_then(rfc3339))
     };
+    // Keys on the SES event itself, when SES names its message (else the SNS MessageId's).
+    let mail_id = str_at(mail, "messageId");
+    fn time_text<'m>(
+        detail: Option<&'m Map<String, Value>>,
+        mail: Option<&'m Map<String, Value>>,
+    ) -> &'m str {
+        str_at(detail, "timestamp")
+            .or_else(|| str_at(mail, "timestamp"))
+            .unwrap_or("")
+    }
+    let key_for = |detail: Option<&Map<String, Value>>, recipient: &str, extra: &[&str]| {
+        mail_id.map(|m| ses_key(m, kind, recipient, time_text(detail, mail), extra))
+    };
+    // Events of the whole message (no recipient list): one key.
+    let whole = |f: &mut Facts<'a>, detail: Option<&Map<String, Value>>, extra: &[&str]| {
+        if let Some(k) = key_for(detail, "", extra) {
+            f.key = Some(k);
+        }
+    };
     let one = |f: Facts<'a>| (f, Vec::new());
     match kind {
         "Send" => {
             f.mapped = Some((EventType::Sent, None));
             f.occurred_at = at(None);
+            whole(&mut f, None, &[]);
             one(f)
         }
         "Delivery" => {
@@ -100,9 +162,12 @@ fn facts<'a>(
             f.occurred_at = at(d);
             f.metadata.text("smtp_response", str_at(d, "smtpResponse"));
             f.metadata.text("reporting_mta", str_at(d, "reportingMTA"));
-            let parts = recipients(d, "recipients")
-                .iter()
-                .map(|_| Part::default())
+            let parts = addresses(d, "recipients")
+                .into_iter()
+                .map(|r| Part {
+                    key: key_for(d, r, &[]),
+                    ..Part::default()
+                })
                 .collect();
             (f, parts)
         }
@@ -124,6 +189,7 @@ fn facts<'a>(
             let parts = recipients(b, "bouncedRecipients")
                 .into_iter()
                 .map(|r| {
+                    let key = key_for(b, email_of(r), &[]);
                     let diagnostic = str_at(r, "diagnosticCode");
                     let mut metadata = Metadata::default();
                     metadata.text("diagnostic_code", diagnostic);
@@ -140,6 +206,7 @@ fn facts<'a>(
                     Part {
                         error: Some(error),
                         metadata,
+                        key,
                     }
                 })
                 .collect();
@@ -159,9 +226,21 @@ fn facts<'a>(
             // The feedback loop's agent, not a person's browser: metadata only.
             f.metadata
                 .text("feedback_user_agent", str_at(c, "userAgent"));
+            // A feedback report saying "not spam" is no complaint.
+            if str_at(c, "complaintFeedbackType")
+                .is_some_and(|t| t.eq_ignore_ascii_case("not-spam"))
+            {
+                f.mapped = None;
+                f.unmapped = Some(DeadReason::NotAComplaint);
+                whole(&mut f, c, &[]);
+                return one(f);
+            }
             let parts = recipients(c, "complainedRecipients")
-                .iter()
-                .map(|_| Part::default())
+                .into_iter()
+                .map(|r| Part {
+                    key: key_for(c, email_of(r), &[]),
+                    ..Part::default()
+                })
                 .collect();
             (f, parts)
         }
@@ -181,6 +260,7 @@ fn facts<'a>(
                     metadata.text("diagnostic_code", diagnostic);
                     metadata.text("status", str_at(r, "status"));
                     Part {
+                        key: key_for(d, email_of(r), &[]),
                         error: Some(
                             diagnostic
                                 .or(delay_type)
@@ -198,6 +278,7 @@ fn facts<'a>(
             f.mapped = Some((EventType::Dropped, None));
             f.occurred_at = at(None);
             f.metadata.text("reason", reason);
+            whole(&mut f, None, &[]);
             f.error = Some(match reason {
                 Some(r) => format!("rejected by SES: {r}"),
                 None => "rejected by SES".to_owned(),
@@ -210,6 +291,7 @@ fn facts<'a>(
             f.occurred_at = at(None);
             f.metadata
                 .text("template_name", str_at(failure, "templateName"));
+            whole(&mut f, None, &[]);
             f.error = Some(
                 str_at(failure, "errorMessage")
                     .unwrap_or("template rendering failed")
@@ -226,6 +308,15 @@ fn facts<'a>(
             let action = obj_at(Some(obj), field);
             f.mapped = Some((t, None));
             f.occurred_at = at(action);
+            whole(
+                &mut f,
+                action,
+                &[
+                    str_at(action, "ipAddress").unwrap_or(""),
+                    str_at(action, "userAgent").unwrap_or(""),
+                    str_at(action, "link").unwrap_or(""),
+                ],
+            );
             f.engagement = Engagement {
                 ip: str_at(action, "ipAddress"),
                 user_agent: str_at(action, "userAgent"),
@@ -246,6 +337,7 @@ fn facts<'a>(
                 .and_then(|p| p.get("unsubscribeAll"))
                 .and_then(Value::as_bool)
                 == Some(true);
+            whole(&mut f, s, &[]);
             if all {
                 f.mapped = Some((EventType::Unsubscribed, None));
                 f.occurred_at = at(s);

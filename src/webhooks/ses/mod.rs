@@ -22,28 +22,55 @@
 //!   (Send, Reject, Bounce, Complaint, Delivery, Open, Click, Rendering Failure,
 //!   DeliveryDelay, Subscription records)
 //!
+//! - <https://docs.aws.amazon.com/sns/latest/dg/sns-message-delivery-retries.html> (HTTP/S
+//!   retries: server errors only, at most 3,600 s in all)
+//!
 //! Verification fails closed and makes no outbound request unless everything checkable
-//! locally passed, in this order: content type; the body is an SNS JSON message of a known
-//! `Type`; `TopicArn` is in `REACHLY_SES_TOPIC_ARNS`; `SignatureVersion` is 1 or 2;
-//! `SigningCertURL` is `https://sns.<region>.amazonaws.com/<name>.pem` with `<region>` the
-//! topic's region (no user info, port, query or fragment); a signature is present and base64;
-//! the signed fields are present; `Timestamp` is within [`TIMESTAMP_TOLERANCE_SECS`] of the
-//! request's arrival; for a subscription confirmation, `SubscribeURL` is
+//! locally passed, in this order: not raw message delivery (`x-amz-sns-rawdelivery: true`
+//! means SNS posts the bare SES JSON without its signed envelope: 401, reason
+//! `sns_raw_delivery`; docs/providers.md says to turn it off); content type; the body is an
+//! SNS JSON message of a known `Type`; `TopicArn` is in `REACHLY_SES_TOPIC_ARNS`;
+//! `SignatureVersion` is 1 or 2; `SigningCertURL` is `https://sns.<region>.amazonaws.com/<name>.pem`
+//! (`.amazonaws.com.cn` for the China regions; other partitions are refused when the
+//! configuration is read) with `<region>` the topic's region (no user info, port, query or
+//! fragment); a signature is present and base64; the signed fields are present; `Timestamp`
+//! is at most [`MAX_TIMESTAMP_AGE_SECS`] old and [`MAX_TIMESTAMP_AHEAD_SECS`] ahead; for a
+//! subscription confirmation, `SubscribeURL` is
 //! `https://sns.<region>.amazonaws.com/?Action=ConfirmSubscription&...` for the same topic.
 //! Only then is the certificate fetched through [`HttpsGet`] (cached by URL, at most
-//! [`CERT_CACHE_MAX`] entries; a failed fetch is 503 so SNS retries) and the signature checked.
+//! [`CERT_CACHE_MAX`] entries) and the signature checked. A certificate that cannot be
+//! fetched, or does not parse, is 503: SNS never retries a 4xx, so a 401 there would lose
+//! the event for good.
+//!
+//! Retries and window: SNS retries an HTTP/S delivery only after a 5xx or a connection
+//! failure, for at most 3,600 seconds (a hard limit of every delivery policy), keeping the
+//! message's signed `Timestamp`; a 4xx is final. The window is two hours (that hour, plus
+//! jitter, SNS's own queueing and clock skew). A replay inside it changes nothing: the whole
+//! message is signed, and its events are keyed on their content.
 //!
 //! Mapping (`eventType` or `notificationType`): Send → sent (at `mail.timestamp`), Delivery →
-//! delivered, Bounce → bounced (`bounceType` Permanent → hard; Transient, Undetermined → soft),
-//! Complaint → complained, DeliveryDelay → deferred, Reject → dropped, Rendering Failure →
-//! dropped (SES never sent it), Open → opened, Click → clicked, Subscription with
-//! `newTopicPreferences.unsubscribeAll` → unsubscribed (other preference changes are
-//! dead-lettered as `unmapped_subscription_change`). `AmazonSnsSubscriptionSucceeded` (SES's
-//! notice that a topic was wired up) yields nothing. Anything else is dead-lettered as
-//! `unknown_event_type`; an authenticated notification whose `Message` is not a JSON object
-//! as `unparseable_message`. The dedup key is the SNS `MessageId` (stable across SNS
-//! retries), suffixed `#<index>` when one notification carries several recipients
-//! (bounce, complaint, delivery, delay recipient lists), so they do not collide.
+//! delivered, Bounce → bounced, Complaint → complained (a `complaintFeedbackType` of
+//! `not-spam` is no complaint: dead letter `not_a_complaint`), DeliveryDelay → deferred,
+//! Reject → dropped, Rendering Failure → dropped (SES never sent it), Open → opened, Click →
+//! clicked, Subscription with `newTopicPreferences.unsubscribeAll: true` → unsubscribed.
+//! A topic-level change (`unsubscribeAll: false`, a topic opted out) is dead-lettered as
+//! `unmapped_subscription_change`: Reachly has one contact status, and leaving one topic is
+//! not leaving all mail. `AmazonSnsSubscriptionSucceeded` (SES's notice that a topic was
+//! wired up) yields nothing. Anything else is dead-lettered as `unknown_event_type`; an
+//! authenticated notification whose `Message` is not a JSON object as `unparseable_message`.
+//!
+//! Bounce classes: `bounceType` Permanent → hard (every sub-type: General, NoEmail,
+//! Suppressed, OnAccountSuppressionList); Transient and Undetermined → soft.
+//!
+//! Dedup key: the SES event itself, not the SNS message: `mail.messageId`, the event kind,
+//! the recipient (one event per recipient of a bounce, complaint, delivery or delay list),
+//! the event's own `timestamp` (else `mail.timestamp`), and for opens and clicks the address,
+//! user agent and link. When identity feedback notifications and configuration-set event
+//! publishing both reach us, one bounce arrives as two SNS messages with different
+//! `MessageId`s but the same SES fields, so it is one row. SNS retries repeat the message, so
+//! they are caught; two real events differ in kind, recipient, time or client. A message
+//! without `mail.messageId` falls back to the SNS `MessageId` (suffixed `#<index>` per
+//! recipient).
 //!
 //! Files by role: this one is the provider (verification order, certificate fetch,
 //! subscription confirmation, `parse`); `sns.rs` the envelope, string to sign, allowlists
@@ -72,14 +99,22 @@ use sns::{
     parse_certificate, require_sns_content_type, string_to_sign, subscribe_url, topic_region,
 };
 
-/// How far an SNS `Timestamp` may be from the request's arrival, either way. SNS keeps the
-/// original timestamp on retries; its default HTTP delivery policy retries within a minute and
-/// a custom policy's retries are bounded in time too, while a captured message replayed later
-/// is refused.
-pub const TIMESTAMP_TOLERANCE_SECS: i64 = 60 * 60;
+/// Oldest SNS `Timestamp` accepted. SNS keeps the original timestamp on retries; an HTTP/S
+/// delivery policy retries for at most 3,600 s (a hard limit), so the window is that hour
+/// plus an hour for jitter, SNS's own queueing and clock skew. A replay inside it changes
+/// nothing: the whole message is signed and its events are keyed on their content.
+pub const MAX_TIMESTAMP_AGE_SECS: i64 = 2 * 3600;
+/// Clock skew tolerated the other way.
+pub const MAX_TIMESTAMP_AHEAD_SECS: i64 = 15 * 60;
+
+/// The header SNS sets on every POST of a subscription with raw message delivery on.
+pub const RAW_DELIVERY_HEADER: &str = "x-amz-sns-rawdelivery";
 
 /// Signing certificates kept in memory (SNS uses a handful per region at a time).
 pub const CERT_CACHE_MAX: usize = 32;
+
+/// Largest body read. An SNS message is at most 256 KiB, carried as a JSON string in the SNS envelope (escaping roughly doubles quote-heavy JSON).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 pub struct Ses {
     topics: Vec<String>,
@@ -104,7 +139,7 @@ pub fn from_config(
     for t in &topics {
         if topic_region(t).is_none() {
             return Err(format!(
-                "REACHLY_SES_TOPIC_ARNS: {t:?} is not an SNS topic ARN (arn:aws:sns:<region>:<account>:<topic>)"
+                "REACHLY_SES_TOPIC_ARNS: {t:?} is not an SNS topic ARN of a supported partition (arn:aws:sns:<region>:<account>:<topic>; aws-us-gov, and aws-cn with a cn- region, also work)"
             ));
         }
     }
@@ -124,6 +159,14 @@ impl Ses {
 
     /// Everything that can be decided without the network, in the documented order.
     fn check_locally(&self, req: &WebhookRequest<'_>) -> Result<Checked, WebhookError> {
+        // Raw message delivery posts the bare SES JSON without the signed envelope: nothing
+        // in it can be authenticated, and the subscription must be fixed (docs/providers.md).
+        if req
+            .header(RAW_DELIVERY_HEADER)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        {
+            return Err(WebhookError::Unauthorized(AuthFailure::SnsRawDelivery));
+        }
         require_sns_content_type(req)?;
         let (envelope, kind) = envelope(req)?;
         let topic = envelope
@@ -163,7 +206,8 @@ impl Ses {
             .as_deref()
             .and_then(rfc3339)
             .ok_or(WebhookError::Unauthorized(AuthFailure::BadTimestamp))?;
-        if (req.received_at - sent_at).num_seconds().abs() > TIMESTAMP_TOLERANCE_SECS {
+        let age = (req.received_at - sent_at).num_seconds();
+        if age > MAX_TIMESTAMP_AGE_SECS || -age > MAX_TIMESTAMP_AHEAD_SECS {
             return Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp));
         }
         let subscribe_url = match kind {
@@ -207,7 +251,13 @@ impl Ses {
                         "cannot fetch the SNS signing certificate: {e}"
                     ))
                 })?;
-                let cert = Arc::new(parse_certificate(&pem).map_err(WebhookError::Unauthorized)?);
+                // What the allowlisted SNS host served does not parse (a proxy's error page,
+                // a truncated body): transient, so 503 and SNS retries; a 401 would be final.
+                let cert = Arc::new(parse_certificate(&pem).map_err(|why| {
+                    WebhookError::Unavailable(format!(
+                        "the SNS signing certificate does not parse: {why}"
+                    ))
+                })?);
                 self.certs
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -242,6 +292,10 @@ impl Ses {
 impl Provider for Ses {
     fn source(&self) -> Source {
         Source::Ses
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
     }
 
     fn verify<'a>(

@@ -140,12 +140,16 @@ pub(super) fn plausible_region(r: &str) -> bool {
         && last.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The region of `arn:<partition>:sns:<region>:<account>:<topic>`.
+/// The region of `arn:<partition>:sns:<region>:<account>:<topic>`, for the partitions whose
+/// SNS certificate host is known: `aws` and `aws-us-gov` (`sns.<region>.amazonaws.com`) and
+/// `aws-cn` (`sns.<region>.amazonaws.com.cn`, regions `cn-*`). Others (the isolated
+/// partitions) are refused when the configuration is read, not at the first message.
 pub(super) fn topic_region(arn: &str) -> Option<&str> {
     let parts: Vec<&str> = arn.split(':').collect();
     match parts.as_slice() {
         ["arn", partition, "sns", region, account, topic]
-            if partition.starts_with("aws")
+            if matches!(*partition, "aws" | "aws-us-gov" | "aws-cn")
+                && (*partition == "aws-cn") == region.starts_with("cn-")
                 && plausible_region(region)
                 && account.len() == 12
                 && account.bytes().all(|b| b.is_ascii_digit())
@@ -157,11 +161,17 @@ pub(super) fn topic_region(arn: &str) -> Option<&str> {
     }
 }
 
-/// `https://sns.<region>.amazonaws.com` with nothing unusual: no user info, no explicit port,
-/// no fragment. The path and query are checked by the callers.
+/// `https://sns.<region>.amazonaws.com` (`.amazonaws.com.cn` in the China regions) with
+/// nothing unusual: no user info, no explicit port, no fragment. The path and query are
+/// checked by the callers.
 pub(super) fn sns_url(raw: &str, region: &str) -> Option<Url> {
     let url = Url::parse(raw).ok()?;
-    let host = format!("sns.{region}.amazonaws.com");
+    let suffix = if region.starts_with("cn-") {
+        "amazonaws.com.cn"
+    } else {
+        "amazonaws.com"
+    };
+    let host = format!("sns.{region}.{suffix}");
     (url.scheme() == "https"
         && url.username().is_empty()
         && url.password().is_none()

@@ -86,6 +86,7 @@ impl Req {
             headers: &self.headers,
             body: &self.body,
             received_at: self.at,
+            replay: crate::webhooks::MemoryReplayStore::shared(),
         }
     }
 }
@@ -232,14 +233,16 @@ fn tampered_wrong_key_missing_and_stale_messages_are_refused() {
             AuthFailure::UnsupportedSignatureVersion
         ))
     );
-    for hours in [-2, 2] {
-        let sent = at + chrono::Duration::hours(hours);
+    // SNS retries for at most an hour: two hours and a minute old, or 16 minutes ahead, is
+    // stale.
+    for minutes in [-121, 16] {
+        let sent = at + chrono::Duration::minutes(minutes);
         let mut stale = notification(&message, "2", sent);
         sign(&mut stale);
         assert_eq!(
             verify(&p, &Req::new(&stale, at)),
             Err(WebhookError::Unauthorized(AuthFailure::StaleTimestamp)),
-            "{hours}h"
+            "{minutes} min"
         );
     }
     let mut bad_time = notification(&message, "2", at);
@@ -465,7 +468,7 @@ fn unsubscribe_confirmations_are_acknowledged_and_nothing_is_visited() {
 }
 
 #[test]
-fn certificate_trouble_is_503_when_unreachable_and_401_when_unusable() {
+fn certificate_trouble_is_503_when_unreachable_or_unparseable_and_401_when_expired() {
     let at = Utc::now();
     let mut env = notification(&fixture("event-send.json"), "2", at);
     sign(&mut env);
@@ -477,17 +480,13 @@ fn certificate_trouble_is_503_when_unreachable_and_401_when_unusable() {
         Err(WebhookError::Unavailable(_))
     ));
 
+    // What the SNS host served does not parse: transient too (503, SNS retries); a 401
+    // would be final, since SNS never retries a 4xx.
     let garbage = Seam::serving(Ok(b"-----BEGIN CERTIFICATE-----\nnope\n".to_vec()));
     let p = provider(&garbage);
-    assert_eq!(
-        verify(&p, &r),
-        Err(WebhookError::Unauthorized(AuthFailure::BadCertificate))
-    );
+    assert!(matches!(verify(&p, &r), Err(WebhookError::Unavailable(_))));
     // Not cached: the next message fetches again.
-    assert_eq!(
-        verify(&p, &r),
-        Err(WebhookError::Unauthorized(AuthFailure::BadCertificate))
-    );
+    assert!(matches!(verify(&p, &r), Err(WebhookError::Unavailable(_))));
     assert_eq!(garbage.calls().len(), 2);
 
     // Past the certificate's validity (one day): refused.
@@ -542,7 +541,15 @@ fn notification_fixtures_map_to_the_expected_events() {
     assert_eq!(e.message_id, message);
     assert_eq!(e.claimed_organization_id, None, "headers carry no tenant");
     assert_eq!(e.occurred_at, ts("2016-01-27T14:59:38.237Z"));
-    assert_eq!(e.dedup_key.as_deref(), Some(sns_key().as_str()));
+    // Keyed on the SES event, not on the SNS message that carried it.
+    let key = super::mapping::ses_key(
+        "00000138111222aa-33322211-cccc-cccc-cccc-ddddaaaa0680-000000",
+        "Bounce",
+        "jane@example.com",
+        "2016-01-27T14:59:38.237Z",
+        &[],
+    );
+    assert_eq!(e.dedup_key.as_deref(), Some(key.as_str()));
     assert_eq!(e.source, Source::Ses);
     assert_eq!(e.metadata["bounce_type"], "Permanent");
     assert_eq!(e.metadata["bounce_sub_type"], "General");
@@ -562,10 +569,15 @@ fn notification_fixtures_map_to_the_expected_events() {
     let recs = deliver(&p, &fixture("notification-bounce-no-dsn.json"));
     let two = events(&recs);
     assert_eq!(two.len(), 2);
-    for (i, e) in two.iter().enumerate() {
+    assert_ne!(two[0].dedup_key, two[1].dedup_key);
+    for e in &two {
         assert_eq!(e.event_type, EventType::Bounced);
         assert_eq!(e.bounce_class, Some(BounceClass::Hard));
-        assert_eq!(e.dedup_key, Some(format!("{}#{i}", sns_key())));
+        assert!(
+            e.dedup_key
+                .as_deref()
+                .is_some_and(|k| k.starts_with("ses:h:"))
+        );
         assert_eq!(
             e.error_message.as_deref(),
             Some("Permanent bounce (General)")
@@ -590,7 +602,11 @@ fn notification_fixtures_map_to_the_expected_events() {
         e.metadata["smtp_response"],
         "250 ok:  Message 64111812 accepted"
     );
-    assert_eq!(e.dedup_key.as_deref(), Some(sns_key().as_str()));
+    assert!(
+        e.dedup_key
+            .as_deref()
+            .is_some_and(|k| k.starts_with("ses:h:"))
+    );
     assert_eq!(e.error_message, None);
 
     // The documented complaint without a feedback report carries no Reachly id.
@@ -601,7 +617,11 @@ fn notification_fixtures_map_to_the_expected_events() {
     assert_eq!(recs.len(), 1);
     assert_eq!(d.reason, "no_message_id");
     assert_eq!(d.event_type.as_deref(), Some("Complaint"));
-    assert_eq!(d.dedup_key.as_deref(), Some(sns_key().as_str()));
+    assert!(
+        d.dedup_key
+            .as_deref()
+            .is_some_and(|k| k.starts_with("ses:h:"))
+    );
     assert_eq!(
         d.payload,
         fixture("notification-complaint-no-feedback.json")
@@ -619,7 +639,12 @@ fn event_publishing_fixtures_map_to_the_expected_events() {
         let e = only_event(&recs).clone();
         assert_eq!(e.message_id, message, "{name}");
         assert_eq!(e.claimed_organization_id, Some(org), "{name}");
-        assert_eq!(e.dedup_key.as_deref(), Some(sns_key().as_str()), "{name}");
+        assert!(
+            e.dedup_key
+                .as_deref()
+                .is_some_and(|k| k.starts_with("ses:h:")),
+            "{name}"
+        );
         assert_eq!(
             e.metadata["ses_message_id"],
             "EXAMPLE7c191be45-e9aedb9a-02f9-4d12-a87d-dd0099a07f8a-000000",
@@ -895,4 +920,83 @@ fn kept_text_is_bounded_and_nul_free() {
     let diag = e.metadata["diagnostic_code"].as_str().unwrap();
     assert!(diag.len() <= crate::event::MAX_TEXT_BYTES && diag.len() > 4000);
     assert_eq!(e.error_message.as_deref(), Some(diag));
+}
+
+#[test]
+fn raw_message_delivery_is_refused_before_anything_is_fetched() {
+    let seam = Seam::new();
+    let p = provider(&seam);
+    let mut r = Req::raw(fixture("event-bounce.json").into_bytes(), Utc::now());
+    r.headers
+        .insert(RAW_DELIVERY_HEADER, HeaderValue::from_static("true"));
+    assert_eq!(
+        verify(&p, &r),
+        Err(WebhookError::Unauthorized(AuthFailure::SnsRawDelivery))
+    );
+    assert!(seam.calls().is_empty());
+}
+
+#[test]
+fn china_topics_use_the_amazonaws_com_cn_host_and_unknown_partitions_are_refused_at_config() {
+    use super::sns::{certificate_url, topic_region};
+    let cn = "arn:aws-cn:sns:cn-north-1:123456789012:MyTopic";
+    assert_eq!(topic_region(cn), Some("cn-north-1"));
+    let region = topic_region(cn).unwrap();
+    assert!(
+        certificate_url(
+            "https://sns.cn-north-1.amazonaws.com.cn/SimpleNotificationService-abc.pem",
+            region
+        )
+        .is_some()
+    );
+    assert!(
+        certificate_url(
+            "https://sns.cn-north-1.amazonaws.com/SimpleNotificationService-abc.pem",
+            region
+        )
+        .is_none()
+    );
+    // A partition and region that do not belong together, or an isolated partition.
+    assert_eq!(
+        topic_region("arn:aws:sns:cn-north-1:123456789012:MyTopic"),
+        None
+    );
+    assert_eq!(
+        topic_region("arn:aws-cn:sns:us-east-1:123456789012:MyTopic"),
+        None
+    );
+    assert_eq!(
+        topic_region("arn:aws-iso:sns:us-iso-east-1:123456789012:MyTopic"),
+        None
+    );
+    use crate::webhooks::testkit::{no_network, no_secrets};
+    let mut cfg = no_secrets();
+    cfg.ses_topic_arns = vec!["arn:aws-iso:sns:us-iso-east-1:123456789012:T".into()];
+    let err = from_config(&cfg, &no_network()).err().expect("refused");
+    assert!(err.contains("REACHLY_SES_TOPIC_ARNS"), "{err}");
+    cfg.ses_topic_arns = vec![cn.into()];
+    assert!(from_config(&cfg, &no_network()).expect("ok").is_some());
+}
+
+#[test]
+fn one_bounce_by_both_publishing_paths_has_one_key_and_not_spam_is_no_complaint() {
+    let seam = Seam::new();
+    let p = provider(&seam);
+    let published = deliver(&p, &fixture("event-bounce.json"));
+    let notified = deliver(&p, &fixture("both-paths-notification-bounce.json"));
+    let (a, b) = (only_event(&published), only_event(&notified));
+    assert_eq!(a.dedup_key, b.dedup_key);
+    assert_eq!(a.occurred_at, b.occurred_at);
+    assert_ne!(
+        a.metadata["sns_message_id"],
+        Value::Null,
+        "the SNS message id is kept in metadata"
+    );
+    let not_spam = fixture("event-complaint.json").replace("\"abuse\"", "\"not-spam\"");
+    let recs = deliver(&p, &not_spam);
+    let Record::DeadLetter(d) = &recs[0] else {
+        panic!("dead letter");
+    };
+    assert_eq!(recs.len(), 1);
+    assert_eq!(d.reason, "not_a_complaint");
 }

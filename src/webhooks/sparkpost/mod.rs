@@ -17,22 +17,38 @@
 //! | --- | --- |
 //! | `injection` | sent |
 //! | `delivery` | delivered |
-//! | `bounce`, `out_of_band` | bounced, class from `bounce_class` (below) |
+//! | `bounce`, `out_of_band` | bounced, hard or soft by `bounce_class`; some classes are unsubscribed, dropped or a dead letter (below) |
 //! | `delay` | deferred |
 //! | `policy_rejection`, `generation_rejection`, `generation_failure` | dropped |
 //! | `spam_complaint` | complained |
-//! | `open`, `initial_open`, `amp_open`, `amp_initial_open` | opened |
+//! | `open`, `amp_open` | opened (bottom pixel); dead letter `open_counted_as_initial_open` with `REACHLY_SPARKPOST_INITIAL_OPEN=true` |
+//! | `initial_open`, `amp_initial_open` | opened (top pixel) with `REACHLY_SPARKPOST_INITIAL_OPEN=true`; else dead letter `initial_open_not_counted` |
 //! | `click`, `amp_click` | clicked (`target_link_url` → `link_url`) |
 //! | `list_unsubscribe`, `link_unsubscribe` | unsubscribed |
 //! | anything else (`sms_status`, `relay_*`, `ab_test_*`, ...) | dead letter `unknown_event_type` |
 //!
-//! Bounce class (SparkPost's table): the `Hard` category, 10 Invalid Recipient, 30 Generic
-//! Bounce: No RCPT and 90 Unsubscribe, is a hard bounce; every other class (Soft 20-24, 40,
-//! 60, 70, 100; Block 50-54; Undetermined 1; Admin 25, 80, which are SparkPost's own policy,
-//! not the recipient's address) and a missing or unknown class is soft.
+//! Bounce classes (SparkPost's table; a wrong hard bounce suppresses a contact forever):
 //!
-//! Events are keyed on SparkPost's `event_id` with the event `type` beside it (SparkPost's
-//! own samples give every type the same `event_id`). The ping batch gets 200 and stores
+//! | `bounce_class` | outcome |
+//! | --- | --- |
+//! | 10 Invalid Recipient, 30 Generic Bounce: No RCPT | bounced, hard |
+//! | 90 Unsubscribe (an unsubscribe request by mail) | unsubscribed |
+//! | 25, 26 Admin Failure (SparkPost's own policy or suppression) | dropped |
+//! | 60 Auto-Reply, 80 Subscribe, 100 Challenge-Response | no failure: dead letter `not_a_failure` |
+//! | 1 Undetermined, 20-24 Soft, 40 Generic, 50-54 Block, 70 Transient, missing or unknown | bounced, soft |
+//!
+//! Opens: SparkPost fires `initial_open` when the top pixel loads and `open` when the bottom
+//! one does: one human open, two events. Only one of the two counts (like django-anymail's
+//! `SPARKPOST_TRACK_INITIAL_OPEN_AS_OPENED`); the other is kept as a dead letter.
+//! docs/providers.md says to enable only the counted one at SparkPost.
+//!
+//! Retries: a batch not answered 200 is retried for 8 hours (`X-MessageSystems-Batch-ID`
+//! stays the same). No signature, so no time window: basic auth or a bearer token on every
+//! request. Body limit [`MAX_BODY_BYTES`].
+//!
+//! Dedup key: SparkPost's `event_id` with the event `type` beside it (SparkPost's own samples
+//! give every type the same `event_id`). `event_id` is unique per event and the same on
+//! every retry of the batch, so a re-delivery is caught and two events never share a key. The ping batch gets 200 and stores
 //! nothing. SparkPost echoes no message headers, so only `rcpt_meta`, then `metadata`,
 //! correlate.
 
@@ -44,13 +60,17 @@ use serde_json::Value;
 use super::auth::{basic_auth_ok, secrets_equal};
 use super::extract::{json_body, json_str, json_time};
 use super::records::{
-    Engagement, EventTable, Facts, Metadata, content_key, id_key, lookup, malformed,
+    DeadReason, Engagement, EventTable, Facts, Mapped, Metadata, content_key, id_key, lookup,
+    malformed,
 };
 use super::{
     AuthFailure, BoxFuture, HttpsGet, ParseContext, Provider, WebhookError, WebhookRequest,
 };
 use crate::config::{Secret, WebhookConfig};
 use crate::event::{BounceClass, EventType, Record, Source};
+
+/// Largest body read. Batches of events; SparkPost documents no byte bound.
+pub const MAX_BODY_BYTES: usize = 10 << 20;
 
 const SOURCE: Source = Source::Sparkpost;
 
@@ -61,6 +81,8 @@ pub const LEGACY_TOKEN_HEADER: &str = "x-messagesystems-webhook-token";
 pub struct SparkPost {
     basic: Option<Secret>,
     token: Option<Secret>,
+    /// `REACHLY_SPARKPOST_INITIAL_OPEN`: which of SparkPost's two pixels counts as the open.
+    count_initial_open: bool,
 }
 
 /// The provider if its secret is configured.
@@ -85,6 +107,7 @@ pub fn from_config(
     Ok(Some(Arc::new(SparkPost {
         basic: cfg.sparkpost_basic_auth.clone(),
         token: cfg.sparkpost_token.clone(),
+        count_initial_open: cfg.sparkpost_initial_open,
     })))
 }
 
@@ -121,6 +144,10 @@ impl Provider for SparkPost {
         SOURCE
     }
 
+    fn max_body_bytes(&self) -> usize {
+        MAX_BODY_BYTES
+    }
+
     fn verify<'a>(
         &'a self,
         req: &'a WebhookRequest<'a>,
@@ -146,7 +173,12 @@ impl Provider for SparkPost {
                 // is SparkPost's validation ping and holds nothing.
                 Some(groups) => {
                     for event in groups.values() {
-                        records.push(map_event(event, req.received_at, ctx));
+                        records.push(map_event(
+                            event,
+                            req.received_at,
+                            ctx,
+                            self.count_initial_open,
+                        ));
                     }
                 }
                 None => records.push(malformed(SOURCE, &item.to_string())),
@@ -156,16 +188,34 @@ impl Provider for SparkPost {
     }
 }
 
-/// A bounce class to hard or soft (SparkPost's table; see the module doc).
-fn bounce_class(ev: &Value) -> BounceClass {
+/// What a bounce's class means (SparkPost's table; see the module doc): a hard or soft
+/// bounce, an unsubscribe, a drop, or no failure at all (`Err`, a dead letter).
+fn bounce_outcome(ev: &Value) -> Result<Mapped, DeadReason> {
     let code = match ev.get("bounce_class") {
         Some(Value::String(s)) => s.trim().parse::<u32>().ok(),
         Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
         _ => None,
     };
     match code {
-        Some(10 | 30 | 90) => BounceClass::Hard,
-        _ => BounceClass::Soft,
+        // Invalid Recipient, Generic Bounce: No RCPT.
+        Some(10 | 30) => Ok((EventType::Bounced, Some(BounceClass::Hard))),
+        // Unsubscribe: the recipient asked to be removed (by replying).
+        Some(90) => Ok((EventType::Unsubscribed, None)),
+        // Admin Failure: SparkPost's own policy or suppression refused to send.
+        Some(25 | 26) => Ok((EventType::Dropped, None)),
+        // Auto-Reply, Subscribe, Challenge-Response: answers, not failures.
+        Some(60 | 80 | 100) => Err(DeadReason::NotAFailure),
+        _ => Ok((EventType::Bounced, Some(BounceClass::Soft))),
+    }
+}
+
+/// Whether an open event is the one counted: SparkPost fires `initial_open` (top pixel) and
+/// `open` (bottom pixel) for one open, so only one of the two is an event.
+fn open_not_counted(kind: &str, count_initial_open: bool) -> Option<DeadReason> {
+    match (kind, count_initial_open) {
+        ("initial_open" | "amp_initial_open", false) => Some(DeadReason::InitialOpenNotCounted),
+        ("open" | "amp_open", true) => Some(DeadReason::OpenCountedAsInitialOpen),
+        _ => None,
     }
 }
 
@@ -198,27 +248,42 @@ fn meta<'a>(ev: &'a Value, key: &str) -> Option<&'a str> {
 }
 
 /// One event object to a record. Never fails: what cannot be mapped is a dead letter.
-fn map_event(ev: &Value, received_at: DateTime<Utc>, ctx: &ParseContext<'_>) -> Record {
+fn map_event(
+    ev: &Value,
+    received_at: DateTime<Utc>,
+    ctx: &ParseContext<'_>,
+    count_initial_open: bool,
+) -> Record {
     let raw = ev.to_string();
     if !ev.is_object() {
         return malformed(SOURCE, &raw);
     }
-    facts(ev, &raw).into_record(SOURCE, &raw, received_at, ctx.machine)
+    facts(ev, &raw, count_initial_open).into_record(SOURCE, &raw, received_at, ctx.machine)
 }
 
 /// What one SparkPost event says.
-fn facts<'a>(ev: &'a Value, raw: &str) -> Facts<'a> {
+fn facts<'a>(ev: &'a Value, raw: &str, count_initial_open: bool) -> Facts<'a> {
     let kind = json_str(ev, "type");
     let key = match json_str(ev, "event_id") {
         Some(id) => id_key(SOURCE, &format!("{}:{id}", kind.unwrap_or(""))),
         None => content_key(SOURCE, &["no_event_id", raw]),
     };
-    let mapped = kind
+    let mut unmapped = kind.and_then(|k| open_not_counted(k, count_initial_open));
+    let mut mapped = kind
         .and_then(|k| lookup(EVENTS, k))
-        .map(|(t, class)| match t {
-            EventType::Bounced => (t, Some(bounce_class(ev))),
-            _ => (t, class),
-        });
+        .filter(|_| unmapped.is_none());
+    if mapped.is_some_and(|(t, _)| t == EventType::Bounced) {
+        match bounce_outcome(ev) {
+            Ok(m) => mapped = Some(m),
+            Err(reason) => {
+                mapped = None;
+                unmapped = Some(reason);
+            }
+        }
+    }
+    // A bounce reporting an unsubscribe request is a message event: its `ip_address` is the
+    // receiving server's, not the recipient's.
+    let message_event = matches!(kind, Some("bounce" | "out_of_band"));
 
     let mut metadata = Metadata::default();
     metadata.keep(
@@ -243,13 +308,17 @@ fn facts<'a>(ev: &'a Value, raw: &str) -> Facts<'a> {
     let mut engagement = Engagement::default();
     let mut error = None;
     match mapped.map(|(t, _)| t) {
-        Some(EventType::Opened | EventType::Clicked | EventType::Unsubscribed) => {
+        Some(EventType::Opened | EventType::Clicked | EventType::Unsubscribed)
+            if !message_event =>
+        {
             // (On message events `ip_address` is the receiving server's: not copied there.)
             engagement.ip = json_str(ev, "ip_address");
             engagement.user_agent = json_str(ev, "user_agent");
             engagement.link_url = json_str(ev, "target_link_url");
         }
-        Some(EventType::Bounced | EventType::Deferred | EventType::Dropped) => {
+        Some(
+            EventType::Bounced | EventType::Deferred | EventType::Dropped | EventType::Unsubscribed,
+        ) => {
             // `reason` is SparkPost's text with addresses masked; `raw_reason` is the fallback.
             let text = json_str(ev, "reason").or(json_str(ev, "raw_reason"));
             error = Some(match (json_str(ev, "error_code"), text) {
@@ -264,6 +333,7 @@ fn facts<'a>(ev: &'a Value, raw: &str) -> Facts<'a> {
     Facts {
         kind: kind.map(Into::into),
         mapped,
+        unmapped,
         key: Some(key),
         dead_letter_key: None,
         message_id: meta(ev, "reachly_message_id"),
@@ -272,7 +342,6 @@ fn facts<'a>(ev: &'a Value, raw: &str) -> Facts<'a> {
         engagement,
         error,
         metadata,
-        ..Facts::default()
     }
 }
 

@@ -56,8 +56,8 @@ async fn documented_samples_map_to_exactly_these_records() {
     assert_eq!(records.len(), 15);
     let ev = events(&records);
     let dl = dead_letters(&records);
-    assert_eq!(ev.len(), 14);
-    assert_eq!(dl.len(), 1);
+    assert_eq!(ev.len(), 13);
+    assert_eq!(dl.len(), 2);
 
     // In the samples' order: bounce, delivery, injection, (sms_status), spam_complaint,
     // out_of_band, policy_rejection, delay, click, open, initial_open,
@@ -89,22 +89,24 @@ async fn documented_samples_map_to_exactly_these_records() {
     );
     assert_eq!(ev[7].machine_reason, None);
     assert_eq!(ev[7].metadata["country"], "US");
+    // One open, two pixels: by default the bottom pixel's `open` counts.
     check(ev[8], EventType::Opened, "open", M_ENGAGED);
-    check(ev[9], EventType::Opened, "initial_open", M_ENGAGED);
-    check(ev[10], EventType::Dropped, "generation_failure", M_DROPPED);
+    check(ev[9], EventType::Dropped, "generation_failure", M_DROPPED);
     check(
-        ev[11],
+        ev[10],
         EventType::Dropped,
         "generation_rejection",
         M_DROPPED,
     );
-    check(ev[12], EventType::Unsubscribed, "list_unsubscribe", M_UNSUB);
-    check(ev[13], EventType::Unsubscribed, "link_unsubscribe", M_UNSUB);
+    check(ev[11], EventType::Unsubscribed, "list_unsubscribe", M_UNSUB);
+    check(ev[12], EventType::Unsubscribed, "link_unsubscribe", M_UNSUB);
 
     assert_eq!(dl[0].reason, "unknown_event_type");
     assert_eq!(dl[0].event_type.as_deref(), Some("sms_status"));
     let doc: Value = serde_json::from_slice(&fixture("sparkpost/batch.json")).expect("json");
     assert_eq!(dl[0].payload, doc[3]["msys"]["message_event"].to_string());
+    assert_eq!(dl[1].reason, "initial_open_not_counted");
+    assert_eq!(dl[1].event_type.as_deref(), Some("initial_open"));
 }
 
 #[tokio::test]
@@ -128,7 +130,7 @@ fn bounce_classes_follow_sparkposts_table_and_amp_and_unix_times_map() {
                 e.insert(k.clone(), v.clone());
             }
         }
-        match map_event(&ev, Utc::now(), &ctx) {
+        match map_event(&ev, Utc::now(), &ctx, false) {
             Record::Event(e) => e,
             Record::DeadLetter(d) => panic!("{d:?}"),
         }
@@ -136,21 +138,64 @@ fn bounce_classes_follow_sparkposts_table_and_amp_and_unix_times_map() {
     for (class, want) in [
         ("10", BounceClass::Hard),
         ("30", BounceClass::Hard),
-        ("90", BounceClass::Hard),
         ("1", BounceClass::Soft),
         ("20", BounceClass::Soft),
         ("22", BounceClass::Soft),
-        ("25", BounceClass::Soft),
         ("40", BounceClass::Soft),
         ("50", BounceClass::Soft),
         ("54", BounceClass::Soft),
         ("70", BounceClass::Soft),
-        ("100", BounceClass::Soft),
         ("bogus", BounceClass::Soft),
     ] {
         let e = with("bounce", serde_json::json!({"bounce_class": class}));
+        assert_eq!(e.event_type, EventType::Bounced, "class {class}");
         assert_eq!(e.bounce_class, Some(want), "class {class}");
     }
+    // 90 is the recipient's unsubscribe request; 25 and 26 SparkPost's own refusal.
+    let e = with(
+        "bounce",
+        serde_json::json!({"bounce_class": "90", "ip_address": "10.0.0.1"}),
+    );
+    assert_eq!(
+        (e.event_type, e.bounce_class),
+        (EventType::Unsubscribed, None)
+    );
+    assert_eq!(
+        e.ip_address, None,
+        "a message event's address is the server's"
+    );
+    for class in ["25", "26"] {
+        let e = with("bounce", serde_json::json!({"bounce_class": class}));
+        assert_eq!((e.event_type, e.bounce_class), (EventType::Dropped, None));
+    }
+    // 60, 80, 100: an auto-reply, a subscribe request, a challenge: no failure.
+    for class in ["60", "80", "100"] {
+        let ev = serde_json::json!({"type": "bounce", "event_id": "1", "bounce_class": class,
+            "rcpt_meta": {"reachly_message_id": M_HARD}});
+        match map_event(&ev, Utc::now(), &ctx, false) {
+            Record::DeadLetter(d) => assert_eq!(d.reason, "not_a_failure", "{class}"),
+            other => panic!("{class}: {other:?}"),
+        }
+    }
+    // Which pixel counts is configured: the other one is kept, not counted.
+    let open = serde_json::json!({"type": "open", "event_id": "1",
+        "rcpt_meta": {"reachly_message_id": M_HARD}});
+    let initial = serde_json::json!({"type": "initial_open", "event_id": "1",
+        "rcpt_meta": {"reachly_message_id": M_HARD}});
+    let reason = |r: Record| match r {
+        Record::DeadLetter(d) => Some(d.reason),
+        Record::Event(_) => None,
+    };
+    assert_eq!(reason(map_event(&open, Utc::now(), &ctx, false)), None);
+    assert_eq!(
+        reason(map_event(&initial, Utc::now(), &ctx, false)).as_deref(),
+        Some("initial_open_not_counted")
+    );
+    assert_eq!(reason(map_event(&initial, Utc::now(), &ctx, true)), None);
+    assert_eq!(
+        reason(map_event(&open, Utc::now(), &ctx, true)).as_deref(),
+        Some("open_counted_as_initial_open")
+    );
     assert_eq!(
         with("out_of_band", serde_json::json!({"bounce_class": 10})).bounce_class,
         Some(BounceClass::Hard)
@@ -171,10 +216,7 @@ fn bounce_classes_follow_sparkposts_table_and_amp_and_unix_times_map() {
         e.machine_reason.as_deref(),
         Some("user_agent:python-requests")
     );
-    assert_eq!(
-        with("amp_initial_open", serde_json::json!({})).event_type,
-        EventType::Opened
-    );
+
     // `metadata` correlates when `rcpt_meta` has no id.
     let e = with(
         "delivery",

@@ -28,6 +28,8 @@ pub struct TestRequest {
     pub headers: HeaderMap,
     pub body: Vec<u8>,
     pub received_at: DateTime<Utc>,
+    /// The replay store the provider sees: a fresh one per request unless shared.
+    pub replay: std::sync::Arc<super::MemoryReplayStore>,
 }
 
 impl TestRequest {
@@ -47,6 +49,7 @@ impl TestRequest {
             headers,
             body: body.into(),
             received_at: Utc::now(),
+            replay: Default::default(),
         }
     }
 
@@ -64,6 +67,12 @@ impl TestRequest {
         self
     }
 
+    /// Shares `store` with other requests (as the instances of a deployment share one).
+    pub fn with_replay(mut self, store: &std::sync::Arc<super::MemoryReplayStore>) -> TestRequest {
+        self.replay = std::sync::Arc::clone(store);
+        self
+    }
+
     pub fn at(mut self, received_at: DateTime<Utc>) -> TestRequest {
         self.received_at = received_at;
         self
@@ -76,6 +85,7 @@ impl TestRequest {
             headers: &self.headers,
             body: &self.body,
             received_at: self.received_at,
+            replay: &*self.replay,
         }
     }
 }
@@ -135,10 +145,12 @@ pub fn no_secrets() -> crate::config::WebhookConfig {
         webhook_max_bytes: 10 << 20,
         sendgrid_public_key: None,
         mailgun_signing_key: None,
+        mailgun_basic_auth: None,
         ses_topic_arns: Vec::new(),
         postmark_basic_auth: None,
         sparkpost_basic_auth: None,
         sparkpost_token: None,
+        sparkpost_initial_open: false,
         mandrill_webhook_key: None,
         mandrill_webhook_url: None,
         resend_webhook_secret: None,
