@@ -8,6 +8,7 @@
 pub use crate::pgerror::{describe, describe_error, sqlstate, with_sqlstate};
 
 pub mod archive;
+pub mod engagement;
 pub mod migrate;
 pub mod partitions;
 pub mod retention;

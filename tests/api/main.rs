@@ -8,6 +8,7 @@ mod archive;
 mod bus;
 mod db_tls;
 mod deploy;
+mod engagement;
 mod failover;
 mod hostile;
 mod least_privilege;
