@@ -225,3 +225,100 @@ async fn the_campaign_query_counts_people_and_each_kind_of_machine_exactly() {
     assert!(plan.contains("idx_messages_campaign_id"), "{plan}");
     assert!(plan.contains("message_id"), "{plan}");
 }
+
+/// The behaviour verdicts depend only on the set of stored events: the same deliveries and
+/// clicks (ESP-reported, with their own times) sent one per request in opposite orders into
+/// two campaigns give the same rows.
+#[tokio::test]
+async fn behaviour_verdicts_do_not_depend_on_arrival_order() {
+    let (key, public) = sendgrid_keypair();
+    let app = spawn_app_with(|a| {
+        a.webhooks.sendgrid_public_key = Some(Secret::new(public));
+    })
+    .await;
+    let x = app.seed().await;
+    let campaign_y = Uuid::new_v4();
+    app.db
+        .execute(
+            "INSERT INTO campaigns (id, organization_id, name) VALUES ($1, $2, 'Y')",
+            &[&campaign_y, &x.org],
+        )
+        .await
+        .unwrap();
+    let y = Seeded {
+        campaign: campaign_y,
+        ..x
+    };
+    let t = chrono::Utc::now().timestamp() - 7200;
+    let mut per_campaign = Vec::new();
+    for (n, first) in [(0, x), (1, y)] {
+        let m = [
+            app.seed_message(&first).await,
+            app.seed_message(&first).await,
+            app.seed_message(&first).await,
+        ];
+        // m0: a click 3 s after delivery; m1: three links in one second; m2: a person.
+        let ev = |s: &Seeded, kind: &str, at: i64, url: Option<&str>| {
+            serde_json::json!({
+                "email": "someone@example.com", "timestamp": at, "event": kind,
+                "sg_event_id": Uuid::new_v4().to_string(), "sg_message_id": format!("sg-{}", s.message),
+                "url": url, "useragent": BROWSER_UA, "ip": "203.0.113.9",
+                "reachly_message_id": s.message.to_string(), "reachly_organization_id": s.org.to_string(),
+            })
+        };
+        let mut events = vec![
+            ev(&m[0], "delivered", t, None),
+            ev(&m[0], "click", t + 3, Some("https://shop.example.com/a")),
+            ev(&m[1], "delivered", t, None),
+            ev(&m[1], "click", t + 100, Some("https://shop.example.com/a")),
+            ev(&m[1], "click", t + 100, Some("https://shop.example.com/b")),
+            ev(&m[1], "click", t + 100, Some("https://shop.example.com/c")),
+            ev(&m[2], "delivered", t, None),
+            ev(&m[2], "click", t + 600, Some("https://shop.example.com/a")),
+            ev(&m[2], "click", t + 700, Some("https://shop.example.com/b")),
+        ];
+        if n == 1 {
+            events.reverse();
+        }
+        for e in events {
+            let body = serde_json::to_string(&vec![e]).unwrap();
+            let ts = chrono::Utc::now().timestamp().to_string();
+            let sig = sendgrid_signature(&key, &ts, body.as_bytes());
+            let r = app
+                .post_webhook(
+                    "sendgrid",
+                    &[
+                        ("x-twilio-email-event-webhook-timestamp", &ts),
+                        ("x-twilio-email-event-webhook-signature", &sig),
+                        ("content-type", "application/json"),
+                    ],
+                    body,
+                )
+                .await;
+            assert_eq!(r.status(), 200);
+        }
+        per_campaign.push(first.campaign);
+    }
+    app.wait_count("SELECT count(*) FROM email_events", 18)
+        .await;
+    let rows = campaign_engagement(&app.db, &per_campaign).await.unwrap();
+    let of = |c: Uuid| -> Vec<(String, String, i64, i64)> {
+        let mut v: Vec<_> = rows
+            .iter()
+            .filter(|r| r.campaign_id == c)
+            .map(|r| (r.event_type.clone(), r.reason.clone(), r.events, r.messages))
+            .collect();
+        v.sort();
+        v
+    };
+    let want: Vec<(String, String, i64, i64)> = [
+        ("clicked", "human", 2, 1),
+        ("clicked", "scanner_burst", 3, 1),
+        ("clicked", "scanner_timing", 1, 1),
+    ]
+    .iter()
+    .map(|(a, b, c, d)| (a.to_string(), b.to_string(), *c, *d))
+    .collect();
+    assert_eq!(of(x.campaign), want);
+    assert_eq!(of(campaign_y), want, "the reversed order judges the same");
+}
