@@ -841,19 +841,12 @@ pub async fn days_to_archive(
     let cutoff = today
         .checked_sub_days(chrono::Days::new(retention_days.into()))
         .unwrap_or(NaiveDate::MIN);
-    let mut days: Vec<NaiveDate> = client
-        .query(
-            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             WHERE i.inhparent = 'public.email_events'::regclass",
-            &[],
-        )
+    // The partition list, sorted: the same query maintenance uses.
+    Ok(super::partitions::partition_days(client)
         .await?
-        .iter()
-        .filter_map(|r| super::partitions::parse_partition_day(r.get::<_, &str>(0)))
+        .into_iter()
         .filter(|d| d.succ_opt().is_some_and(|end| end <= cutoff))
-        .collect();
-    days.sort();
-    Ok(days)
+        .collect())
 }
 
 /// `reachly-ingest archive`: one line per day on stdout; stops at the first failure (the

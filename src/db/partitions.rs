@@ -308,7 +308,7 @@ async fn maintain_locked(
 }
 
 /// The days that have a partition of `email_events`.
-async fn partition_days(
+pub(crate) async fn partition_days(
     client: &impl tokio_postgres::GenericClient,
 ) -> anyhow::Result<BTreeSet<NaiveDate>> {
     // An unnamed statement (query_typed): outside a transaction, through PgBouncer in

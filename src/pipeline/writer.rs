@@ -26,13 +26,14 @@
 //! deleting each segment once all its events are committed. A torn record is counted and
 //! skipped.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::spool::{Spool, read_segment};
+use super::spool::{SegmentContents, Spool, read_segment};
 use super::store::{self, BatchLimits, BatchOutcome};
 use super::{Envelope, Ingest};
 use crate::event::{DeadLetter, Record};
@@ -341,33 +342,47 @@ pub(super) async fn run_replayer(ctx: WriterContext) {
     }
 }
 
+/// Seals the active spool segment and lists every sealed one, oldest first: what a replay
+/// (to the database here, to the bus in `bus::edge`) works through.
+pub(super) async fn sealed_segments(ctx: &WriterContext) -> Vec<PathBuf> {
+    let spool = ctx.spool.clone();
+    tokio::task::spawn_blocking(move || spool.seal())
+        .await
+        .unwrap_or_default()
+}
+
+/// Reads one sealed segment off the runtime's threads, counting (and logging) a torn tail;
+/// `None` when it cannot be read (it is left for an operator).
+pub(super) async fn read_sealed(ctx: &WriterContext, seg: &Path) -> Option<SegmentContents> {
+    let path = seg.to_path_buf();
+    let contents = match tokio::task::spawn_blocking(move || read_segment(&path)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, segment = %seg.display(), "cannot read spool segment; leaving it for an operator");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    if contents.torn_records > 0 {
+        tracing::warn!(segment = %seg.display(), torn = contents.torn_records, "spool segment ends in a torn record; skipping it");
+        ctx.metrics
+            .counter(metrics::SPOOL_TORN_RECORDS_TOTAL, &[])
+            .increment(contents.torn_records);
+    }
+    Some(contents)
+}
+
 /// Replays every sealed segment once (sealing the active one first), deleting each segment
 /// whose records are all committed; stops at the first transient failure, leaving that
 /// segment and the later ones for the next call.
 async fn replay_once(ctx: &WriterContext) -> Result<(), WriteError> {
-    let spool = ctx.spool.clone();
-    let segments = tokio::task::spawn_blocking(move || spool.seal())
-        .await
-        .unwrap_or_default();
-    for seg in segments {
+    for seg in sealed_segments(ctx).await {
         if ctx.closing.is_cancelled() {
             return Ok(());
         }
-        let path = seg.clone();
-        let contents = match tokio::task::spawn_blocking(move || read_segment(&path)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, segment = %seg.display(), "cannot read spool segment; leaving it for an operator");
-                continue;
-            }
-            Err(_) => continue,
+        let Some(contents) = read_sealed(ctx, &seg).await else {
+            continue;
         };
-        if contents.torn_records > 0 {
-            tracing::warn!(segment = %seg.display(), torn = contents.torn_records, "spool segment ends in a torn record; skipping it");
-            ctx.metrics
-                .counter(metrics::SPOOL_TORN_RECORDS_TOTAL, &[])
-                .increment(contents.torn_records);
-        }
         let records: Vec<&Record> = contents.envelopes.iter().flatten().collect();
         for chunk in records.chunks(ctx.flush_max_events) {
             let outcome = write_isolating(ctx, chunk).await?;

@@ -22,8 +22,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Mutex, mpsc};
 
 use super::super::Envelope;
-use super::super::spool::read_segment;
-use super::super::writer::WriterContext;
+use super::super::writer::{WriterContext, read_sealed, sealed_segments};
 use super::{
     BUS_PUBLISH_FAILURES_TOTAL, BUS_PUBLISHED_TOTAL, BUS_TRUNCATED_TOTAL, Bus, MAX_ACKS_IN_FLIGHT,
     envelope,
@@ -140,7 +139,7 @@ fn finish(ctx: &WriterContext, env: Envelope, res: Result<u64, String>) {
                 .increment(1);
             tracing::warn!(error = %e, events = env.len(), "bus publish failed; spooling the envelope");
             ctx.ingest.release(env.len());
-            ctx.ingest.shared.spool.append(env);
+            ctx.spool.append(env);
         }
     }
 }
@@ -154,7 +153,7 @@ pub(in crate::pipeline) async fn run_replayer(ctx: WriterContext, bus: Bus) {
             _ = tokio::time::sleep(wait) => {}
         }
         wait = Duration::from_secs(1);
-        if ctx.ingest.shared.spool.is_empty() || bus.ready().is_err() {
+        if ctx.spool.is_empty() || bus.ready().is_err() {
             continue;
         }
         if let Err(e) = replay_once(&ctx, &bus).await {
@@ -166,28 +165,13 @@ pub(in crate::pipeline) async fn run_replayer(ctx: WriterContext, bus: Bus) {
 
 /// Publishes every sealed segment once, deleting each after all its envelopes are acked.
 pub(in crate::pipeline) async fn replay_once(ctx: &WriterContext, bus: &Bus) -> Result<(), String> {
-    let spool = ctx.ingest.shared.spool.clone();
-    let segments = tokio::task::spawn_blocking(move || spool.seal())
-        .await
-        .unwrap_or_default();
-    for seg in segments {
+    for seg in sealed_segments(ctx).await {
         if ctx.closing.is_cancelled() {
             return Ok(());
         }
-        let path = seg.clone();
-        let contents = match tokio::task::spawn_blocking(move || read_segment(&path)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, segment = %seg.display(), "cannot read spool segment; leaving it for an operator");
-                continue;
-            }
-            Err(_) => continue,
+        let Some(contents) = read_sealed(ctx, &seg).await else {
+            continue;
         };
-        if contents.torn_records > 0 {
-            ctx.metrics
-                .counter(metrics::SPOOL_TORN_RECORDS_TOTAL, &[])
-                .increment(contents.torn_records);
-        }
         let mut events = 0;
         let mut pending = contents.envelopes.iter().peekable();
         while pending.peek().is_some() {
@@ -219,7 +203,7 @@ pub(in crate::pipeline) async fn replay_once(ctx: &WriterContext, bus: &Bus) -> 
                 .increment(n as u64);
         }
         ctx.ingest.set_db_healthy(true);
-        if let Err(e) = ctx.ingest.shared.spool.remove_segment(&seg, &ctx.metrics) {
+        if let Err(e) = ctx.spool.remove_segment(&seg, &ctx.metrics) {
             tracing::error!(error = %e, segment = %seg.display(), "cannot delete a replayed spool segment");
         }
         tracing::info!(segment = %seg.display(), events, "spool segment published to the bus");
