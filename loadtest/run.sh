@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The load test's one entry command: builds what it needs in release mode, then runs.
 #
-#   loadtest/run.sh full    # ~10-15 min: service ramp, outage, naive and limit references,
+#   loadtest/run.sh full    # ~15-25 min: service ramp, outage, bus-mode ramp, naive and limit references,
 #                           # report in loadtest/results/ (latest.md, latest.png, dated copies)
-#   loadtest/run.sh smoke   # < 1 min after the build: one 20 s step at 200 req/s, exactly-once check
+#   loadtest/run.sh smoke   # ~1.5 min after the build: a 20 s step at 200 req/s, single process
+#                           # then bus mode (needs nats-server), each with the exactly-once check
 #
 # Extra arguments go to reachly-loadtest (see `--help`), e.g. `loadtest/run.sh full --step-seconds 30`.
-# Needs: Rust, PostgreSQL's server binaries (initdb, pg_ctl), taskset (util-linux), 2 CPUs.
+# Needs: Rust, PostgreSQL's server binaries (initdb, pg_ctl), taskset (util-linux), 2 CPUs,
+# nats-server for the bus mode (Debian package nats-server; --skip-bus runs without it).
 # Exit status: 0 pass; 1 an exactly-once check failed or the service misbehaved; 2 the run
 # could not be carried out (with the reason on stderr).
 set -euo pipefail

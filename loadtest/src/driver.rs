@@ -316,7 +316,9 @@ impl StepResult {
 
 pub struct Driver {
     pub client: HttpClient,
-    pub base: String,
+    /// Base URLs of the servers; request *i* goes to `bases[i % len]` (the bus mode's edges
+    /// share the traffic as behind a round-robin load balancer).
+    pub bases: Vec<String>,
     /// Outstanding pixel and click requests at most.
     pub max_in_flight: usize,
     /// Outstanding webhook requests at most (ESPs post with bounded concurrency).
@@ -329,10 +331,11 @@ struct Shared {
 }
 
 impl Driver {
-    pub fn new(base: String, max_in_flight: usize, webhook_max_in_flight: usize) -> Driver {
+    pub fn new(bases: Vec<String>, max_in_flight: usize, webhook_max_in_flight: usize) -> Driver {
+        assert!(!bases.is_empty(), "a driver needs a server");
         Driver {
             client: http_client(),
-            base,
+            bases,
             max_in_flight,
             webhook_max_in_flight,
         }
@@ -386,7 +389,7 @@ impl Driver {
                 .saturating_sub(1)
                 .min(n_segments - 1);
             let client = self.client.clone();
-            let base = self.base.clone();
+            let base = self.bases[i as usize % self.bases.len()].clone();
             let slots = match prepared.route {
                 Route::Pixel | Route::Click => tracking.clone(),
                 Route::Sendgrid | Route::Mailgun => webhooks.clone(),

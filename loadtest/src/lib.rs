@@ -17,8 +17,12 @@
 //! - [`workload`]: the request mix (pixels, clicks, signed SendGrid and Mailgun webhooks);
 //! - [`driver`]: the open-loop HTTP driver and its latency histograms;
 //! - [`service`]: the `reachly-ingest serve` (or naive server) process and its metrics;
+//! - [`nats`]: the bus mode's 3-node NATS JetStream cluster and its stream's backlog;
+//! - [`target`]: what the load is aimed at, read as one server (one process, or the bus
+//!   mode's edges, writers and NATS);
 //! - [`verify`]: the exactly-once check against the database;
 //! - [`limit`]: the bulk-COPY reference;
+//! - [`pagewrites`]: data-page writes attributed to relations (`pg_buffercache` samples);
 //! - [`report`]: step rows, the B1ms projection, the Markdown report and the chart;
 //! - [`run`]: the phases of a full run and of the smoke.
 #![forbid(unsafe_code)]
@@ -26,11 +30,14 @@
 pub mod cluster;
 pub mod driver;
 pub mod limit;
+pub mod nats;
+pub mod pagewrites;
 pub mod pin;
 pub mod procstat;
 pub mod report;
 pub mod run;
 pub mod seed;
 pub mod service;
+pub mod target;
 pub mod verify;
 pub mod workload;

@@ -133,6 +133,16 @@ struct Cli {
     skip_naive: bool,
     #[arg(long)]
     skip_limit: bool,
+    /// Leave out the bus mode (2 edges + 2 writers over a 3-node NATS JetStream cluster,
+    /// ramped like the single process; needs `nats-server`).
+    #[arg(long)]
+    skip_bus: bool,
+    /// Edge processes of the bus mode.
+    #[arg(long, default_value_t = 2)]
+    bus_edges: usize,
+    /// Writer processes of the bus mode.
+    #[arg(long, default_value_t = 2)]
+    bus_writers: usize,
     /// Extra PostgreSQL setting, NAME=VALUE (repeatable; overrides the B1ms shape).
     #[arg(long = "pg-setting", value_parser = parse_setting)]
     pg_settings: Vec<(String, String)>,
@@ -206,6 +216,9 @@ fn main() -> ExitCode {
         skip_outage: cli.skip_outage,
         skip_naive: cli.skip_naive,
         skip_limit: cli.skip_limit,
+        skip_bus: cli.skip_bus,
+        bus_edges: cli.bus_edges.max(1),
+        bus_writers: cli.bus_writers.max(1),
         pg_settings: cli.pg_settings,
     };
     // One thread for the generator and the orchestration: it shares its CPU with the server

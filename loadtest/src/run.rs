@@ -22,9 +22,11 @@ use anyhow::{Context as _, bail};
 
 use crate::cluster::{Cluster, DbStats, Monitor};
 use crate::driver::{Driver, Ledger, StepResult, StepSpec};
+use crate::nats::NatsCluster;
 use crate::report::{self, ChartData, Projection, SaturationRule, StepRow};
 use crate::seed::{self, Tenants};
 use crate::service::{ServerProcess, ServerSpec, ServiceMetrics};
+use crate::target::Target;
 use crate::verify::{self, Verdict};
 use crate::workload::{Mix, Route, Secrets, Workload};
 use crate::{limit, pin, procstat};
@@ -83,6 +85,10 @@ pub struct Options {
     pub skip_outage: bool,
     pub skip_naive: bool,
     pub skip_limit: bool,
+    /// Leave out the bus mode (edges, writers and NATS JetStream).
+    pub skip_bus: bool,
+    pub bus_edges: usize,
+    pub bus_writers: usize,
     pub pg_settings: Vec<(String, String)>,
 }
 
@@ -95,6 +101,8 @@ struct Probe {
     db_ticks: Option<u64>,
     db: Option<DbStats>,
     metrics: Option<ServiceMetrics>,
+    /// Messages in the bus's stream (bus mode only).
+    backlog: Option<u64>,
     rss: (u64, u64),
     /// (busy, total) ticks of the database's CPU and of the application's CPU.
     db_cpu_busy: (u64, u64),
@@ -362,29 +370,38 @@ struct Load {
 }
 
 impl Load {
-    fn new(base: String, ctx: &Ctx, mix: Mix, seed: u64) -> Load {
+    fn new(bases: Vec<String>, ctx: &Ctx, mix: Mix, seed: u64) -> Load {
         Load {
-            driver: Driver::new(base, ctx.opts.max_in_flight, ctx.opts.webhook_max_in_flight),
+            driver: Driver::new(
+                bases,
+                ctx.opts.max_in_flight,
+                ctx.opts.webhook_max_in_flight,
+            ),
             workload: Workload::new(ctx.tenants.clone(), ctx.secrets.clone(), mix, seed),
             ledger: Arc::new(Mutex::new(Ledger::default())),
         }
     }
 }
 
-async fn probe(ctx: &mut Ctx, server: &ServerProcess) -> Probe {
-    let metrics = match server.admin {
-        Some(a) => ServiceMetrics::scrape(&ctx.client, a).await.ok(),
-        None => None,
-    };
+async fn probe(ctx: &mut Ctx, target: &mut Target) -> Probe {
+    let metrics = target.metrics(&ctx.client).await;
+    let backlog = target.backlog().await;
     let db = ctx.monitor.stats().await.ok();
+    let pids = target.pids();
+    // Memory summed over the processes (the high-water marks too: an upper bound).
+    let rss = pids
+        .iter()
+        .filter_map(|p| procstat::memory(*p))
+        .fold((0, 0), |a, m| (a.0 + m.0, a.1 + m.1));
     Probe {
         at: Instant::now(),
-        server_ticks: procstat::cpu_ticks(server.pid).unwrap_or(0),
+        server_ticks: pids.iter().filter_map(|p| procstat::cpu_ticks(*p)).sum(),
         gen_ticks: procstat::cpu_ticks(std::process::id()).unwrap_or(0),
         db_ticks: ctx.cluster.cpu_ticks(),
         db,
         metrics,
-        rss: procstat::memory(server.pid).unwrap_or((0, 0)),
+        backlog,
+        rss,
         db_cpu_busy: procstat::cpu_busy(ctx.opts.db_cpu).unwrap_or((0, 0)),
         app_cpu_busy: procstat::cpu_busy(ctx.opts.app_cpu).unwrap_or((0, 0)),
     }
@@ -479,12 +496,12 @@ fn row_from(
 async fn step(
     ctx: &mut Ctx,
     load: &mut Load,
-    server: &mut ServerProcess,
+    target: &mut Target,
     label: String,
     rate: f64,
     judge: bool,
 ) -> anyhow::Result<StepRow> {
-    let before = probe(ctx, server).await;
+    let before = probe(ctx, target).await;
     let spec = StepSpec {
         rate,
         duration: ctx.opts.step,
@@ -493,22 +510,15 @@ async fn step(
     // The buffer and spool when the schedule ends (not after the stragglers are answered).
     let at_end = async {
         tokio::time::sleep(spec.duration).await;
-        match server.admin {
-            Some(a) => ServiceMetrics::scrape(&ctx.client, a).await.ok(),
-            None => None,
-        }
+        target.metrics(&ctx.client).await
     };
     let (result, end_metrics) = tokio::join!(
         load.driver.run(&mut load.workload, &load.ledger, &spec),
         at_end
     );
-    let after = probe(ctx, server).await;
-    if let Some(st) = server.exited() {
-        bail!(
-            "{} exited during the step ({st}); log {}",
-            server.name,
-            server.log.display()
-        );
+    let after = probe(ctx, target).await;
+    if let Some(dead) = target.exited() {
+        bail!("during the step: {dead}");
     }
     let mut row = row_from(ctx, label, &before, &after, &result);
     if let Some(m) = end_metrics {
@@ -522,6 +532,18 @@ async fn step(
             before.metrics.as_ref().map(|m| m.buffer_events),
             accepted,
         );
+        // The bus's writers falling behind: the stream's backlog grew during the step by
+        // more than 5% of the requests (a request is one message), past 1,000.
+        if let (Some(b0), Some(b1)) = (before.backlog, after.backlog) {
+            let grew = b1.saturating_sub(b0);
+            if grew as f64 > (0.05 * row.requests as f64).max(1000.0) {
+                let note = format!("the stream's backlog grew by {grew} messages");
+                row.saturated = Some(match row.saturated.take() {
+                    Some(w) => format!("{w}; {note}"),
+                    None => note,
+                });
+            }
+        }
         if result.max_schedule_lag > Duration::from_millis(200) {
             let note = format!(
                 "load generator fell {} ms behind schedule",
@@ -541,29 +563,34 @@ async fn step(
 /// Waits until the service's buffer and spool are empty.
 async fn drain(
     ctx: &mut Ctx,
-    server: &mut ServerProcess,
+    target: &mut Target,
     timeout: Duration,
 ) -> anyhow::Result<ServiceMetrics> {
-    let Some(admin) = server.admin else {
+    if !target.has_metrics() {
         return Ok(ServiceMetrics::default());
-    };
+    }
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(st) = server.exited() {
-            bail!(
-                "{} exited ({st}); log {}",
-                server.name,
-                server.log.display()
-            );
+        if let Some(dead) = target.exited() {
+            bail!("{dead}");
         }
-        if let Ok(m) = ServiceMetrics::scrape(&ctx.client, admin).await
+        // The bus: also nothing left in the stream (a writer acks only after its commit).
+        let backlog = if target.is_bus() {
+            target.backlog().await
+        } else {
+            Some(0)
+        };
+        if let Some(m) = target.metrics(&ctx.client).await
             && m.buffer_events == 0.0
             && m.spool_bytes == 0.0
+            && backlog == Some(0)
         {
             return Ok(m);
         }
         if Instant::now() > deadline {
-            bail!("the service did not drain within {timeout:?} (buffer or spool not empty)");
+            bail!(
+                "the service did not drain within {timeout:?} (buffer, spool or stream not empty)"
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -618,22 +645,22 @@ async fn wait_quiet(ctx: &mut Ctx) -> Duration {
 async fn judged_step(
     ctx: &mut Ctx,
     load: &mut Load,
-    server: &mut ServerProcess,
+    target: &mut Target,
     phase: &mut PhaseResult,
     name: &str,
     rate: f64,
 ) -> anyhow::Result<bool> {
-    drain(ctx, server, Duration::from_secs(180)).await?;
+    drain(ctx, target, Duration::from_secs(180)).await?;
     wait_quiet(ctx).await;
-    let mut row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
+    let mut row = step(ctx, load, target, format!("{name} {rate:.0}/s"), rate, true).await?;
     if row.saturated.is_some() && row.contended.is_some() {
         row.phase.push_str(" (contended; repeated)");
         phase.rows.push(row);
         eprintln!("the step saturated while contended: repeating it in 10 s");
         tokio::time::sleep(Duration::from_secs(10)).await;
-        drain(ctx, server, Duration::from_secs(180)).await?;
+        drain(ctx, target, Duration::from_secs(180)).await?;
         wait_quiet(ctx).await;
-        row = step(ctx, load, server, format!("{name} {rate:.0}/s"), rate, true).await?;
+        row = step(ctx, load, target, format!("{name} {rate:.0}/s"), rate, true).await?;
     }
     let saturated = row.saturated.is_some();
     phase.rows.push(row);
@@ -644,14 +671,14 @@ async fn judged_step(
 async fn ramp(
     ctx: &mut Ctx,
     load: &mut Load,
-    server: &mut ServerProcess,
+    target: &mut Target,
     name: &str,
     start: f64,
 ) -> anyhow::Result<PhaseResult> {
     let mut phase = PhaseResult::default();
     if !ctx.opts.rates.is_empty() {
         for rate in ctx.opts.rates.clone() {
-            if judged_step(ctx, load, server, &mut phase, name, rate).await? {
+            if judged_step(ctx, load, target, &mut phase, name, rate).await? {
                 phase.first_saturated =
                     Some(phase.first_saturated.map_or(rate, |r: f64| r.min(rate)));
             } else {
@@ -662,7 +689,7 @@ async fn ramp(
     }
     let mut rate = start;
     loop {
-        if judged_step(ctx, load, server, &mut phase, name, rate).await? {
+        if judged_step(ctx, load, target, &mut phase, name, rate).await? {
             phase.first_saturated = Some(rate);
             break;
         }
@@ -681,7 +708,7 @@ async fn ramp(
             if mid <= lo || mid >= hi {
                 break;
             }
-            if judged_step(ctx, load, server, &mut phase, name, mid).await? {
+            if judged_step(ctx, load, target, &mut phase, name, mid).await? {
                 hi = mid;
             } else {
                 lo = mid;
@@ -727,26 +754,79 @@ fn service_env(
     .collect()
 }
 
-async fn start_service(ctx: &mut Ctx) -> anyhow::Result<ServerProcess> {
-    let public: std::net::SocketAddr =
-        format!("127.0.0.1:{}", reachly_ingest::pgcluster::free_port()?).parse()?;
-    let admin: std::net::SocketAddr =
-        format!("127.0.0.1:{}", reachly_ingest::pgcluster::free_port()?).parse()?;
-    let spool = ctx.dir.join("spool");
+fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(format!("127.0.0.1:{}", reachly_ingest::pgcluster::free_port()?).parse()?)
+}
+
+/// One `reachly-ingest serve` process pinned to the application CPU, with `extra`
+/// environment on top of [`service_env`] and its own spool directory.
+async fn spawn_serve(
+    ctx: &mut Ctx,
+    name: &'static str,
+    tag: &str,
+    extra: &[(String, String)],
+) -> anyhow::Result<ServerProcess> {
+    let (public, admin) = (free_addr()?, free_addr()?);
+    let spool = ctx.dir.join(format!("spool-{tag}"));
     std::fs::create_dir_all(&spool)?;
-    let env = service_env(ctx, public, admin, &spool);
+    let mut env = service_env(ctx, public, admin, &spool);
+    env.extend_from_slice(extra);
     let mut s = ServerProcess::spawn(ServerSpec {
-        name: "reachly-ingest",
+        name,
         program: &ctx.opts.service_bin,
         args: &["serve"],
         env: &env,
         cpu: ctx.opts.app_cpu,
         public,
         admin: Some(admin),
-        log: ctx.dir.join("service.log"),
+        log: ctx.dir.join(format!("{tag}.log")),
     })?;
     s.wait_ready(&ctx.client, Duration::from_secs(60)).await?;
     Ok(s)
+}
+
+/// The single process: everything in one `reachly-ingest serve` (the embedded default).
+async fn start_service(ctx: &mut Ctx) -> anyhow::Result<Target> {
+    Ok(Target::single(
+        spawn_serve(ctx, "reachly-ingest", "service", &[]).await?,
+    ))
+}
+
+/// The bus deployment on this box: a 3-node NATS JetStream cluster, `--bus-writers`
+/// writer processes (durable pull consumer, same batch transaction) and `--bus-edges` edge
+/// processes (accept and publish), everything on the application CPU as the single
+/// process is. Writers start first, so the stream and its consumer exist when traffic comes.
+async fn start_bus(ctx: &mut Ctx) -> anyhow::Result<Target> {
+    let nats = NatsCluster::start(&ctx.dir, ctx.opts.app_cpu).await?;
+    let urls = nats.urls();
+    let bus = |role: &str| {
+        vec![
+            ("REACHLY_BUS_URL".to_string(), urls.clone()),
+            ("REACHLY_BUS_ROLE".to_string(), role.to_string()),
+        ]
+    };
+    let mut writers = Vec::new();
+    for i in 0..ctx.opts.bus_writers {
+        writers
+            .push(spawn_serve(ctx, "writer", &format!("writer-{}", i + 1), &bus("writer")).await?);
+    }
+    let mut edges = Vec::new();
+    for i in 0..ctx.opts.bus_edges {
+        edges.push(spawn_serve(ctx, "edge", &format!("edge-{}", i + 1), &bus("edge")).await?);
+    }
+    Ok(Target::bus(edges, writers, nats))
+}
+
+/// Stops a target with SIGTERM; whether every process exited 0, and what each did.
+async fn stop_target(target: Target, timeout: Duration) -> anyhow::Result<(bool, String)> {
+    let exits = target.stop(timeout).await?;
+    let ok = exits.iter().all(|(_, st)| st.success());
+    let text = exits
+        .iter()
+        .map(|(n, st)| format!("{n}: {st}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Ok((ok, text))
 }
 
 /// Whether both webhook providers answer (200 for a signed empty SendGrid batch, 401 for a
@@ -778,32 +858,37 @@ async fn webhook_mix(ctx: &Ctx, base: &str) -> anyhow::Result<(Mix, Option<Strin
     }
 }
 
-async fn smoke(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)> {
-    let mut server = start_service(ctx).await?;
-    let (mix, note) = webhook_mix(ctx, &server.base_url()).await?;
-    let mut load = Load::new(server.base_url(), ctx, mix, 42);
+/// One smoke step against `target` at the smoke rate, drained and checked exactly once;
+/// whether it passed and its Markdown. The database is reset first.
+async fn smoke_step(
+    ctx: &mut Ctx,
+    mut target: Target,
+    label: &str,
+) -> anyhow::Result<(bool, String)> {
+    let (mix, note) = webhook_mix(ctx, &target.bases()[0]).await?;
+    let mut load = Load::new(target.bases(), ctx, mix, 42);
     let rate = ctx.opts.smoke_rate;
     let row = step(
         ctx,
         &mut load,
-        &mut server,
-        format!("smoke {rate:.0}/s"),
+        &mut target,
+        format!("{label} {rate:.0}/s"),
         rate,
         true,
     )
     .await?;
-    let drained = drain(ctx, &mut server, Duration::from_secs(120)).await?;
+    let drained = drain(ctx, &mut target, Duration::from_secs(120)).await?;
     let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&load.ledger)).await?;
-    println!("{}", verdict.summary());
-    let exit = server.stop(Duration::from_secs(30)).await?;
-    let mut passed = verdict.ok && exit.success() && drained.dropped_total() == 0.0;
+    println!("{label}: {}", verdict.summary());
+    let (exit_ok, exits) = stop_target(target, Duration::from_secs(30)).await?;
+    let mut passed = verdict.ok && exit_ok && drained.dropped_total() == 0.0;
     let mut s = String::new();
     if let Some(n) = note {
         s.push_str(&format!("> {n}\n\n"));
     }
     s.push_str(&report::steps_table(std::slice::from_ref(&row), true));
     s.push_str(&format!(
-        "\n{}\n\nservice exit on SIGTERM: {exit}; events dropped: {}\n",
+        "\n{}\n\nexit on SIGTERM: {exits}; events dropped: {}\n",
         verdict.summary(),
         drained.dropped_total()
     ));
@@ -813,6 +898,25 @@ async fn smoke(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>
             row.failures
         ));
         passed = false;
+    }
+    Ok((passed, s))
+}
+
+/// The smoke: one low-rate step of the single process, then (unless `--skip-bus`) one of
+/// the bus deployment, each with the exactly-once check.
+async fn smoke(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)> {
+    let target = start_service(ctx).await?;
+    let (mut passed, mut s) = smoke_step(ctx, target, "smoke").await?;
+    if !ctx.opts.skip_bus {
+        eprintln!("== bus smoke");
+        seed::reset(&ctx.cluster.url()).await?;
+        let target = start_bus(ctx).await?;
+        let (ok, md) = smoke_step(ctx, target, "bus smoke").await?;
+        passed &= ok;
+        s.push_str(&format!(
+            "\n### Bus mode ({} edges, {} writers, 3-node NATS JetStream)\n\n{md}",
+            ctx.opts.bus_edges, ctx.opts.bus_writers
+        ));
     }
     Ok((passed, s, None))
 }
@@ -827,9 +931,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     // 1. The service.
     eprintln!("== service ramp");
     let mut server = start_service(ctx).await?;
-    let (mix, note) = webhook_mix(ctx, &server.base_url()).await?;
+    let (mix, note) = webhook_mix(ctx, &server.bases()[0]).await?;
     notes.extend(note);
-    let mut load = Load::new(server.base_url(), ctx, mix.clone(), 42);
+    let mut load = Load::new(server.bases(), ctx, mix.clone(), 42);
     if ctx.cluster.preload_stats {
         ctx.monitor
             .execute("SELECT pg_stat_statements_reset()")
@@ -839,8 +943,16 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     // statistics, not reset by this).
     ctx.monitor.execute("SELECT pg_stat_reset()").await?;
     let phase_start_db = ctx.monitor.stats().await.ok();
-    let phase_start_metrics =
-        ServiceMetrics::scrape(&ctx.client, server.admin.context("admin")?).await?;
+    let page_sampler = if crate::pagewrites::available(&ctx.cluster.url()).await {
+        Some(crate::pagewrites::Sampler::start(&ctx.cluster.url()).await?)
+    } else {
+        notes.push("pg_buffercache is not available: no per-relation page writes".into());
+        None
+    };
+    let phase_start_metrics = server
+        .metrics(&ctx.client)
+        .await
+        .context("the service's metrics")?;
     let mut service = ramp(ctx, &mut load, &mut server, "service", ctx.opts.start_rate).await?;
     let half_rate = match (service.first_saturated, service.best_ok) {
         (Some(s), _) => s / 2.0,
@@ -862,13 +974,28 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         service.rows.push(half);
     }
     let drained = drain(ctx, &mut server, Duration::from_secs(300)).await?;
+    let page_attribution = match page_sampler {
+        Some(s) => match s.finish().await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                notes.push(format!("per-relation page writes not measured: {e:#}"));
+                None
+            }
+        },
+        None => None,
+    };
     ctx.monitor.execute("CHECKPOINT").await?;
     let phase_end_db = ctx.monitor.stats().await.ok();
     let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&load.ledger)).await?;
     println!("service: {}", verdict.summary());
     passed &= verdict.ok && drained.dropped_total() == 0.0;
+    service.verdict = Some(verdict.clone());
     verdicts.push(("service ramp".into(), verdict));
     let phase_events = drained.written_total() - phase_start_metrics.written_total();
+    let phase_pages_counted = match (phase_start_db, phase_end_db) {
+        (Some(a), Some(b)) => Some((b.page_writes - a.page_writes) as f64),
+        _ => None,
+    };
     let phase_pages_per_event = match (phase_start_db, phase_end_db) {
         (Some(a), Some(b)) if phase_events > 0.0 => {
             Some((b.page_writes - a.page_writes) as f64 / phase_events)
@@ -899,10 +1026,53 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         verdicts.push(("outage".into(), o.verdict.clone()));
         outage_result = Some(o);
     }
-    let exit = server.stop(Duration::from_secs(60)).await?;
-    if !exit.success() {
+    let (exit_ok, exits) = stop_target(server, Duration::from_secs(60)).await?;
+    if !exit_ok {
         passed = false;
-        notes.push(format!("the service exited with {exit} on SIGTERM"));
+        notes.push(format!("the service did not exit 0 on SIGTERM ({exits})"));
+    }
+
+    // 2b. The bus deployment, ramped like the single process.
+    let mut bus = PhaseResult::default();
+    if !ctx.opts.skip_bus {
+        eprintln!(
+            "== bus ramp ({} edges, {} writers, 3-node NATS JetStream)",
+            ctx.opts.bus_edges, ctx.opts.bus_writers
+        );
+        seed::reset(&ctx.cluster.url()).await?;
+        let mut target = start_bus(ctx).await?;
+        let mut bload = Load::new(target.bases(), ctx, mix.clone(), 4343);
+        bus = ramp(ctx, &mut bload, &mut target, "bus", ctx.opts.start_rate).await?;
+        let bus_half = match (bus.first_saturated, bus.best_ok) {
+            (Some(s), _) => s / 2.0,
+            (None, Some(ok)) => ok / 2.0,
+            _ => ctx.opts.start_rate / 2.0,
+        };
+        if ctx.opts.rates.is_empty() {
+            drain(ctx, &mut target, Duration::from_secs(180)).await?;
+            wait_quiet(ctx).await;
+            let half = step(
+                ctx,
+                &mut bload,
+                &mut target,
+                format!("bus half {bus_half:.0}/s"),
+                bus_half,
+                true,
+            )
+            .await?;
+            bus.rows.push(half);
+        }
+        let drained = drain(ctx, &mut target, Duration::from_secs(300)).await?;
+        let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&bload.ledger)).await?;
+        println!("bus: {}", verdict.summary());
+        passed &= verdict.ok && drained.dropped_total() == 0.0;
+        bus.verdict = Some(verdict.clone());
+        verdicts.push(("bus ramp".into(), verdict));
+        let (exit_ok, exits) = stop_target(target, Duration::from_secs(60)).await?;
+        if !exit_ok {
+            passed = false;
+            notes.push(format!("a bus process did not exit 0 on SIGTERM ({exits})"));
+        }
     }
 
     // 3. The naive server.
@@ -922,7 +1092,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         ];
         let pool = ctx.opts.naive_pool_size.to_string();
         let listen = public.to_string();
-        let mut nserver = ServerProcess::spawn(ServerSpec {
+        let mut np = ServerProcess::spawn(ServerSpec {
             name: "naive-server",
             program: &ctx.opts.naive_bin,
             args: &["--listen", &listen, "--pool-size", &pool],
@@ -932,10 +1102,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             admin: None,
             log: ctx.dir.join("naive.log"),
         })?;
-        nserver
-            .wait_ready(&ctx.client, Duration::from_secs(30))
-            .await?;
-        let mut nload = Load::new(nserver.base_url(), ctx, mix.without_webhooks(), 4242);
+        np.wait_ready(&ctx.client, Duration::from_secs(30)).await?;
+        let mut nserver = Target::single(np);
+        let mut nload = Load::new(nserver.bases(), ctx, mix.without_webhooks(), 4242);
         let naive_db0 = ctx.monitor.stats().await.ok();
         naive = ramp(
             ctx,
@@ -1015,6 +1184,8 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     // 5. The report.
     let body = full_report(FullReport {
         service: &service,
+        bus: &bus,
+        bus_shape: (ctx.opts.bus_edges, ctx.opts.bus_writers),
         naive: &naive,
         limit: limit_row.as_ref(),
         outage: outage_result.as_ref(),
@@ -1022,6 +1193,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         notes: &notes,
         phase_pages_per_event,
         naive_pages_per_event,
+        page_attribution: page_attribution
+            .as_ref()
+            .map(|a| (a, phase_events, phase_pages_counted)),
         statements: &statements,
         tables: &tables,
     });
@@ -1047,7 +1221,7 @@ struct OutageResult {
 async fn outage(
     ctx: &mut Ctx,
     driver: &Driver,
-    server: &mut ServerProcess,
+    server: &mut Target,
     mix: Mix,
     rate: f64,
 ) -> anyhow::Result<OutageResult> {
@@ -1061,7 +1235,6 @@ async fn outage(
     };
     let mut workload = Workload::new(ctx.tenants.clone(), ctx.secrets.clone(), mix, 777);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
-    let admin = server.admin.context("admin listener")?;
     let client = ctx.client.clone();
     let peaks = Arc::new(Mutex::new((0f64, 0f64)));
     let cluster = ctx.cluster.clone();
@@ -1076,11 +1249,12 @@ async fn outage(
         let up = tokio::task::spawn_blocking(move || c.start()).await;
         (stopped, up, down_at)
     };
+    let observed: &Target = server;
     let sampler = {
         let peaks = peaks.clone();
         async move {
             loop {
-                if let Ok(m) = ServiceMetrics::scrape(&client, admin).await
+                if let Some(m) = observed.metrics(&client).await
                     && let Ok(mut p) = peaks.lock()
                 {
                     p.0 = p.0.max(m.buffer_events);
@@ -1276,6 +1450,8 @@ fn unaccounted_note(rows: &[StepRow]) -> String {
 
 struct FullReport<'a> {
     service: &'a PhaseResult,
+    bus: &'a PhaseResult,
+    bus_shape: (usize, usize),
     naive: &'a PhaseResult,
     limit: Option<&'a (limit::LimitResult, StepRow)>,
     outage: Option<&'a OutageResult>,
@@ -1283,18 +1459,29 @@ struct FullReport<'a> {
     notes: &'a [String],
     phase_pages_per_event: Option<f64>,
     naive_pages_per_event: Option<f64>,
+    /// Per-relation page writes of the service phase, its events and the server's count.
+    page_attribution: Option<(&'a crate::pagewrites::Attribution, f64, Option<f64>)>,
     statements: &'a [Statement],
     tables: &'a str,
 }
 
 fn full_report(r: FullReport<'_>) -> String {
     let mut s = String::new();
-    for n in r.notes.iter().chain(&r.service.notes).chain(&r.naive.notes) {
+    for n in r
+        .notes
+        .iter()
+        .chain(&r.service.notes)
+        .chain(&r.bus.notes)
+        .chain(&r.naive.notes)
+    {
         s.push_str(&format!("> {n}\n\n"));
     }
     s.push_str("## Service (reachly-ingest serve)\n\n");
     s.push_str(&report::steps_table(&r.service.rows, true));
     s.push_str(&unaccounted_note(&r.service.rows));
+    if !r.bus.rows.is_empty() {
+        s.push_str(&bus_section(r.service, r.bus, r.bus_shape));
+    }
     if !r.naive.rows.is_empty() {
         s.push_str(
             "\n## Naive reference (one INSERT + one UPDATE per request, before answering)\n\n",
@@ -1537,6 +1724,10 @@ fn full_report(r: FullReport<'_>) -> String {
             "\nAn update is HOT (no index entry added) only when no indexed column changes and the page has room; any other update adds an entry to every index of the table (`contacts.status` is in `idx_contacts_status`).\n",
         );
     }
+    if let Some((a, events, counted)) = r.page_attribution {
+        s.push_str("\n## Where the data pages were written (service phase)\n\n");
+        s.push_str(&a.markdown(events, counted));
+    }
     if !r.statements.is_empty() {
         s.push_str("\n## Where the database time went (pg_stat_statements, service phase)\n\n| calls | total ms | rows | blocks dirtied | blocks written | WAL bytes | statement |\n| --- | --- | --- | --- | --- | --- | --- |\n");
         for (calls, ms, rows, dirtied, written, wal, q) in r.statements {
@@ -1547,6 +1738,79 @@ fn full_report(r: FullReport<'_>) -> String {
             ));
         }
     }
+    s
+}
+
+/// The bus mode's steps and its comparison with the single process, measured in this run.
+fn bus_section(
+    single: &PhaseResult,
+    bus: &PhaseResult,
+    (edges, writers): (usize, usize),
+) -> String {
+    let mut s = format!(
+        "\n## Bus mode ({edges} edges + {writers} writers, 3-node NATS JetStream, R3 file stream)\n\n\
+         The same mix, ramp and saturation rule, after a reset of the database. The edges take the traffic round robin and publish every request's envelope to the stream \
+         (webhooks answered after the publish ack of the replicas, pixels and clicks at once); the writers fetch from one durable pull consumer, run the same batch transaction, commit, then ack. \
+         Every process of this mode (edges, writers, the three `nats-server`s) runs on the application CPU beside the load generator, as the single process does: \
+         the same hardware, so the comparison shows what the bus costs on it. A step also saturates when the stream's backlog grows.\n\n"
+    );
+    s.push_str(&report::steps_table(&bus.rows, true));
+    s.push_str(&unaccounted_note(&bus.rows));
+    let half = |p: &PhaseResult| p.rows.iter().find(|r| r.phase.contains("half")).cloned();
+    let f = |v: Option<f64>| v.map_or("-".into(), report::fmt_num);
+    let ms = |v: Option<f64>| v.map_or("-".into(), report::fmt_ms);
+    let (ss, bs) = (single.sustained(), bus.sustained());
+    let ratio = match (ss, bs) {
+        (Some(a), Some(b)) if a.0 > 0.0 => format!("{:.0}%", 100.0 * b.0 / a.0),
+        _ => "-".into(),
+    };
+    let (sh, bh) = (half(single), half(bus));
+    let p99 = |r: &Option<StepRow>, route| r.as_ref().and_then(|r| r.p(route, 1));
+    let cpu_per_event = |x: Option<(f64, &StepRow)>| {
+        x.and_then(|(ev, r)| (ev > 0.0).then(|| format!("{:.0}", 1e4 * r.server_cpu / ev)))
+            .unwrap_or_else(|| "-".into())
+    };
+    let verdict = |p: &PhaseResult| {
+        p.verdict.as_ref().map_or("-".into(), |v| {
+            if v.ok {
+                "PASS".to_string()
+            } else {
+                "FAIL".to_string()
+            }
+        })
+    };
+    let max_rss = |p: &PhaseResult| p.rows.iter().map(|r| r.server_hwm_mb).fold(0.0, f64::max);
+    s.push_str(&format!(
+        "\n| measured in this run | single process | bus | bus / single |\n| --- | --- | --- | --- |\n\
+         | events committed/s, best step that did not saturate | {} | {} | {ratio} |\n\
+         | first saturated step (req/s offered) | {} | {} | |\n\
+         | pixel p99 / click p99 at half the saturation rate (ms) | {} / {} | {} / {} | |\n\
+         | service-side CPU per 1,000 committed events at the sustained step (ms) | {} | {} | |\n\
+         | DB CPU us per event at the sustained step | {} | {} | |\n\
+         | peak memory, summed over the mode's processes (MB) | {:.0} | {:.0} | |\n\
+         | exactly once | {} | {} | |\n",
+        f(ss.map(|x| x.0)),
+        f(bs.map(|x| x.0)),
+        f(single.first_saturated),
+        f(bus.first_saturated),
+        ms(p99(&sh, Route::Pixel)),
+        ms(p99(&sh, Route::Click)),
+        ms(p99(&bh, Route::Pixel)),
+        ms(p99(&bh, Route::Click)),
+        cpu_per_event(ss),
+        cpu_per_event(bs),
+        ss.and_then(|x| x.1.db_cpu_us_per_event).map_or("-".into(), |v| format!("{v:.1}")),
+        bs.and_then(|x| x.1.db_cpu_us_per_event).map_or("-".into(), |v| format!("{v:.1}")),
+        max_rss(single),
+        max_rss(bus),
+        verdict(single),
+        verdict(bus),
+    ));
+    s.push_str(
+        "\nOn one shared core the bus mode pays for what buys its guarantees elsewhere: every envelope is published, replicated to three file-backed logs and fetched again, \
+         by processes that here compete with each other and with the load generator. On separate machines, edges, writers and NATS nodes each get their own cores; \
+         the database side (DB CPU per event, batch sizes) is what carries over.\n",
+    );
     s
 }
 

@@ -203,6 +203,25 @@ impl ServiceMetrics {
         self.dropped.values().fold(0.0, |a, b| a + b)
     }
 
+    /// Adds another process's metrics (a deployment of several processes reads as one).
+    pub fn add(&mut self, o: &ServiceMetrics) {
+        for (k, v) in &o.written {
+            *self.written.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.dropped {
+            *self.dropped.entry(k.clone()).or_default() += v;
+        }
+        self.buffer_events += o.buffer_events;
+        self.spool_bytes += o.spool_bytes;
+        self.batches += o.batches;
+        self.batch_events += o.batch_events;
+        self.db_errors += o.db_errors;
+        self.duplicates += o.duplicates;
+        self.dead_lettered += o.dead_lettered;
+        self.spooled += o.spooled;
+        self.replayed += o.replayed;
+    }
+
     /// Parses the Prometheus text exposition.
     pub fn parse(text: &str) -> ServiceMetrics {
         let mut m = ServiceMetrics::default();
