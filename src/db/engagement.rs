@@ -34,7 +34,7 @@ WITH ev AS (
   JOIN email_events e ON e.message_id = m.id
   WHERE m.campaign_id = ANY($1::uuid[]) AND e.event_type IN ('opened', 'clicked')
 ), judged AS (
-  SELECT campaign_id, id, message_id, event_type,
+  SELECT campaign_id, id, message_id, event_type, created_at,
     CASE
       WHEN stored_reason IS NOT NULL THEN stored_reason
       WHEN event_type <> 'clicked' THEN 'human'
@@ -69,6 +69,69 @@ pub const EVENT_REASONS_SQL: &str = concat!(
     judged_cte!(),
     "SELECT id, message_id, event_type, reason FROM judged"
 );
+
+/// Per message of the campaigns in `$1`: its stored (raw) status, the first *human* open and
+/// click, how many of its opens and clicks were machines, and its honest status: the raw
+/// status with every open and click that was not a person's taken out (a message a scanner
+/// clicked and nobody opened is `delivered`, not `clicked`). This is what segments such as
+/// "re-engage who never opened" or "sunset who has not engaged" must read.
+/// `campaign_messages.status` itself stays the ESP-style raw status: see the module's
+/// documentation and docs/engagement.md for why it cannot be the honest one.
+pub const MESSAGE_ENGAGEMENT_SQL: &str = concat!(
+    judged_cte!(),
+    "SELECT m.id, m.contact_id, COALESCE(m.status, 'pending')::text AS status,
+       min(j.created_at) FILTER (WHERE j.event_type = 'opened' AND j.reason = 'human') AS human_opened_at,
+       min(j.created_at) FILTER (WHERE j.event_type = 'clicked' AND j.reason = 'human') AS human_clicked_at,
+       count(j.id) FILTER (WHERE j.reason <> 'human') AS machine_events,
+       CASE
+         WHEN COALESCE(m.status, 'pending') NOT IN ('opened', 'clicked') THEN COALESCE(m.status, 'pending')::text
+         WHEN bool_or(j.event_type = 'clicked' AND j.reason = 'human') THEN 'clicked'
+         WHEN bool_or(j.event_type = 'opened' AND j.reason = 'human') THEN 'opened'
+         ELSE 'delivered'
+       END::text AS honest_status
+FROM campaign_messages m
+LEFT JOIN judged j ON j.message_id = m.id
+WHERE m.campaign_id = ANY($1::uuid[])
+GROUP BY m.id, m.contact_id, m.status
+ORDER BY m.id"
+);
+
+/// One row of [`MESSAGE_ENGAGEMENT_SQL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageEngagement {
+    pub message_id: Uuid,
+    pub contact_id: Uuid,
+    /// `campaign_messages.status` as stored (counts every open and click the write path
+    /// did not flag, behavioural scanners included).
+    pub status: String,
+    pub human_opened_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub human_clicked_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Opens and clicks judged machine (any reason).
+    pub machine_events: i64,
+    /// The status with machine opens and clicks taken out.
+    pub honest_status: String,
+}
+
+/// Runs the per-message query for `campaigns`.
+pub async fn message_engagement(
+    db: &tokio_postgres::Client,
+    campaigns: &[Uuid],
+) -> Result<Vec<MessageEngagement>, tokio_postgres::Error> {
+    Ok(db
+        .query(MESSAGE_ENGAGEMENT_SQL, &[&campaigns])
+        .await?
+        .iter()
+        .map(|r| MessageEngagement {
+            message_id: r.get(0),
+            contact_id: r.get(1),
+            status: r.get(2),
+            human_opened_at: r.get(3),
+            human_clicked_at: r.get(4),
+            machine_events: r.get(5),
+            honest_status: r.get(6),
+        })
+        .collect())
+}
 
 /// One row of [`CAMPAIGN_ENGAGEMENT_SQL`].
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -106,7 +169,11 @@ mod tests {
 
     #[test]
     fn the_sql_windows_are_the_named_constants() {
-        for sql in [CAMPAIGN_ENGAGEMENT_SQL, EVENT_REASONS_SQL] {
+        for sql in [
+            CAMPAIGN_ENGAGEMENT_SQL,
+            EVENT_REASONS_SQL,
+            MESSAGE_ENGAGEMENT_SQL,
+        ] {
             assert!(sql.contains(&format!("interval '{SCANNER_TIMING_SECS} seconds'")));
             assert!(sql.contains(&format!(
                 "RANGE BETWEEN interval '{SCANNER_BURST_SECS} second' PRECEDING AND interval '{SCANNER_BURST_SECS} second' FOLLOWING"

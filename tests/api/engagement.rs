@@ -4,7 +4,7 @@
 //! *after* it, and a link burst; the query's numbers must be exactly these.
 
 use reachly_ingest::config::Secret;
-use reachly_ingest::db::engagement::{EngagementRow, campaign_engagement};
+use reachly_ingest::db::engagement::{EngagementRow, campaign_engagement, message_engagement};
 use reachly_ingest::token::Purpose;
 use reachly_ingest::webhooks::testkit::sign::{sendgrid_keypair, sendgrid_signature};
 use uuid::Uuid;
@@ -201,6 +201,50 @@ async fn the_campaign_query_counts_people_and_each_kind_of_machine_exactly() {
     got_sorted.sort();
     assert_eq!(got_sorted, want);
 
+    // Per message: the stored status counts the behavioural scanners (a3's instant click,
+    // a4's burst) and the honest one does not; machines that the write path flagged never
+    // moved the stored status (a2, b2 stay `sent`).
+    let per_message = message_engagement(&app.db, &[a1.campaign, campaign_b])
+        .await
+        .unwrap();
+    let mut got: Vec<(Uuid, Uuid, String, String, bool, bool, i64)> = per_message
+        .iter()
+        .map(|m| {
+            (
+                m.message_id,
+                m.contact_id,
+                m.status.clone(),
+                m.honest_status.clone(),
+                m.human_opened_at.is_some(),
+                m.human_clicked_at.is_some(),
+                m.machine_events,
+            )
+        })
+        .collect();
+    got.sort();
+    let msg = |s: &Seeded, raw: &str, honest: &str, opened: bool, clicked: bool, machine: i64| {
+        (
+            s.message,
+            s.contact,
+            raw.to_string(),
+            honest.to_string(),
+            opened,
+            clicked,
+            machine,
+        )
+    };
+    let mut want = vec![
+        msg(&a1, "clicked", "clicked", true, true, 1),
+        msg(&a2, "sent", "sent", false, false, 2),
+        msg(&a3, "clicked", "delivered", false, false, 1),
+        msg(&a4, "clicked", "opened", true, false, 3),
+        msg(&b1, "clicked", "clicked", true, true, 0),
+        msg(&b2, "sent", "sent", false, false, 2),
+        msg(&b3, "clicked", "clicked", false, true, 1),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+
     // The query uses the indexes named in docs/engagement.md (forced off sequential scans,
     // since a test database is tiny: this checks the indexes exist and fit the query).
     app.db
@@ -224,6 +268,23 @@ async fn the_campaign_query_counts_people_and_each_kind_of_machine_exactly() {
     let plan = plan.join("\n");
     assert!(plan.contains("idx_messages_campaign_id"), "{plan}");
     assert!(plan.contains("message_id"), "{plan}");
+    let plan: Vec<String> = app
+        .db
+        .query(
+            &format!(
+                "EXPLAIN {}",
+                reachly_ingest::db::engagement::MESSAGE_ENGAGEMENT_SQL
+            ),
+            &[&vec![a, b]],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("idx_messages_campaign_id"), "{plan}");
+    assert!(plan.contains("e.message_id"), "{plan}");
 }
 
 /// The behaviour verdicts depend only on the set of stored events: the same deliveries and
