@@ -198,6 +198,8 @@ pub struct DbStats {
     pub wal_sync: i64,
     /// Data pages written by checkpoints, the background writer and backends.
     pub page_writes: i64,
+    /// The same by writer: checkpointer, background writer, backends (autovacuum included).
+    pub pages_by: [i64; 3],
     pub xact_commit: i64,
 }
 
@@ -210,6 +212,11 @@ impl DbStats {
             wal_write: self.wal_write - earlier.wal_write,
             wal_sync: self.wal_sync - earlier.wal_sync,
             page_writes: self.page_writes - earlier.page_writes,
+            pages_by: [
+                self.pages_by[0] - earlier.pages_by[0],
+                self.pages_by[1] - earlier.pages_by[1],
+                self.pages_by[2] - earlier.pages_by[2],
+            ],
             xact_commit: self.xact_commit - earlier.xact_commit,
         }
     }
@@ -241,7 +248,8 @@ impl Monitor {
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8, \
                         w.wal_records::int8, w.wal_fpi::int8, w.wal_write::int8, w.wal_sync::int8, \
                         (b.buffers_checkpoint + b.buffers_clean + b.buffers_backend)::int8, \
-                        (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::int8 \
+                        (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::int8, \
+                        b.buffers_checkpoint::int8, b.buffers_clean::int8, b.buffers_backend::int8 \
                  FROM pg_stat_wal w, pg_stat_bgwriter b",
                 &[],
             )
@@ -261,6 +269,7 @@ impl Monitor {
             wal_sync: row.get(4),
             page_writes: row.get(5),
             xact_commit: row.get(6),
+            pages_by: [row.get(7), row.get(8), row.get(9)],
         })
     }
 

@@ -46,7 +46,7 @@ impl Attribution {
 
     /// A Markdown table: pages per relation, per 1,000 events, share; `counted` is the
     /// server's own count of pages written in the phase (for the coverage line).
-    pub fn markdown(&self, events: f64, counted: Option<f64>) -> String {
+    pub fn markdown(&self, events: f64, counted: Option<(f64, [i64; 3])>) -> String {
         let total = self.total().max(1) as f64;
         let mut s = String::from(
             "| relation | kind | of | pages written | per 1,000 events | share |\n| --- | --- | --- | --- | --- | --- |\n",
@@ -66,9 +66,12 @@ impl Attribution {
             self.samples,
             self.total(),
             match counted {
-                Some(c) if c > 0.0 => format!(
-                    " of the {} the server counted (`pg_stat_bgwriter`: checkpoint, background writer and backend writes), {:.0}% covered; a page written and dirtied again within a second counts once",
+                Some((c, by)) if c > 0.0 => format!(
+                    " of the {} the server counted (`pg_stat_bgwriter`: {} by the checkpointer, {} by the background writer, {} by backends and autovacuum workers), {:.0}% covered; a page written and dirtied again within a second counts once, and one that is dirtied and written within a second (a VACUUM's ring buffer, a backend's bulk-write ring) is not seen",
                     c as u64,
+                    by[0],
+                    by[1],
+                    by[2],
                     100.0 * self.total() as f64 / c
                 ),
                 _ => String::new(),

@@ -993,7 +993,10 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     verdicts.push(("service ramp".into(), verdict));
     let phase_events = drained.written_total() - phase_start_metrics.written_total();
     let phase_pages_counted = match (phase_start_db, phase_end_db) {
-        (Some(a), Some(b)) => Some((b.page_writes - a.page_writes) as f64),
+        (Some(a), Some(b)) => {
+            let d = b.delta(&a);
+            Some((d.page_writes as f64, d.pages_by))
+        }
         _ => None,
     };
     let phase_pages_per_event = match (phase_start_db, phase_end_db) {
@@ -1359,7 +1362,8 @@ async fn table_stats(url: &str) -> String {
             "SELECT CASE WHEN relname LIKE 'email_events%' THEN 'email_events (all partitions)' ELSE relname::text END, \
                     sum(n_tup_ins)::int8, sum(n_tup_upd)::int8, sum(n_tup_hot_upd)::int8, \
                     sum(pg_table_size(relid))::int8, sum(pg_indexes_size(relid))::int8, \
-                    max((SELECT count(*) FROM pg_index i WHERE i.indrelid = relid))::int8 \
+                    max((SELECT count(*) FROM pg_index i WHERE i.indrelid = relid))::int8, \
+                    sum(autovacuum_count)::int8, sum(autoanalyze_count)::int8 \
              FROM pg_stat_user_tables \
              WHERE schemaname = 'public' AND (relname LIKE 'email_events%' OR relname IN ('campaign_messages', 'contacts')) \
              GROUP BY 1 ORDER BY 1",
@@ -1370,7 +1374,7 @@ async fn table_stats(url: &str) -> String {
         return String::new();
     };
     let mut s = String::from(
-        "| table | rows inserted | rows updated | of which HOT | heap MB | indexes MB | indexes |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| table | rows inserted | rows updated | of which HOT | heap MB | indexes MB | indexes | autovacuums / autoanalyzes in the phase |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for r in rows {
         let (name, ins, upd, hot, heap, idx, n): (String, i64, i64, i64, i64, i64, i64) = (
@@ -1382,8 +1386,9 @@ async fn table_stats(url: &str) -> String {
             r.get(5),
             r.get(6),
         );
+        let (vacuums, analyzes): (i64, i64) = (r.get(7), r.get(8));
         s.push_str(&format!(
-            "| {name} | {} | {} | {} | {:.0} | {:.0} | {n} |\n",
+            "| {name} | {} | {} | {} | {:.0} | {:.0} | {n} | {vacuums} / {analyzes} |\n",
             report::fmt_num(ins as f64),
             report::fmt_num(upd as f64),
             report::fmt_num(hot as f64),
@@ -1448,6 +1453,14 @@ fn unaccounted_note(rows: &[StepRow]) -> String {
     )
 }
 
+/// Per-relation page writes of a phase, its events, and the server's count of pages written
+/// (total, and by checkpointer, background writer, backends).
+type PageAttribution<'a> = (
+    &'a crate::pagewrites::Attribution,
+    f64,
+    Option<(f64, [i64; 3])>,
+);
+
 struct FullReport<'a> {
     service: &'a PhaseResult,
     bus: &'a PhaseResult,
@@ -1460,7 +1473,7 @@ struct FullReport<'a> {
     phase_pages_per_event: Option<f64>,
     naive_pages_per_event: Option<f64>,
     /// Per-relation page writes of the service phase, its events and the server's count.
-    page_attribution: Option<(&'a crate::pagewrites::Attribution, f64, Option<f64>)>,
+    page_attribution: Option<PageAttribution<'a>>,
     statements: &'a [Statement],
     tables: &'a str,
 }
