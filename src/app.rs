@@ -198,16 +198,23 @@ impl App {
             true => Some(crate::pipeline::bus::Bus::connect(&config.bus).await?),
             false => None,
         };
+        // An edge has no database: Mailgun's signature tokens are remembered on the bus.
+        let bus_replay = match (&bus, edge) {
+            (Some(b), true) => Some(crate::http::replay::BusReplayStore::new(b.clone())),
+            _ => None,
+        };
         let pipeline =
             Pipeline::start_with_bus(&config.pipeline, pool.clone(), metrics.clone(), bus)?;
-        let state = Arc::new(AppState::new(
+        let mut state = AppState::new(
             config,
             pool.clone(),
             pipeline.ingest.clone(),
             metrics.clone(),
             prepared.webhooks,
             prepared.machine,
-        ));
+        );
+        state.bus_replay = bus_replay;
+        let state = Arc::new(state);
 
         let stop_background = CancellationToken::new();
         let mut background = Vec::new();

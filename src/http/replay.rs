@@ -1,4 +1,4 @@
-//! The database side of webhook replay protection: [`PgReplayStore`] implements
+//! Webhook replay protection shared by every instance. [`PgReplayStore`] implements
 //! `webhooks::ReplayStore` over `webhook_signature_tokens` (migration V9), so a signature
 //! token is remembered by every instance and across restarts, not per process.
 //!
@@ -11,10 +11,14 @@
 //! refused before the store is asked, so an old row is never needed.
 
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use tokio_postgres::types::Type;
 
+use crate::pipeline::bus::Bus;
 use crate::webhooks::{BoxFuture, ReplayStore};
 
 /// Seconds between two deletions of expired tokens (per process).
@@ -81,6 +85,77 @@ impl ReplayStore for PgReplayStore<'_> {
                 .map_err(|e| crate::pgerror::describe_error(&e))?;
             let first: Vec<u8> = row.get(0);
             Ok(first.as_slice() == digest)
+        })
+    }
+}
+
+/// The JetStream bucket of a bus edge's signature tokens.
+pub const TOKEN_BUCKET: &str = "REACHLY_WEBHOOK_TOKENS";
+
+/// How long the bucket remembers a token: as long as a provider that asks the store accepts
+/// the token's signature (Mailgun: signed up to 8 h 15 min ago or 15 min ahead).
+pub const TOKEN_MAX_AGE: Duration = Duration::from_secs(
+    (crate::webhooks::mailgun::MAX_SIGNATURE_AGE_SECS
+        + crate::webhooks::mailgun::MAX_SIGNATURE_AHEAD_SECS) as u64,
+);
+
+/// `webhooks::ReplayStore` of a bus edge, which has no database: a JetStream key-value
+/// bucket ([`TOKEN_BUCKET`], replicated like the stream) shared by every edge. The key is
+/// the SHA-256 of provider and token (keys allow few characters), the value the body's
+/// digest. `create` stores a key only if it is absent, atomically across the cluster, so of
+/// two edges racing on one token exactly one records its body and the other compares with
+/// it, as the database's `INSERT ... ON CONFLICT` does. Entries expire with the bucket's
+/// `max_age`. The bucket is opened on first use (the bus may be down when the edge starts);
+/// while it cannot be reached the webhook is answered 503 and the ESP retries.
+pub struct BusReplayStore {
+    bus: Bus,
+    store: tokio::sync::OnceCell<kv::Store>,
+}
+
+impl BusReplayStore {
+    pub fn new(bus: Bus) -> BusReplayStore {
+        BusReplayStore {
+            bus,
+            store: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+impl ReplayStore for BusReplayStore {
+    fn admit<'a>(
+        &'a self,
+        provider: &'a str,
+        token: &'a str,
+        body_sha256: [u8; 32],
+        _signed_at: DateTime<Utc>,
+        _expires_before: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let store = self
+                .store
+                .get_or_try_init(|| self.bus.key_value(TOKEN_BUCKET, TOKEN_MAX_AGE))
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            let mut h = Sha256::new();
+            h.update(provider.as_bytes());
+            h.update([0u8]);
+            h.update(token.as_bytes());
+            let key = hex::encode(h.finalize());
+            match store
+                .create(&key, bytes::Bytes::copy_from_slice(&body_sha256))
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    match store.get(&key).await {
+                        Ok(Some(first)) => Ok(first.as_ref() == body_sha256.as_slice()),
+                        // Expired between the two calls: the ESP's retry will record it.
+                        Ok(None) => Err("the token's entry expired while it was read".into()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            }
         })
     }
 }

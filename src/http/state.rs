@@ -19,6 +19,8 @@ pub struct AppState {
     pub webhooks: webhooks::Registry,
     /// Request-body bytes all requests together may hold (`REACHLY_BODY_BUDGET_BYTES`).
     pub body_budget: super::BodyBudget,
+    /// A bus edge's replay store (it has no database); `None`: the database's.
+    pub bus_replay: Option<super::replay::BusReplayStore>,
     shutting_down: AtomicBool,
 }
 
@@ -39,6 +41,7 @@ impl AppState {
             ingest,
             metrics,
             webhooks,
+            bus_replay: None,
             shutting_down: AtomicBool::new(false),
         }
     }

@@ -40,14 +40,18 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, 
     // `_held` keeps the body's bytes counted against the budget until the request is done.
     let (parts, body, _held) =
         read_body(req, limit, cfg.server.body_timeout, &state.body_budget).await?;
-    let replay = PgReplayStore { pool: &state.pool };
+    let in_database = PgReplayStore { pool: &state.pool };
+    let replay: &dyn crate::webhooks::ReplayStore = match &state.bus_replay {
+        Some(on_the_bus) => on_the_bus,
+        None => &in_database,
+    };
     let wreq = WebhookRequest {
         method: &parts.method,
         uri: &parts.uri,
         headers: &parts.headers,
         body: &body,
         received_at,
-        replay: &replay,
+        replay,
     };
     let source = provider.source().label();
     if let Err(e) = provider.verify(&wreq).await {

@@ -1086,3 +1086,148 @@ async fn bus_full_stream_spools_then_answers_503_and_drains_after() {
     w.assert_exactly_once(&expected, Duration::from_secs(60))
         .await;
 }
+
+/// A bus edge has no database, so Mailgun's replay protection (a signature token remembered
+/// with its body's digest by every instance) lives in a JetStream key-value bucket: two edges
+/// whose `DATABASE_URL` points at nothing take a Mailgun delivery, its re-delivery at the
+/// other edge, and refuse the captured signature with a forged body at the other edge; they
+/// take pixels and clicks too, and everything accepted is stored once by the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bus_edges_without_a_database_share_mailgun_replay_protection_through_the_bus() {
+    const KEY: &str = "key-0123456789abcdef-bus";
+    let (nats, w, _slot) = up(2, fresh_database().await).await;
+    let urls = nats.urls();
+    // Room in the test cluster's 1 GB file store for the token bucket (1/16 of this).
+    let room = ("REACHLY_BUS_MAX_BYTES", "268435456");
+    let writer = spawn_role(&w.db_url, &urls, "writer", &[room]);
+    // Nothing listens on port 1: any use of the database by an edge would fail.
+    let nowhere = "postgres://reachly@127.0.0.1:1/nothing";
+    let mailgun = [
+        ("REACHLY_MAILGUN_SIGNING_KEY", KEY),
+        ("REACHLY_MIGRATE_ON_START", "false"),
+        room,
+    ];
+    let edges = [
+        spawn_role(nowhere, &urls, "edge", &mailgun),
+        spawn_role(nowhere, &urls, "edge", &mailgun),
+    ];
+    for p in edges.iter().chain(std::iter::once(&writer)) {
+        ready(p).await;
+    }
+    let fixture = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/mailgun/delivered.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture");
+    let signed = |i: usize, event_id: &str, token: &str| -> String {
+        let text = fixture
+            .replace(
+                crate::webhooks_common::FIXTURE_ORG,
+                &w.msgs[i].org.to_string(),
+            )
+            .replace(
+                crate::webhooks_common::FIXTURE_MESSAGES[0],
+                &w.msgs[i].message.to_string(),
+            );
+        let mut doc: serde_json::Value = serde_json::from_str(&text).expect("json");
+        doc["event-data"]["id"] = serde_json::Value::from(event_id);
+        let ts = chrono::Utc::now().timestamp().to_string();
+        doc["signature"] = serde_json::json!({
+            "timestamp": ts, "token": token,
+            "signature": reachly_ingest::webhooks::testkit::sign::mailgun_signature(KEY, &ts, token),
+        });
+        doc.to_string()
+    };
+    let post = |edge: &ServeProcess, body: String| {
+        let req = w
+            .http
+            .post(edge.url("/webhooks/mailgun"))
+            .header("content-type", "application/json")
+            .timeout(Duration::from_secs(15))
+            .body(body);
+        async move {
+            let r = req.send().await.ok()?;
+            let status = r.status().as_u16();
+            if status != 200 {
+                eprintln!(
+                    "mailgun at an edge: {status} {}",
+                    r.text().await.unwrap_or_default()
+                );
+            }
+            Some(status)
+        }
+    };
+    let token = format!("{}{}", Uuid::new_v4().simple(), "0123456789abcdefff");
+    let genuine = signed(0, "bus-mg-1", &token);
+    assert_eq!(post(&edges[0], genuine.clone()).await, Some(200));
+    // The ESP re-delivers the same request to the other edge: accepted, stored once.
+    assert_eq!(post(&edges[1], genuine).await, Some(200));
+    // The captured signature with another body (message 1's event) at the other edge.
+    let forged = signed(1, "bus-mg-forged", &token);
+    assert_eq!(post(&edges[1], forged).await, Some(401));
+    // A new token is a new request.
+    let token2 = format!("{}{}", Uuid::new_v4().simple(), "0123456789abcdefff");
+    assert_eq!(
+        post(&edges[1], signed(1, "bus-mg-2", &token2)).await,
+        Some(200)
+    );
+    // Pixels and clicks need no database at an edge either.
+    assert!(
+        w.pixel(&edges[0], &w.msgs[0]).await,
+        "pixel at a database-less edge"
+    );
+    assert!(
+        w.click(&edges[1], &w.msgs[0]).await,
+        "click at a database-less edge"
+    );
+    let tracked = || {
+        let (db, m) = (&w.db, w.msgs[0].message);
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM email_events WHERE provider = 'reachly' AND message_id = $1",
+                &[&m],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+        }
+    };
+    let count = |i: usize| {
+        let (db, m) = (&w.db, w.msgs[i].message);
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM email_events WHERE provider = 'mailgun' AND message_id = $1",
+                &[&m],
+            )
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count(0).await < 1 || count(1).await < 1 || tracked().await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the accepted Mailgun events did not reach the database"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let anything still in flight land before the final count.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(tracked().await, 2, "the open and the click, once each");
+    assert_eq!(count(0).await, 1, "the genuine event, once");
+    assert_eq!(
+        count(1).await,
+        1,
+        "only the newly signed event, not the forged one"
+    );
+    let forged_rows: i64 =
+        w.db.query_one(
+            "SELECT count(*) FROM email_events WHERE metadata::text LIKE '%bus-mg-forged%'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(forged_rows, 0);
+}

@@ -134,6 +134,47 @@ impl Bus {
         &self.cfg
     }
 
+    /// The JetStream key-value bucket `bucket` (file storage, one value per key, as many
+    /// replicas as the stream, entries expiring after `max_age`), created if missing. Two
+    /// processes creating it at once with the same settings both succeed.
+    ///
+    /// The bucket's stream is made here with the settings async-nats' `create_key_value`
+    /// would give it (`KV_<bucket>`, subjects `$KV.<bucket>.>`, rollups allowed, deletes
+    /// denied, direct gets, discard new): that function first asks for the account's info,
+    /// whose answer from Debian's nats-server 2.9.10 async-nats 0.51 cannot parse.
+    pub async fn key_value(
+        &self,
+        bucket: &str,
+        max_age: Duration,
+    ) -> anyhow::Result<jetstream::kv::Store> {
+        if let Ok(store) = self.js.get_key_value(bucket).await {
+            return Ok(store);
+        }
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: format!("KV_{bucket}"),
+                subjects: vec![format!("$KV.{bucket}.>")],
+                max_messages_per_subject: 1,
+                max_age,
+                // Bounded like the stream (JetStream reserves it): a sixteenth of
+                // REACHLY_BUS_MAX_BYTES, at least 16 MiB.
+                max_bytes: (self.cfg.max_bytes / 16).max(16 << 20),
+                storage: stream::StorageType::File,
+                num_replicas: self.cfg.replicas,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("creating the key-value bucket {bucket}: {e}"))?;
+        self.js
+            .get_key_value(bucket)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening the key-value bucket {bucket}: {e}"))
+    }
+
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
