@@ -215,6 +215,14 @@ impl App {
         );
         state.bus_replay = bus_replay;
         let state = Arc::new(state);
+        if state.bus_replay.is_some() {
+            let warming = state.clone();
+            tokio::spawn(async move {
+                if let Some(r) = &warming.bus_replay {
+                    r.warm().await;
+                }
+            });
+        }
 
         let stop_background = CancellationToken::new();
         let mut background = Vec::new();
