@@ -71,6 +71,8 @@ pub struct MaintenanceReport {
     pub archive_failures: Vec<(String, String)>,
     /// Dead letters older than their retention deleted.
     pub expired_dead_letters: u64,
+    /// Claimed keys of undated ESP events past their retention deleted.
+    pub expired_event_keys: u64,
 }
 
 /// What a round does past the premade days; [`maintain`] archives nothing and keeps dead
@@ -188,6 +190,7 @@ async fn maintain_with(
         report.expired_dead_letters =
             super::retention::expire_dead_letters(client, retention.dead_letter_days).await?;
     }
+    report.expired_event_keys = super::retention::expire_event_keys(client).await?;
     Ok(report)
 }
 
@@ -447,8 +450,9 @@ pub async fn run_periodically(
                     || r.moved_rows > 0
                     || r.secured > 0
                     || r.expired_dead_letters > 0
+                    || r.expired_event_keys > 0
                 {
-                    tracing::info!(created = ?r.created, dropped = ?r.dropped, archived = ?r.archived, moved_rows = r.moved_rows, secured = r.secured, expired_dead_letters = r.expired_dead_letters, "partition maintenance");
+                    tracing::info!(created = ?r.created, dropped = ?r.dropped, archived = ?r.archived, moved_rows = r.moved_rows, secured = r.secured, expired_dead_letters = r.expired_dead_letters, expired_event_keys = r.expired_event_keys, "partition maintenance");
                 }
                 record_horizon(&pool, &metrics).await;
             }

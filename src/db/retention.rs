@@ -1,4 +1,8 @@
-//! Dead-letter retention: `webhook_dead_letters` rows older than
+//! Retention of the two unpartitioned side tables, by partition maintenance after its
+//! round. Event keys: `webhook_event_keys` rows (claimed keys of ESP events that carry no
+//! time, migration V10) older than [`EVENT_KEY_RETENTION_DAYS`] are deleted every round; no
+//! ESP re-delivers that late, and without this the table grows for ever.
+//! Dead letters: `webhook_dead_letters` rows older than
 //! `REACHLY_DEAD_LETTER_RETENTION_DAYS` are deleted by partition maintenance. The table is
 //! not partitioned (it is small when healthy, and a flood of bad webhooks is what fills it),
 //! so the delete goes in batches of [`BATCH`] rows by `received_at` (indexed), each its own
@@ -29,6 +33,36 @@ pub async fn expire_dead_letters(client: &Client, days: u32) -> anyhow::Result<u
             )
             .await
             .context("expiring dead letters")?
+            .get::<_, i64>(0) as u64;
+        total += n;
+        if n < BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// Days a claimed event key is kept: far past every ESP's retry schedule (the longest,
+/// Resend's, is about 28 hours), so any re-delivery is still recognised.
+pub const EVENT_KEY_RETENTION_DAYS: i32 = 7;
+
+/// Deletes event keys first seen more than [`EVENT_KEY_RETENTION_DAYS`] ago, in batches of
+/// [`BATCH`]; returns how many.
+pub async fn expire_event_keys(client: &Client) -> anyhow::Result<u64> {
+    let mut total = 0;
+    loop {
+        let n = client
+            .query_typed_one(
+                "WITH gone AS (DELETE FROM public.webhook_event_keys WHERE dedup_key IN ( \
+                   SELECT dedup_key FROM public.webhook_event_keys \
+                   WHERE first_seen_at < now() - make_interval(days => $1) LIMIT $2) RETURNING 1) \
+                 SELECT count(*) FROM gone",
+                &[
+                    (&EVENT_KEY_RETENTION_DAYS, Type::INT4),
+                    (&BATCH, Type::INT8),
+                ],
+            )
+            .await
+            .context("expiring webhook event keys")?
             .get::<_, i64>(0) as u64;
         total += n;
         if n < BATCH as u64 {

@@ -169,3 +169,31 @@ async fn rls_of_2040(db: &tokio_postgres::Client) -> (bool, i64) {
         .unwrap();
     (r.get(0), r.get(1))
 }
+
+/// Claimed keys of undated ESP events (`webhook_event_keys`) are kept a week, then deleted by
+/// maintenance, so the table does not grow for ever.
+#[tokio::test]
+async fn maintenance_expires_event_keys_past_a_week() {
+    let url = fresh_database().await;
+    let mut db = connect(&url).await;
+    db.batch_execute(
+        "INSERT INTO webhook_event_keys (dedup_key, first_seen_at) VALUES \
+           ('postmark:old', now() - interval '8 days'), \
+           ('postmark:recent', now() - interval '6 days'), \
+           ('postmark:new', now())",
+    )
+    .await
+    .unwrap();
+    let r = maintain(&mut db, Utc::now().date_naive(), 2, 400)
+        .await
+        .unwrap();
+    assert_eq!(r.expired_event_keys, 1, "{r:?}");
+    let left: Vec<String> = db
+        .query("SELECT dedup_key FROM webhook_event_keys ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, vec!["postmark:new", "postmark:recent"]);
+}
