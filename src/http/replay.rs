@@ -130,9 +130,17 @@ impl BusReplayStore {
     /// Opens (or creates) the bucket ahead of the first webhook, retrying every second until
     /// it succeeds: creating a replicated bucket takes seconds, which the first Mailgun
     /// requests would otherwise wait for (measured: p99 4.8 s in the load-test smoke).
+    /// Mailgun requests are answered 503 until it exists; a failure is logged as a warning
+    /// once a minute (JetStream storage too small for the stream and the bucket, say).
     pub async fn warm(&self) {
+        let mut attempt: u64 = 0;
         while let Err(e) = self.store().await {
-            tracing::debug!(error = %e, "the signature-token bucket is not ready yet");
+            if attempt % 60 == 59 {
+                tracing::warn!(error = %e, "the signature-token bucket cannot be opened; Mailgun webhooks are answered 503 until it can");
+            } else {
+                tracing::debug!(error = %e, "the signature-token bucket is not ready yet");
+            }
+            attempt += 1;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }

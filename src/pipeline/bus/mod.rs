@@ -150,6 +150,11 @@ impl Bus {
         if let Ok(store) = self.js.get_key_value(bucket).await {
             return Ok(store);
         }
+        // The event stream first: JetStream reserves each stream's max_bytes, and a server
+        // with room for only one of the two must give it to the events.
+        self.ready().map_err(|e| {
+            anyhow::anyhow!("not creating the bucket {bucket} before the stream: {e}")
+        })?;
         self.js
             .get_or_create_stream(stream::Config {
                 name: format!("KV_{bucket}"),
