@@ -81,10 +81,21 @@ pub async fn readyz(state: &AppState) -> Resp {
     }
     // With a bus, events go to the bus, not to the database: readiness is the bus's.
     if let Some(bus) = state.ingest.bus_ready() {
-        return match bus {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
-        };
+        if let Err(e) = bus {
+            return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n"));
+        }
+        // An edge taking Mailgun webhooks needs its signature-token bucket: until it is
+        // open they would be answered 503, so a load balancer should not send them yet.
+        if let Some(tokens) = &state.bus_replay
+            && state.config.webhooks.mailgun_signing_key.is_some()
+            && !tokens.is_open()
+        {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the signature-token bucket (Mailgun replay protection) is not open yet\n",
+            );
+        }
+        return text(StatusCode::OK, "ready\n");
     }
     let spool = state.ingest.spool_bytes();
     let spool_max = state.config.pipeline.spool_max_bytes;

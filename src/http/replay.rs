@@ -120,6 +120,11 @@ impl BusReplayStore {
         }
     }
 
+    /// Whether the bucket is open (readiness of an edge that takes Mailgun webhooks).
+    pub fn is_open(&self) -> bool {
+        self.store.initialized()
+    }
+
     async fn store(&self) -> Result<&kv::Store, String> {
         self.store
             .get_or_try_init(|| self.bus.key_value(TOKEN_BUCKET, TOKEN_MAX_AGE))
@@ -130,8 +135,9 @@ impl BusReplayStore {
     /// Opens (or creates) the bucket ahead of the first webhook, retrying every second until
     /// it succeeds: creating a replicated bucket takes seconds, which the first Mailgun
     /// requests would otherwise wait for (measured: p99 4.8 s in the load-test smoke).
-    /// Mailgun requests are answered 503 until it exists; a failure is logged as a warning
-    /// once a minute (JetStream storage too small for the stream and the bucket, say).
+    /// Until it is open the edge is not ready (when it takes Mailgun webhooks: `/readyz`);
+    /// a failure is logged as a warning once a minute (JetStream storage too small for the
+    /// stream and the bucket, say).
     pub async fn warm(&self) {
         let mut attempt: u64 = 0;
         while let Err(e) = self.store().await {
