@@ -7,6 +7,9 @@ use clap::Parser as _;
 use reachly_ingest::config::{Cli, Command, Config, EXIT_CONFIG};
 use reachly_ingest::{App, app, init_tracing};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn config_error(msg: impl std::fmt::Display) -> ! {
     eprintln!("reachly-ingest: invalid configuration: {msg}");
     std::process::exit(EXIT_CONFIG);
