@@ -380,8 +380,11 @@ pub struct PipelineConfig {
     #[arg(long = "flush-interval-ms", env = "REACHLY_FLUSH_INTERVAL_MS", default_value = "200", value_parser = positive_millis)]
     pub flush_interval: Duration,
     /// Milliseconds a batch holding a webhook's or unsubscribe's events (someone waits for the
-    /// commit) waits for more before it is written: group commit.
-    #[arg(long = "durable-linger-ms", env = "REACHLY_DURABLE_LINGER_MS", default_value = "2", value_parser = millis)]
+    /// commit) waits at most for more before it is written, while more keep coming (it is
+    /// written after 2 ms without an arrival): group commit. 20 ms: at 4,750 req/s in the load
+    /// test, 2 ms made 55-event commits at 100 us of database CPU per event, 20 ms 181-event
+    /// commits at 85 us (webhook p50 25 -> 41 ms; ESPs wait seconds).
+    #[arg(long = "durable-linger-ms", env = "REACHLY_DURABLE_LINGER_MS", default_value = "20", value_parser = millis)]
     pub durable_linger: Duration,
     /// Concurrent batch writers (each holds one connection while it writes).
     #[arg(long, env = "REACHLY_WRITERS", default_value = "2", value_parser = positive)]

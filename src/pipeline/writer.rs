@@ -41,6 +41,9 @@ use crate::metrics::{self, Metrics};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A batch holding a durable envelope is written once nothing has arrived for this long
+/// (at most `durable_linger` after that envelope).
+const DURABLE_GAP: Duration = Duration::from_millis(2);
 /// Idle writers still beat this often (liveness).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
@@ -150,18 +153,27 @@ async fn collect(
             _ = ctx.closing.cancelled(), if !ctx.closing.is_cancelled() => {}
         }
     }
-    // More, until the batch is full or the first envelope is `flush_interval` old; or, once
-    // a durable envelope (a webhook, an unsubscribe: someone waits for the commit) is in the
-    // batch, `durable_linger` after it. That is group commit: a waiting request costs a
-    // couple of milliseconds, and whatever arrives while a batch commits fills the next.
-    let mut due = Instant::now() + ctx.flush_interval;
-    if batch.iter().any(|e| e.ack.is_some()) {
-        due = due.min(Instant::now() + ctx.durable_linger);
-    }
+    // More, until the batch is full or the first envelope is `flush_interval` old. Once a
+    // durable envelope (a webhook, an unsubscribe: someone waits for the commit) is in the
+    // batch, sooner: `durable_linger` after it at the latest, or as soon as nothing new has
+    // arrived for `DURABLE_GAP`. That is group commit that adapts to the traffic: a steady
+    // stream (a campaign's webhooks) fills commits for up to the linger, so the database
+    // pays its per-commit cost over more events; a lull (an ESP's last in-flight requests, a
+    // closed-loop sender) is written at once, so it is not held for the whole linger.
+    let flush_due = Instant::now() + ctx.flush_interval;
+    let mut durable_due: Option<Instant> = batch
+        .iter()
+        .any(|e| e.ack.is_some())
+        .then(|| Instant::now() + ctx.durable_linger);
+    let mut last_arrival = Instant::now();
     let mut count: usize = batch.iter().map(Envelope::len).sum();
     while count < ctx.flush_max_events {
         let before = batch.len();
         let room = ctx.flush_max_events - count;
+        let due = match durable_due {
+            Some(d) => flush_due.min(d).min(last_arrival + DURABLE_GAP),
+            None => flush_due,
+        };
         if ctx.closing.is_cancelled() {
             rx.close();
             // Draining: take what is there, do not wait for more.
@@ -176,9 +188,10 @@ async fn collect(
                 _ = ctx.closing.cancelled() => continue,
             }
         }
+        last_arrival = Instant::now();
         count += batch[before..].iter().map(Envelope::len).sum::<usize>();
-        if batch[before..].iter().any(|e| e.ack.is_some()) {
-            due = due.min(Instant::now() + ctx.durable_linger);
+        if durable_due.is_none() && batch[before..].iter().any(|e| e.ack.is_some()) {
+            durable_due = Some(last_arrival + ctx.durable_linger);
         }
     }
     Some(batch)

@@ -861,3 +861,39 @@ async fn a_lock_timeout_is_logged_with_its_sqlstate_and_message() {
     wait_for_count(&db, "SELECT count(*) FROM email_events", 1).await;
     service.kill9();
 }
+
+/// Group commit adapts to the traffic: a durable request (an unsubscribe waits for its
+/// commit) with nothing arriving behind it is written once the 2 ms gap passes, not held for
+/// the whole `REACHLY_DURABLE_LINGER_MS` (here 60 s, so holding it would time the request out).
+#[tokio::test]
+async fn a_lone_durable_request_is_written_after_the_gap_not_the_whole_linger() {
+    let app = spawn_app_on(
+        &fresh_database().await,
+        |a| a.pipeline.durable_linger = Duration::from_secs(60),
+        Default::default(),
+    )
+    .await;
+    let s = app.seed().await;
+    let t = token::mint(
+        &test_token_keys(),
+        Purpose::Unsubscribe,
+        s.org,
+        s.message,
+        None,
+    )
+    .unwrap();
+    let started = Instant::now();
+    let status = tokio::time::timeout(
+        Duration::from_secs(20),
+        unsubscribe(&app.http, &app.url(""), &t),
+    )
+    .await
+    .expect("the unsubscribe was held for the linger (no answer within 20 s)");
+    assert_eq!(
+        status,
+        200,
+        "unsubscribe answered {status} after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.contact_status(s.contact).await, "unsubscribed");
+}
