@@ -7,6 +7,8 @@
 #                           # then bus mode (needs nats-server), each with the exactly-once check
 #
 # Extra arguments go to reachly-loadtest (see `--help`), e.g. `loadtest/run.sh full --step-seconds 30`.
+# REACHLY_BASELINE=<commit> (full only): also build that commit of the service in a git worktree
+# (under target/baseline-<commit>) and ramp it after this one, for side-by-side ratios.
 # Needs: Rust, PostgreSQL's server binaries (initdb, pg_ctl), taskset (util-linux), 2 CPUs,
 # nats-server for the bus mode (Debian package nats-server; --skip-bus runs without it).
 # Exit status: 0 pass; 1 an exactly-once check failed or the service misbehaved; 2 the run
@@ -30,5 +32,18 @@ echo "loadtest/run.sh: building reachly-ingest and the load test (release, targe
 # Not --locked: when the product gains a dependency, cargo adds it to this lock file.
 (cd "$here" && cargo build --release "${features[@]}")
 bin="$CARGO_TARGET_DIR/release"
+baseline=()
+if [ -n "${REACHLY_BASELINE:-}" ]; then
+  commit="$(cd "$root" && git rev-parse --short "$REACHLY_BASELINE")"
+  tree="$CARGO_TARGET_DIR/baseline-$commit/src"
+  if [ ! -d "$tree" ]; then
+    (cd "$root" && git worktree add --detach -f "$tree" "$commit" >/dev/null)
+  fi
+  echo "loadtest/run.sh: building the baseline $commit in $tree" >&2
+  (cd "$tree" && CARGO_TARGET_DIR="$CARGO_TARGET_DIR/baseline-$commit/target" \
+    cargo build --release --locked --bin reachly-ingest)
+  baseline=(--baseline-bin "$CARGO_TARGET_DIR/baseline-$commit/target/release/reachly-ingest"
+            --baseline-name "main at $commit")
+fi
 exec "$bin/reachly-loadtest" "$mode" \
-  --service-bin "$bin/reachly-ingest" --naive-bin "$bin/naive-server" "$@"
+  --service-bin "$bin/reachly-ingest" --naive-bin "$bin/naive-server" "${baseline[@]}" "$@"

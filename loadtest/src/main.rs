@@ -29,6 +29,14 @@ struct Cli {
     /// The naive reference server (default: next to this one).
     #[arg(long)]
     naive_bin: Option<PathBuf>,
+    /// Another build of the service (for example main at an older commit, built in a git
+    /// worktree) ramped the same way after the service, on the same freshly reset database,
+    /// so the report can set the two side by side as ratios measured in one run.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
+    /// What to call the baseline in the report (e.g. "main at 9e3c73a").
+    #[arg(long, default_value = "baseline")]
+    baseline_name: String,
     /// Where the throwaway cluster, spool and logs go (a directory the postgres user can
     /// enter when run as root).
     #[arg(long, default_value = "/tmp")]
@@ -156,6 +164,9 @@ fn parse_setting(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let here = std::env::current_exe()
@@ -171,6 +182,7 @@ fn main() -> ExitCode {
             .service_bin
             .unwrap_or_else(|| here.join("reachly-ingest")),
         naive_bin: cli.naive_bin.unwrap_or_else(|| here.join("naive-server")),
+        baseline: cli.baseline_bin.map(|b| (b, cli.baseline_name.clone())),
         work_dir: cli.work_dir,
         keep: cli.keep,
         results_dir: results_dir.clone(),

@@ -52,6 +52,8 @@ pub struct Options {
     pub mode: Mode,
     pub service_bin: PathBuf,
     pub naive_bin: PathBuf,
+    /// Another build of the service and its name in the report (`--baseline-bin`).
+    pub baseline: Option<(PathBuf, String)>,
     pub work_dir: PathBuf,
     pub keep: bool,
     pub results_dir: Option<PathBuf>,
@@ -171,6 +173,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         );
     }
     pin::pin_pid(std::process::id(), opts.app_cpu)?;
+    if let Some((b, _)) = &opts.baseline
+        && !b.is_file()
+    {
+        bail!("--baseline-bin {} is not a file", b.display());
+    }
     for (what, p) in [
         ("reachly-ingest", &opts.service_bin),
         ("naive-server", &opts.naive_bin),
@@ -766,6 +773,18 @@ async fn spawn_serve(
     tag: &str,
     extra: &[(String, String)],
 ) -> anyhow::Result<ServerProcess> {
+    let program = ctx.opts.service_bin.clone();
+    spawn_serve_bin(ctx, &program, name, tag, extra).await
+}
+
+/// [`spawn_serve`] of a given build of the service.
+async fn spawn_serve_bin(
+    ctx: &mut Ctx,
+    program: &std::path::Path,
+    name: &'static str,
+    tag: &str,
+    extra: &[(String, String)],
+) -> anyhow::Result<ServerProcess> {
     let (public, admin) = (free_addr()?, free_addr()?);
     let spool = ctx.dir.join(format!("spool-{tag}"));
     std::fs::create_dir_all(&spool)?;
@@ -773,7 +792,7 @@ async fn spawn_serve(
     env.extend_from_slice(extra);
     let mut s = ServerProcess::spawn(ServerSpec {
         name,
-        program: &ctx.opts.service_bin,
+        program,
         args: &["serve"],
         env: &env,
         cpu: ctx.opts.app_cpu,
@@ -1078,6 +1097,87 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         }
     }
 
+    // 2c. The baseline: another build of the service, ramped like this one on the freshly
+    // reset database, with the same request sequence (same generator seed).
+    let mut baseline: Option<BaselineResult> = None;
+    if let Some((bin, name)) = ctx.opts.baseline.clone() {
+        eprintln!("== baseline ramp ({name}: {})", bin.display());
+        seed::reset(&ctx.cluster.url()).await?;
+        wait_quiet(ctx).await;
+        let mut target =
+            Target::single(spawn_serve_bin(ctx, &bin, "baseline", "baseline", &[]).await?);
+        let mut bload = Load::new(target.bases(), ctx, mix.clone(), 42);
+        ctx.monitor.execute("SELECT pg_stat_reset()").await?;
+        let db0 = ctx.monitor.stats().await.ok();
+        let m0 = target
+            .metrics(&ctx.client)
+            .await
+            .context("the baseline's metrics")?;
+        let sampler = if crate::pagewrites::available(&ctx.cluster.url()).await {
+            Some(crate::pagewrites::Sampler::start(&ctx.cluster.url()).await?)
+        } else {
+            None
+        };
+        let mut phase = ramp(
+            ctx,
+            &mut bload,
+            &mut target,
+            "baseline",
+            ctx.opts.start_rate,
+        )
+        .await?;
+        if ctx.opts.rates.is_empty() {
+            let half_rate = match (phase.first_saturated, phase.best_ok) {
+                (Some(s), _) => s / 2.0,
+                (None, Some(ok)) => ok / 2.0,
+                _ => ctx.opts.start_rate / 2.0,
+            };
+            drain(ctx, &mut target, Duration::from_secs(180)).await?;
+            wait_quiet(ctx).await;
+            let half = step(
+                ctx,
+                &mut bload,
+                &mut target,
+                format!("baseline half {half_rate:.0}/s"),
+                half_rate,
+                true,
+            )
+            .await?;
+            phase.rows.push(half);
+        }
+        let drained = drain(ctx, &mut target, Duration::from_secs(300)).await?;
+        let attribution = match sampler {
+            Some(s) => s.finish().await.ok(),
+            None => None,
+        };
+        ctx.monitor.execute("CHECKPOINT").await?;
+        let db1 = ctx.monitor.stats().await.ok();
+        let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&bload.ledger)).await?;
+        println!("baseline: {}", verdict.summary());
+        passed &= verdict.ok && drained.dropped_total() == 0.0;
+        verdicts.push((format!("baseline ramp ({name})"), verdict.clone()));
+        phase.verdict = Some(verdict);
+        let events = drained.written_total() - m0.written_total();
+        let pages_per_event = match (db0, db1) {
+            (Some(a), Some(b)) if events > 0.0 => {
+                Some((b.page_writes - a.page_writes) as f64 / events)
+            }
+            _ => None,
+        };
+        report::apply_phase_pages(&mut phase.rows, pages_per_event);
+        let (exit_ok, exits) = stop_target(target, Duration::from_secs(60)).await?;
+        if !exit_ok {
+            notes.push(format!("the baseline did not exit 0 on SIGTERM ({exits})"));
+        }
+        baseline = Some(BaselineResult {
+            name,
+            phase,
+            pages_per_event,
+            attribution,
+            events,
+        });
+    }
+
     // 3. The naive server.
     let mut naive = PhaseResult::default();
     let mut naive_pages_per_event = None;
@@ -1186,6 +1286,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
 
     // 5. The report.
     let body = full_report(FullReport {
+        baseline: baseline.as_ref(),
         service: &service,
         bus: &bus,
         bus_shape: (ctx.opts.bus_edges, ctx.opts.bus_writers),
@@ -1462,6 +1563,7 @@ type PageAttribution<'a> = (
 );
 
 struct FullReport<'a> {
+    baseline: Option<&'a BaselineResult>,
     service: &'a PhaseResult,
     bus: &'a PhaseResult,
     bus_shape: (usize, usize),
@@ -1476,6 +1578,150 @@ struct FullReport<'a> {
     page_attribution: Option<PageAttribution<'a>>,
     statements: &'a [Statement],
     tables: &'a str,
+}
+
+/// What the baseline phase (`--baseline-bin`) measured.
+pub struct BaselineResult {
+    pub name: String,
+    pub phase: PhaseResult,
+    pub pages_per_event: Option<f64>,
+    pub attribution: Option<crate::pagewrites::Attribution>,
+    /// Events it committed in its phase.
+    pub events: f64,
+}
+
+/// The best step that did not saturate (the most events committed per second).
+fn sustained(rows: &[StepRow]) -> Option<&StepRow> {
+    rows.iter()
+        .filter(|r| r.saturated.is_none())
+        .max_by(|a, b| a.committed_per_s.total_cmp(&b.committed_per_s))
+}
+
+/// The goals set side by side: this build against the baseline, as ratios.
+fn baseline_section(
+    service: &PhaseResult,
+    service_pages: Option<f64>,
+    service_attr: Option<(&crate::pagewrites::Attribution, f64)>,
+    b: &BaselineResult,
+) -> String {
+    let mut s = format!(
+        "## Against the baseline ({}), measured in this run\n\nThe baseline build was ramped after the service on the same freshly reset database, with the same request sequence. Ratios are this build / the baseline.\n\n",
+        b.name
+    );
+    s.push_str(&report::steps_table(&b.phase.rows, true));
+    let half = |p: &PhaseResult| {
+        p.rows
+            .iter()
+            .find(|r| r.phase.contains("half"))
+            .or_else(|| p.rows.last())
+            .map(|r| {
+                let p99 = |i: usize| r.latency[i][1].unwrap_or(f64::NAN);
+                (r.phase.clone(), p99(0).max(p99(1)))
+            })
+    };
+    let peak_rss = |p: &PhaseResult| p.rows.iter().map(|r| r.server_hwm_mb).fold(0.0, f64::max);
+    let (a, z) = (sustained(&service.rows), sustained(&b.phase.rows));
+    let mut t = String::from("\n| | this build | baseline | ratio |\n| --- | --- | --- | --- |\n");
+    let mut line = |what: &str, x: Option<f64>, y: Option<f64>, digits: usize| {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+        let ratio = match (x, y) {
+            (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+            _ => "-".into(),
+        };
+        t.push_str(&format!("| {what} | {} | {} | {ratio} |\n", f(x), f(y)));
+    };
+    line(
+        "events committed/s, best step that did not saturate",
+        a.map(|r| r.committed_per_s),
+        z.map(|r| r.committed_per_s),
+        0,
+    );
+    line(
+        "database CPU us/event at that step",
+        a.and_then(|r| r.db_cpu_us_per_event),
+        z.and_then(|r| r.db_cpu_us_per_event),
+        1,
+    );
+    line(
+        "data pages written per event (phase, final CHECKPOINT included)",
+        service_pages,
+        b.pages_per_event,
+        4,
+    );
+    line(
+        "projected B1ms ceiling, bursting (events/s)",
+        a.and_then(|r| r.projection.map(|p| p.burst())),
+        z.and_then(|r| r.projection.map(|p| p.burst())),
+        0,
+    );
+    line(
+        "projected B1ms ceiling, at baseline CPU (events/s)",
+        a.and_then(|r| r.projection.map(|p| p.baseline())),
+        z.and_then(|r| r.projection.map(|p| p.baseline())),
+        0,
+    );
+    let (ha, hz) = (half(service), half(&b.phase));
+    line(
+        &format!(
+            "tracking p99 ms (worse of pixel, click) at {} / {}",
+            ha.as_ref().map_or("-", |h| h.0.as_str()),
+            hz.as_ref().map_or("-", |h| h.0.as_str())
+        ),
+        ha.map(|h| h.1),
+        hz.map(|h| h.1),
+        2,
+    );
+    line(
+        "peak server RSS MB over the phase",
+        Some(peak_rss(service)),
+        Some(peak_rss(&b.phase)),
+        0,
+    );
+    s.push_str(&t);
+    if let (Some((mine, my_events)), Some(theirs)) = (service_attr, b.attribution.as_ref()) {
+        s.push_str("\n| relation | kind | this build, pages per 1,000 events | baseline | ratio |\n| --- | --- | --- | --- | --- |\n");
+        let per = |pages: u64, ev: f64| 1000.0 * pages as f64 / ev.max(1.0);
+        let mut names: Vec<(String, String)> = Vec::new();
+        for (rel, kind, _, _) in mine.rows.iter().chain(theirs.rows.iter()) {
+            if !names.iter().any(|(n, _)| n == rel) {
+                names.push((rel.clone(), kind.clone()));
+            }
+        }
+        let find = |a: &crate::pagewrites::Attribution, rel: &str| {
+            a.rows.iter().find(|r| r.0 == rel).map_or(0, |r| r.3)
+        };
+        let total = (mine.total() + theirs.total()).max(1) as f64;
+        for (rel, kind) in names {
+            let (x, y) = (find(mine, &rel), find(theirs, &rel));
+            if ((x + y) as f64) < total * 0.004 {
+                continue;
+            }
+            let (px, py) = (per(x, my_events), per(y, b.events));
+            let ratio = if py > 0.0 {
+                format!("{:.2}", px / py)
+            } else {
+                "-".into()
+            };
+            s.push_str(&format!(
+                "| {rel} | {kind} | {px:.1} | {py:.1} | {ratio} |\n"
+            ));
+        }
+        s.push_str(&format!(
+            "| **all attributed** | | {:.1} | {:.1} | {} |\n",
+            per(mine.total(), my_events),
+            per(theirs.total(), b.events),
+            if theirs.total() > 0 {
+                format!(
+                    "{:.2}",
+                    per(mine.total(), my_events) / per(theirs.total(), b.events)
+                )
+            } else {
+                "-".into()
+            }
+        ));
+    }
+    s.push('\n');
+    s
 }
 
 fn full_report(r: FullReport<'_>) -> String {
@@ -1598,6 +1844,15 @@ fn full_report(r: FullReport<'_>) -> String {
     );
 
     // Projection from the service's peak step (the busiest, biggest batches).
+    if let Some(b) = r.baseline {
+        s.push('\n');
+        s.push_str(&baseline_section(
+            r.service,
+            r.phase_pages_per_event,
+            r.page_attribution.map(|(a, ev, _)| (a, ev)),
+            b,
+        ));
+    }
     s.push_str("\n## Projected ceiling on a real B1ms\n\n");
     if let Some((_, row)) = svc_peak
         && let (Some(wal), Some(fs), Some(cpu)) = (
