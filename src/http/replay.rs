@@ -9,6 +9,13 @@
 //! when two instances race on the same token). Rows older than the provider's window are
 //! deleted at most once a minute by whichever request comes next; a stale signature is
 //! refused before the store is asked, so an old row is never needed.
+//!
+//! The claim commits with `synchronous_commit = off` (for its own transaction only): it
+//! does not wait for its WAL to reach the disk. An fsync per Mailgun request was most of the
+//! database's I/Os in the load test (0.042 fsyncs per event against 0.006 for the batch
+//! commits, on a B1ms whose 640 IOPS bind). What a crash can lose is the last few hundred
+//! milliseconds of claims (`wal_writer_delay`), so a request replayed right after a crash
+//! could be admitted once more; its events would still be stored once (the dedup key).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -42,7 +49,7 @@ impl ReplayStore for PgReplayStore<'_> {
         expires_before: DateTime<Utc>,
     ) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(async move {
-            let client = self.pool.get().await.map_err(|e| e.to_string())?;
+            let mut client = self.pool.get().await.map_err(|e| e.to_string())?;
             let now = Utc::now().timestamp();
             let last = LAST_PRUNE.load(Ordering::Relaxed);
             if now - last >= PRUNE_EVERY_SECS
@@ -68,7 +75,12 @@ impl ReplayStore for PgReplayStore<'_> {
             // Unnamed statements (query_typed): on a pooled connection outside a transaction,
             // through PgBouncer in transaction mode, a named statement could be prepared on
             // one server connection and run on another.
-            let row = client
+            let describe = |e: tokio_postgres::Error| crate::pgerror::describe_error(&e);
+            let tx = client.transaction().await.map_err(describe)?;
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(describe)?;
+            let row = tx
                 .query_typed_one(
                     "INSERT INTO public.webhook_signature_tokens (provider, token, body_sha256, signed_at) \
                      VALUES ($1, $2, $3, $4) \
@@ -82,8 +94,9 @@ impl ReplayStore for PgReplayStore<'_> {
                     ],
                 )
                 .await
-                .map_err(|e| crate::pgerror::describe_error(&e))?;
+                .map_err(describe)?;
             let first: Vec<u8> = row.get(0);
+            tx.commit().await.map_err(describe)?;
             Ok(first.as_slice() == digest)
         })
     }

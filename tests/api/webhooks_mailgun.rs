@@ -372,3 +372,68 @@ async fn with_basic_auth_in_the_url_a_captured_signature_alone_is_401_and_writes
     assert_eq!(w.types(HARD).await, ["bounced"]);
     assert_eq!(w.contact(HARD).await, "bounced");
 }
+
+/// The token claim does not wait for its WAL to be flushed (`synchronous_commit = off` for
+/// its own transaction): an fsync per Mailgun request was most of the database's I/Os in the
+/// load test. The database here commits synchronously by default (`ALTER DATABASE`), so a
+/// claim committed the usual way would add one WAL flush per request; replays of one token
+/// with other bodies are refused after their claim and write no event, so only the claims
+/// commit.
+#[tokio::test]
+async fn a_token_claim_does_not_flush_the_wal_per_request() {
+    let url = crate::helpers::fresh_database().await;
+    let db = crate::helpers::connect(&url).await;
+    let name: String = db
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!(
+        "ALTER DATABASE {name} SET synchronous_commit = on"
+    ))
+    .await
+    .unwrap();
+    let app = spawn_app_on(
+        &url,
+        |a| a.webhooks.mailgun_signing_key = Some(Secret::new(KEY)),
+        None,
+    )
+    .await;
+    let first = app.seed().await;
+    let mut msgs = vec![first];
+    for _ in 1..FIXTURE_MESSAGES.len() {
+        msgs.push(app.seed_message(&first).await);
+    }
+    let w = World { app, msgs };
+    let sync: String = w
+        .app
+        .db
+        .query_one("SHOW synchronous_commit", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sync, "on", "the test database must commit synchronously");
+    let token = fresh_token();
+    let genuine = sign(&w.fixture("mailgun/delivered.json"), KEY, &token, 0);
+    assert_eq!(post(&w, genuine.clone()).await.status(), 200);
+    let syncs = || async {
+        w.app
+            .db
+            .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    const REPLAYS: i64 = 200;
+    let before = syncs().await;
+    for i in 0..REPLAYS {
+        let mut forged: Value = serde_json::from_str(&genuine).expect("json");
+        forged["event-data"]["id"] = Value::from(format!("forged-{i}"));
+        assert_eq!(post(&w, forged.to_string()).await.status(), 401);
+    }
+    let flushed = syncs().await - before;
+    assert!(
+        flushed < REPLAYS / 2,
+        "{flushed} WAL flushes for {REPLAYS} refused replays: the claims commit synchronously"
+    );
+}
