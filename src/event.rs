@@ -226,7 +226,7 @@ fn strip_nul(v: &mut Value) {
 /// the ESP says they happened: ids then only grow, so every insert into the primary key
 /// (id, created_at) lands on its rightmost page. With the event's own time, a webhook
 /// reporting events up to minutes old scattered its inserts over the index's last minutes,
-/// more pages than the buffer pool keeps, each dirtied and written again (V11).
+/// more pages than the buffer pool keeps, each dirtied and written again.
 pub fn new_event_id(at: DateTime<Utc>) -> Uuid {
     let secs = at.timestamp().max(0) as u64;
     let nanos = at.timestamp_subsec_nanos();

@@ -38,6 +38,10 @@ use crate::event::Record;
 use crate::metrics::{self, Metrics};
 use spool::{Spool, SpoolThread};
 
+/// Entries per generation of the writers' [`store::MessageCache`] (two generations: at
+/// most ~11 MB for 200,000 messages).
+const MESSAGE_CACHE_ENTRIES: usize = 100_000;
+
 /// Completion of a durable submission.
 pub type Ack = oneshot::Sender<Result<(), NotDurable>>;
 
@@ -334,6 +338,7 @@ impl Pipeline {
                 statement_timeout: Some(cfg.statement_timeout).filter(|d| !d.is_zero()),
                 lock_timeout: Some(cfg.lock_timeout).filter(|d| !d.is_zero()),
             },
+            message_cache: Arc::new(store::MessageCache::new(MESSAGE_CACHE_ENTRIES)),
             metrics,
             flush_max_events: cfg.flush_max_events,
             flush_interval: cfg.flush_interval,

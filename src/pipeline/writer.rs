@@ -55,6 +55,8 @@ pub(super) struct WriterContext {
     pub pool: deadpool_postgres::Pool,
     /// Statement and lock timeouts of every batch transaction.
     pub limits: BatchLimits,
+    /// Tenant and contact of recently seen messages, shared by the writers.
+    pub message_cache: Arc<store::MessageCache>,
     pub metrics: Metrics,
     pub flush_max_events: usize,
     pub flush_interval: Duration,
@@ -273,7 +275,9 @@ pub(super) async fn write_isolating(
     let mut outcome = BatchOutcome::default();
     let mut stack: Vec<&[&Record]> = vec![records];
     while let Some(part) = stack.pop() {
-        match store::write_batch_limited(&mut conn, part, &ctx.limits).await {
+        match store::write_batch_limited(&mut conn, part, &ctx.limits, Some(&ctx.message_cache))
+            .await
+        {
             Ok(o) => outcome.absorb(o),
             Err(e) => {
                 let Some(reason) = is_row_error(&e) else {
@@ -300,6 +304,7 @@ pub(super) async fn write_isolating(
                     &mut conn,
                     &[&Record::DeadLetter(dead)],
                     &ctx.limits,
+                    Some(&ctx.message_cache),
                 )
                 .await
                 {

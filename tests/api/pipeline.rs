@@ -897,3 +897,55 @@ async fn a_lone_durable_request_is_written_after_the_gap_not_the_whole_linger() 
     );
     assert_eq!(app.contact_status(s.contact).await, "unsubscribed");
 }
+
+/// The writers remember each message's tenant and contact; a message deleted after its
+/// first event must still turn a later event into an `unknown_message` dead letter (the
+/// insert fails on the foreign key, and the batch is retried with the cache emptied), and
+/// the events beside it are written.
+#[tokio::test]
+async fn an_event_for_a_message_deleted_after_it_was_cached_is_an_unknown_message_dead_letter() {
+    let app = spawn_app().await;
+    let s = app.seed().await;
+    let doomed = app.seed_message(&s).await;
+    app.state
+        .ingest
+        .submit_durable(vec![
+            Record::Event(esp_event(&s, EventType::Delivered, "k1")),
+            Record::Event(esp_event(&doomed, EventType::Delivered, "k2")),
+        ])
+        .await
+        .expect("durable");
+    assert_eq!(app.count("SELECT count(*) FROM email_events").await, 2);
+    app.db
+        .execute(
+            "DELETE FROM campaign_messages WHERE id = $1",
+            &[&doomed.message],
+        )
+        .await
+        .unwrap();
+    app.state
+        .ingest
+        .submit_durable(vec![
+            Record::Event(esp_event(&s, EventType::Opened, "k3")),
+            Record::Event(esp_event(&doomed, EventType::Opened, "k4")),
+        ])
+        .await
+        .expect("durable");
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_events").await,
+        2,
+        "the delivered and opened events of the surviving message"
+    );
+    let dead: Vec<(String, Option<Uuid>)> = app
+        .db
+        .query("SELECT reason, message_id FROM webhook_dead_letters", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        dead,
+        vec![("unknown_message".to_string(), Some(doomed.message))]
+    );
+}
