@@ -947,8 +947,12 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     let mut verdicts: Vec<(String, Verdict)> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
 
-    // 1. The service.
+    // 1. The service. Reset first, as before every other phase: the seed leaves full pages,
+    // a reset leaves free space on the pages its UPDATE touched, and a non-HOT update (a
+    // contact's suppression) dirties one page or two depending on that; every phase that is
+    // compared starts from the same state.
     eprintln!("== service ramp");
+    seed::reset(&ctx.cluster.url()).await?;
     let mut server = start_service(ctx).await?;
     let (mix, note) = webhook_mix(ctx, &server.bases()[0]).await?;
     notes.extend(note);
