@@ -226,9 +226,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         .await
         .context("migrating")?;
     {
-        let mut c = reachly_ingest::db::connect(&url).await?;
-        reachly_ingest::db::partitions::maintain(&mut c, chrono::Utc::now().date_naive(), 7, 400)
-            .await?;
+        seed::make_day_partitions(&url).await?;
+        let c = reachly_ingest::db::connect(&url).await?;
         if cluster.preload_stats {
             c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
                 .await?;
@@ -947,11 +946,8 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     let mut verdicts: Vec<(String, Verdict)> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
 
-    // 1. The service. Reset first, as before every other phase. (Right after the seed the
-    // reset changes no contact, so this phase still starts on full contacts pages while a
-    // later phase starts on pages the reset's UPDATE left free space on: a suppression then
-    // dirties one heap page instead of two. The 14:58 run shows that bias remains; a
-    // VACUUM FULL of contacts in the reset would remove it.)
+    // 1. The service. Reset first, as before every other phase (the reset compacts contacts,
+    // so every phase starts on the same contacts pages).
     eprintln!("== service ramp");
     seed::reset(&ctx.cluster.url()).await?;
     let mut server = start_service(ctx).await?;
@@ -1108,6 +1104,8 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     if let Some((bin, name)) = ctx.opts.baseline.clone() {
         eprintln!("== baseline ramp ({name}: {})", bin.display());
         seed::reset(&ctx.cluster.url()).await?;
+        // The baseline makes its own day partitions at start-up, as it would in production.
+        seed::drop_day_partitions(&ctx.cluster.url()).await?;
         wait_quiet(ctx).await;
         let mut target =
             Target::single(spawn_serve_bin(ctx, &bin, "baseline", "baseline", &[]).await?);
@@ -1174,6 +1172,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         if !exit_ok {
             notes.push(format!("the baseline did not exit 0 on SIGTERM ({exits})"));
         }
+        // The phases after this one run on this build's partitions again.
+        seed::drop_day_partitions(&ctx.cluster.url()).await?;
+        seed::make_day_partitions(&ctx.cluster.url()).await?;
         baseline = Some(BaselineResult {
             name,
             phase,
