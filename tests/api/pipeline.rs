@@ -125,6 +125,48 @@ async fn a_redelivered_esp_event_is_stored_once_and_counted_as_duplicate() {
     assert_eq!(app.metric("reachly_events_duplicate_total").await, 1.0);
 }
 
+/// Events without an ESP key are inserted without `ON CONFLICT` (their id is made at
+/// arrival); the same event stored before (as after an ambiguous commit or a spool replay)
+/// makes the batch go again idempotently: it is stored once, counted as a duplicate, and
+/// the new events beside it, with and without an ESP key, are written.
+#[tokio::test]
+async fn an_event_without_an_esp_key_stored_before_is_stored_once_and_the_batch_beside_it_is_written()
+ {
+    let app = spawn_app().await;
+    let s = app.seed().await;
+    let open = Event::new(s.message, EventType::Opened, Utc::now(), Source::Pixel);
+    app.state
+        .ingest
+        .submit_durable(vec![Record::Event(open.clone())])
+        .await
+        .unwrap();
+    assert_eq!(app.count("SELECT count(*) FROM email_events").await, 1);
+    let click = Event::new(s.message, EventType::Clicked, Utc::now(), Source::Click);
+    app.state
+        .ingest
+        .submit_durable(vec![
+            Record::Event(open.clone()),
+            Record::Event(click.clone()),
+            Record::Event(esp_event(&s, EventType::Delivered, "beside")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_events").await,
+        3,
+        "the open once, the click and the delivery"
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT count(*) FROM email_events WHERE id = '{}'",
+            open.id
+        ))
+        .await,
+        1
+    );
+    assert_eq!(app.metric("reachly_events_duplicate_total").await, 1.0);
+}
+
 #[tokio::test]
 async fn a_dropped_column_spools_events_and_they_are_written_once_it_is_back() {
     let app = spawn_app().await;
