@@ -201,6 +201,12 @@ pub struct DbStats {
     /// The same by writer: checkpointer, background writer, backends (autovacuum included).
     pub pages_by: [i64; 3],
     pub xact_commit: i64,
+    /// Pages of every permanent relation of this database, all forks: its growth over a
+    /// phase is the number of relation *extensions*. PostgreSQL 15 counts each extension
+    /// (a zero-filled page appended to the file) in `pg_stat_bgwriter.buffers_backend`,
+    /// and the same page is written again with its data later (PostgreSQL 16's `pg_stat_io`
+    /// tells the two apart as `extends` and `writes`), so `page_writes` counts a new page twice.
+    pub relation_pages: i64,
 }
 
 impl DbStats {
@@ -218,6 +224,7 @@ impl DbStats {
                 self.pages_by[2] - earlier.pages_by[2],
             ],
             xact_commit: self.xact_commit - earlier.xact_commit,
+            relation_pages: self.relation_pages - earlier.relation_pages,
         }
     }
 }
@@ -249,7 +256,10 @@ impl Monitor {
                         w.wal_records::int8, w.wal_fpi::int8, w.wal_write::int8, w.wal_sync::int8, \
                         (b.buffers_checkpoint + b.buffers_clean + b.buffers_backend)::int8, \
                         (SELECT xact_commit FROM pg_stat_database WHERE datname = current_database())::int8, \
-                        b.buffers_checkpoint::int8, b.buffers_clean::int8, b.buffers_backend::int8 \
+                        b.buffers_checkpoint::int8, b.buffers_clean::int8, b.buffers_backend::int8, \
+                        (SELECT coalesce(sum(pg_relation_size(c.oid, f.fork)), 0) / 8192 \
+                         FROM pg_class c, (VALUES ('main'), ('fsm'), ('vm'), ('init')) f(fork) \
+                         WHERE c.relpersistence <> 't' AND c.relkind IN ('r', 'i', 't', 'm', 'S'))::int8 \
                  FROM pg_stat_wal w, pg_stat_bgwriter b",
                 &[],
             )
@@ -270,6 +280,7 @@ impl Monitor {
             page_writes: row.get(5),
             xact_commit: row.get(6),
             pages_by: [row.get(7), row.get(8), row.get(9)],
+            relation_pages: row.get(10),
         })
     }
 

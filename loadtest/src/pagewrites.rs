@@ -45,8 +45,15 @@ impl Attribution {
     }
 
     /// A Markdown table: pages per relation, per 1,000 events, share; `counted` is the
-    /// server's own count of pages written in the phase (for the coverage line).
-    pub fn markdown(&self, events: f64, counted: Option<(f64, [i64; 3])>) -> String {
+    /// server's own count of pages written in the phase (for the coverage line) and
+    /// `extended` the pages added to relations in it (PostgreSQL 15 counts each such
+    /// extension as a backend write; the sampler sees the page's later write of its data).
+    pub fn markdown(
+        &self,
+        events: f64,
+        counted: Option<(f64, [i64; 3])>,
+        extended: Option<f64>,
+    ) -> String {
         let total = self.total().max(1) as f64;
         let mut s = String::from(
             "| relation | kind | of | pages written | per 1,000 events | share |\n| --- | --- | --- | --- | --- | --- |\n",
@@ -66,14 +73,19 @@ impl Attribution {
             self.samples,
             self.total(),
             match counted {
-                Some((c, by)) if c > 0.0 => format!(
-                    " of the {} the server counted (`pg_stat_bgwriter`: {} by the checkpointer, {} by the background writer, {} by backends and autovacuum workers), {:.0}% covered; a page written and dirtied again within a second counts once, and one that is dirtied and written within a second (a VACUUM's ring buffer, a backend's bulk-write ring) is not seen",
-                    c as u64,
-                    by[0],
-                    by[1],
-                    by[2],
-                    100.0 * self.total() as f64 / c
-                ),
+                Some((c, by)) if c > 0.0 => {
+                    let ext = extended.unwrap_or(0.0).clamp(0.0, c);
+                    format!(
+                        " of the {} the server counted (`pg_stat_bgwriter`: {} by the checkpointer, {} by the background writer, {} by backends and autovacuum workers), of which {} are relation extensions (zero-filled pages added to a file, which PostgreSQL 15 counts as backend writes; their data is written later and counted again): {:.0}% of the {} writes of data covered; a page written and dirtied again within a second counts once, and one that is dirtied and written within a second (a VACUUM's ring buffer, a backend's bulk-write ring) is not seen",
+                        c as u64,
+                        by[0],
+                        by[1],
+                        by[2],
+                        ext as u64,
+                        100.0 * self.total() as f64 / (c - ext).max(1.0),
+                        (c - ext) as u64
+                    )
+                }
                 _ => String::new(),
             }
         ));

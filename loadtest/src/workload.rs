@@ -120,6 +120,18 @@ impl Mix {
             / total
     }
 
+    /// The same events per request, with SendGrid's in `factor` times larger, rarer batches
+    /// (SendGrid posts "every 30 seconds or when the batch size reaches 768 KB": a large
+    /// campaign's webhooks arrive as batches of a thousand and more).
+    pub fn with_sendgrid_batches_times(&self, factor: usize) -> Mix {
+        let factor = factor.max(1);
+        Mix {
+            sendgrid: self.sendgrid / factor as f64,
+            sendgrid_batch: self.sendgrid_batch * factor,
+            ..self.clone()
+        }
+    }
+
     pub fn without_webhooks(&self) -> Mix {
         Mix {
             sendgrid: 0.0,
@@ -294,6 +306,11 @@ impl Workload {
 
     pub fn mix(&self) -> &Mix {
         &self.mix
+    }
+
+    /// Another mix from the next request on (request ids go on, so one ledger holds both).
+    pub fn set_mix(&mut self, mix: Mix) {
+        self.mix = mix;
     }
 
     fn pick(&mut self, repeat: f64) -> usize {
