@@ -269,6 +269,17 @@ async fn malformed_empty_wrongly_typed_and_oversized_bodies_are_4xx_and_write_no
         post_signed(&w, &key, "{\"event\":\"open\"}").await.status(),
         400
     );
+    // Bodies past 16 KiB are parsed on the blocking pool (src/http/webhook.rs): the same
+    // refusals there, for a truncated batch and for a batch that is not an array of events.
+    let events: Vec<Value> = (0..400)
+        .map(|i| serde_json::json!({"event": "delivered", "timestamp": 1_700_000_000 + i}))
+        .collect();
+    let whole = serde_json::to_string(&events).expect("json");
+    assert!(whole.len() > 16 * 1024 && whole.len() < 64 * 1024);
+    let truncated = &whole[..whole.len() - 10];
+    assert_eq!(post_signed(&w, &key, truncated).await.status(), 400);
+    let not_an_array = format!("{{\"events\": {whole}}}");
+    assert_eq!(post_signed(&w, &key, &not_an_array).await.status(), 400);
     let (ts, sig) = key.sign(b"[]", 0);
     let form = w
         .app
