@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// Dirty buffers of this database: (relfilenode, fork, block).
 type Dirty = HashSet<(u32, i16, i64)>;
@@ -93,13 +92,33 @@ impl Attribution {
     }
 }
 
+/// Pins the calling thread (not its process) to `cpu`.
+fn pin_this_thread(cpu: usize) -> anyhow::Result<()> {
+    let link = std::fs::read_link("/proc/thread-self").context("reading /proc/thread-self")?;
+    let tid: u32 = link
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no thread id in {}", link.display()))?;
+    let out = std::process::Command::new("taskset")
+        .args(["-p", "-c", &cpu.to_string(), &tid.to_string()])
+        .output()
+        .context("running taskset (install util-linux)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "taskset -p -c {cpu} {tid} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
 /// What the sampling task hands back: pages written per relfilenode, the last sample, and
 /// how many samples it took.
 type Sampled = (HashMap<u32, u64>, Dirty, u64);
 
 pub struct Sampler {
     stop: oneshot::Sender<()>,
-    task: JoinHandle<anyhow::Result<Sampled>>,
+    thread: std::thread::JoinHandle<anyhow::Result<Sampled>>,
     url: String,
 }
 
@@ -115,33 +134,64 @@ pub async fn available(url: &str) -> bool {
 }
 
 impl Sampler {
-    /// Starts sampling (the extension must exist: [`available`]).
-    pub async fn start(url: &str) -> anyhow::Result<Sampler> {
+    /// Starts sampling (the extension must exist: [`available`]) on a thread of its own,
+    /// pinned to `cpu` (the database's core). Not on the generator's runtime: late in a
+    /// phase a sample is up to 32,768 dirty buffers (all of `shared_buffers`), several
+    /// milliseconds of decoding and set arithmetic every second, which on the generator's
+    /// one thread delayed the requests due meanwhile and showed as tracking latency.
+    pub async fn start(url: &str, cpu: usize) -> anyhow::Result<Sampler> {
         let c = reachly_ingest::db::connect(url).await?;
         let first = dirty(&c).await?;
+        drop(c);
         let (stop, mut stopped) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            let mut written: HashMap<u32, u64> = HashMap::new();
-            let mut prev = first;
-            let mut samples = 1u64;
-            loop {
-                tokio::select! {
-                    _ = &mut stopped => break,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                // The database may be briefly unreachable; skip a sample then.
-                let Ok(cur) = dirty(&c).await else { continue };
-                for k in prev.difference(&cur) {
-                    *written.entry(k.0).or_default() += 1;
-                }
-                prev = cur;
-                samples += 1;
-            }
-            Ok((written, prev, samples))
-        });
+        let (ready_tx, ready_rx) = oneshot::channel::<anyhow::Result<()>>();
+        let owned_url = url.to_string();
+        let thread = std::thread::Builder::new()
+            .name("page-sampler".into())
+            .spawn(move || -> anyhow::Result<Sampled> {
+                let started = pin_this_thread(cpu).and_then(|()| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("the sampler's runtime")
+                });
+                let rt = match started {
+                    Ok(rt) => {
+                        let _ = ready_tx.send(Ok(()));
+                        rt
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let _ = ready_tx.send(Err(e));
+                        anyhow::bail!(msg);
+                    }
+                };
+                rt.block_on(async move {
+                    let c = reachly_ingest::db::connect(&owned_url).await?;
+                    let mut written: HashMap<u32, u64> = HashMap::new();
+                    let mut prev = first;
+                    let mut samples = 1u64;
+                    loop {
+                        tokio::select! {
+                            _ = &mut stopped => break,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        // The database may be briefly unreachable; skip a sample then.
+                        let Ok(cur) = dirty(&c).await else { continue };
+                        for k in prev.difference(&cur) {
+                            *written.entry(k.0).or_default() += 1;
+                        }
+                        prev = cur;
+                        samples += 1;
+                    }
+                    Ok((written, prev, samples))
+                })
+            })
+            .context("starting the sampler's thread")?;
+        ready_rx.await.context("the sampler's thread")??;
         Ok(Sampler {
             stop,
-            task,
+            thread,
             url: url.to_string(),
         })
     }
@@ -150,7 +200,11 @@ impl Sampler {
     /// writes what was still dirty.
     pub async fn finish(self) -> anyhow::Result<Attribution> {
         let _ = self.stop.send(());
-        let (mut written, prev, samples) = self.task.await.context("the sampler")??;
+        let thread = self.thread;
+        let (mut written, prev, samples) = tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("the sampler")?
+            .map_err(|_| anyhow::anyhow!("the sampler's thread panicked"))??;
         let c = reachly_ingest::db::connect(&self.url).await?;
         let last = dirty(&c).await?;
         for k in prev.difference(&last) {

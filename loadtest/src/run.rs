@@ -1009,7 +1009,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
     ctx.monitor.execute("SELECT pg_stat_reset()").await?;
     let phase_start_db = ctx.monitor.stats().await.ok();
     let page_sampler = if crate::pagewrites::available(&ctx.cluster.url()).await {
-        Some(crate::pagewrites::Sampler::start(&ctx.cluster.url()).await?)
+        Some(crate::pagewrites::Sampler::start(&ctx.cluster.url(), ctx.opts.db_cpu).await?)
     } else {
         notes.push("pg_buffercache is not available: no per-relation page writes".into());
         None
@@ -1160,7 +1160,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             .await
             .context("the baseline's metrics")?;
         let sampler = if crate::pagewrites::available(&ctx.cluster.url()).await {
-            Some(crate::pagewrites::Sampler::start(&ctx.cluster.url()).await?)
+            Some(crate::pagewrites::Sampler::start(&ctx.cluster.url(), ctx.opts.db_cpu).await?)
         } else {
             None
         };
