@@ -1061,13 +1061,12 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         }
         _ => None,
     };
-    let phase_pages_per_event = match (phase_start_db, phase_end_db) {
-        (Some(a), Some(b)) if phase_events > 0.0 => {
-            Some((b.page_writes - a.page_writes) as f64 / phase_events)
-        }
-        _ => None,
-    };
-    let phase_extended_per_event = extended_per_event(phase_start_db, phase_end_db, phase_events);
+    let phase_pages_per_event = per_event(phase_start_db, phase_end_db, phase_events, |s| {
+        s.page_writes
+    });
+    let phase_extended_per_event = per_event(phase_start_db, phase_end_db, phase_events, |s| {
+        s.relation_pages
+    });
     report::apply_phase_pages(&mut service.rows, phase_pages_per_event);
     let statements = top_statements(&ctx.cluster.url()).await;
     let tables = table_stats(&ctx.cluster.url()).await;
@@ -1201,13 +1200,8 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         verdicts.push((format!("baseline ramp ({name})"), verdict.clone()));
         phase.verdict = Some(verdict);
         let events = drained.written_total() - m0.written_total();
-        let pages_per_event = match (db0, db1) {
-            (Some(a), Some(b)) if events > 0.0 => {
-                Some((b.page_writes - a.page_writes) as f64 / events)
-            }
-            _ => None,
-        };
-        let extended = extended_per_event(db0, db1, events);
+        let pages_per_event = per_event(db0, db1, events, |s| s.page_writes);
+        let extended = per_event(db0, db1, events, |s| s.relation_pages);
         report::apply_phase_pages(&mut phase.rows, pages_per_event);
         let (exit_ok, exits) = stop_target(target, Duration::from_secs(60)).await?;
         if !exit_ok {
@@ -1270,12 +1264,12 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         let verdict = verify::check(&ctx.cluster.url(), &take_ledger(&nload.ledger)).await?;
         println!("naive: {}", verdict.summary());
         passed &= verdict.ok;
-        let pages = match (naive_db0, naive_db1) {
-            (Some(a), Some(b)) if verdict.stored_tracking_rows > 0 => {
-                Some((b.page_writes - a.page_writes) as f64 / verdict.stored_tracking_rows as f64)
-            }
-            _ => None,
-        };
+        let pages = per_event(
+            naive_db0,
+            naive_db1,
+            verdict.stored_tracking_rows as f64,
+            |s| s.page_writes,
+        );
         report::apply_phase_pages(&mut naive.rows, pages);
         naive_pages_per_event = pages;
         verdicts.push(("naive ramp".into(), verdict));
@@ -1643,11 +1637,17 @@ pub struct BaselineResult {
     pub events: f64,
 }
 
-/// Relation extensions (pages added to relations) per event between two readings.
-fn extended_per_event(a: Option<DbStats>, b: Option<DbStats>, events: f64) -> Option<f64> {
+/// A server counter's growth between two readings, per event (page writes, relation
+/// extensions); never negative.
+fn per_event(
+    a: Option<DbStats>,
+    b: Option<DbStats>,
+    events: f64,
+    counter: impl Fn(&DbStats) -> i64,
+) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if events > 0.0 => {
-            Some((b.relation_pages - a.relation_pages).max(0) as f64 / events)
+            Some((counter(&b) - counter(&a)).max(0) as f64 / events)
         }
         _ => None,
     }
@@ -1752,11 +1752,7 @@ fn baseline_section(
         p.rows
             .iter()
             .find(|r| r.phase.contains("SendGrid batches"))
-            .map(|r| {
-                r.latency[0][1]
-                    .unwrap_or(f64::NAN)
-                    .max(r.latency[1][1].unwrap_or(f64::NAN))
-            })
+            .and_then(StepRow::tracking_p99)
     };
     line(
         &format!(
@@ -2049,11 +2045,7 @@ fn full_report(r: FullReport<'_>) -> String {
         .filter(|row| row.phase.contains("half"))
         .collect();
     if !halves.is_empty() {
-        let worst = |row: &StepRow| {
-            row.p(Route::Pixel, 1)
-                .unwrap_or(f64::INFINITY)
-                .max(row.p(Route::Click, 1).unwrap_or(f64::INFINITY))
-        };
+        let worst = |row: &StepRow| row.tracking_p99().unwrap_or(f64::INFINITY);
         let ok = halves.iter().all(|row| worst(row) < 5.0);
         let evidence: Vec<String> = halves
             .iter()
