@@ -10,6 +10,18 @@ use reachly_ingest::{App, app, init_tracing};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, compiled in (the `_RJEM_MALLOC_CONF` environment variable still
+/// overrides them). `background_thread`: freed pages are returned to the OS by jemalloc's
+/// own thread, not inline in whichever request or writer frees memory; the decay times make
+/// that return prompt (1 s for dirty pages instead of 10 s, muzzy pages at once), so a
+/// drained buffer stops counting in RSS. Load test, same build, steps 4,000 -> 8,000 ->
+/// 16,000 -> 9,500 req/s: RSS at the end of the 4,000 step 54 -> 30 MB, at the end of the
+/// overloaded 16,000 step 183 -> 148 MB.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: Option<&'static u8> =
+    Some(&b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0]);
+
 fn config_error(msg: impl std::fmt::Display) -> ! {
     eprintln!("reachly-ingest: invalid configuration: {msg}");
     std::process::exit(EXIT_CONFIG);

@@ -294,3 +294,25 @@ async fn dev_on_a_fresh_directory_prints_demo_urls_and_serves() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The binary's compiled-in jemalloc options take effect: freed memory is returned to the
+/// OS by jemalloc's background thread (named `jemalloc_bg_thd`), not inline in a request or
+/// a writer. Were the `_rjem_malloc_conf` symbol misnamed or mistyped, jemalloc would
+/// ignore it silently and no such thread would run.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_allocator_returns_freed_memory_from_a_background_thread() {
+    let url = fresh_database().await;
+    let service = ServeProcess::spawn(&url, &temp_dir("jemalloc-spool"), &[]);
+    service.wait_admin_ok("/healthz").await;
+    let pid = service.child.id();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/<pid>/task");
+    let names: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n == "jemalloc_bg_thd"),
+        "no jemalloc background thread among the service's threads: {names:?}"
+    );
+    service.kill9();
+}
