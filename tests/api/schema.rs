@@ -231,6 +231,73 @@ async fn an_event_type_outside_the_spec_is_refused_by_the_database() {
     );
 }
 
+/// V11: one foreign key (organization_id, message_id) -> campaign_messages replaces the two
+/// single-column ones; the database refuses an event filed under another tenant than its
+/// message's, and deleting a message or an organization still deletes its events.
+#[tokio::test]
+async fn an_event_must_carry_its_messages_tenant_and_goes_with_its_message() {
+    let app = spawn_app().await;
+    let a = app.seed().await;
+    let b = app.seed().await;
+    let insert = "INSERT INTO email_events (organization_id, message_id, event_type) VALUES ($1, $2, 'opened')";
+    let err = app
+        .db
+        .execute(insert, &[&b.org, &a.message])
+        .await
+        .expect_err("an event under tenant B for tenant A's message");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err:?}"
+    );
+    let err = app
+        .db
+        .execute(insert, &[&a.org, &Uuid::new_v4()])
+        .await
+        .expect_err("an event for a message that does not exist");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FOREIGN_KEY_VIOLATION),
+        "{err:?}"
+    );
+    let keys: Vec<String> = app
+        .db
+        .query(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = 'public.email_events'::regclass AND contype = 'f' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        keys,
+        ["FOREIGN KEY (organization_id, message_id) REFERENCES campaign_messages(organization_id, id) ON DELETE CASCADE"],
+        "one foreign key per event row"
+    );
+    for s in [&a, &b] {
+        app.db
+            .execute(insert, &[&s.org, &s.message])
+            .await
+            .expect("an event under its message's tenant");
+    }
+    app.db
+        .execute("DELETE FROM campaign_messages WHERE id = $1", &[&a.message])
+        .await
+        .unwrap();
+    app.db
+        .execute("DELETE FROM organizations WHERE id = $1", &[&b.org])
+        .await
+        .unwrap();
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_events").await,
+        0,
+        "a deleted message's and a deleted organization's events are gone"
+    );
+}
+
 #[tokio::test]
 async fn row_level_security_shows_a_tenant_only_its_own_rows() {
     let app = spawn_app().await;
