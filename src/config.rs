@@ -373,6 +373,12 @@ pub struct PipelineConfig {
     /// Events held in memory before new ones go to the on-disk spool.
     #[arg(long, env = "REACHLY_BUFFER_MAX_EVENTS", default_value = "100000", value_parser = positive)]
     pub buffer_max_events: usize,
+    /// Bytes of memory the buffered events may hold (estimated per event: its strings and
+    /// metadata); past it new ones go to the spool, as past REACHLY_BUFFER_MAX_EVENTS.
+    /// Keeps the process's memory bounded whatever the events carry and however long an
+    /// overload lasts.
+    #[arg(long, env = "REACHLY_BUFFER_MAX_BYTES", default_value_t = 48 << 20, value_parser = positive)]
+    pub buffer_max_bytes: usize,
     /// Events in one batch (one transaction).
     #[arg(long, env = "REACHLY_FLUSH_MAX_EVENTS", default_value = "5000", value_parser = positive)]
     pub flush_max_events: usize,

@@ -293,6 +293,73 @@ pub enum Record {
     DeadLetter(DeadLetter),
 }
 
+impl Record {
+    /// About how many bytes of memory this record holds while it is buffered: its own size,
+    /// every string's capacity and the metadata's entries, each heap block rounded up to
+    /// the allocator's 16-byte granule. An estimate, not an allocator reading: it only has
+    /// to grow with what the record really holds, so that `REACHLY_BUFFER_MAX_BYTES` bounds
+    /// the buffer's memory whatever the events carry (the load test's mix averages ~600 B;
+    /// a bounce with a long diagnostic, or a dead letter with a whole webhook body as its
+    /// payload, can hold many times that).
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Record>()
+            + match self {
+                Record::Event(e) => {
+                    [
+                        &e.ip_address,
+                        &e.user_agent,
+                        &e.link_url,
+                        &e.dedup_key,
+                        &e.machine_reason,
+                        &e.error_message,
+                    ]
+                    .into_iter()
+                    .map(|s| s.as_ref().map_or(0, |s| heap_block(s.capacity())))
+                    .sum::<usize>()
+                        + map_bytes(&e.metadata)
+                }
+                Record::DeadLetter(d) => [
+                    Some(&d.provider),
+                    Some(&d.reason),
+                    d.event_type.as_ref(),
+                    d.dedup_key.as_ref(),
+                    Some(&d.payload),
+                ]
+                .into_iter()
+                .map(|s| s.map_or(0, |s| heap_block(s.capacity())))
+                .sum(),
+            }
+    }
+}
+
+/// A heap block of `n` bytes as the allocator hands it out (16-byte granules; none for 0).
+fn heap_block(n: usize) -> usize {
+    n.div_ceil(16) * 16
+}
+
+/// Bytes a JSON map holds: its B-tree nodes (eleven key and value slots each, whatever
+/// number is used; about eight used per node in a larger map) and each key's and value's
+/// own heap blocks.
+fn map_bytes(m: &Map<String, Value>) -> usize {
+    const NODE: usize = 11 * (std::mem::size_of::<String>() + std::mem::size_of::<Value>()) + 16;
+    m.len().div_ceil(8) * heap_block(NODE)
+        + m.iter()
+            .map(|(k, v)| heap_block(k.capacity()) + value_bytes(v))
+            .sum::<usize>()
+}
+
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => heap_block(s.capacity()),
+        Value::Array(a) => {
+            heap_block(a.capacity() * std::mem::size_of::<Value>())
+                + a.iter().map(value_bytes).sum::<usize>()
+        }
+        Value::Object(m) => map_bytes(m),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+    }
+}
+
 /// `email_events` columns in COPY order, and their types (binary COPY needs both).
 pub const EVENT_COLUMNS: &str = "id, organization_id, message_id, event_type, ip_address, user_agent, link_url, metadata, created_at, provider, dedup_key";
 pub const EVENT_COLUMN_TYPES: [Type; 11] = [
@@ -334,6 +401,28 @@ pub fn pg_text(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_records_memory_estimate_grows_with_what_it_holds() {
+        let mut e = Event::new(Uuid::nil(), EventType::Opened, Utc::now(), Source::Pixel);
+        let bare = Record::Event(e.clone()).memory_bytes();
+        assert!(bare >= std::mem::size_of::<Record>(), "{bare}");
+        e.user_agent = Some("Mozilla/5.0 ".repeat(40));
+        let with_ua = Record::Event(e.clone()).memory_bytes();
+        assert!(with_ua >= bare + 480, "{bare} -> {with_ua}");
+        e.metadata.insert(
+            "diagnostic".into(),
+            Value::from("550 5.1.1 mailbox unavailable ".repeat(10)),
+        );
+        let with_meta = Record::Event(e).memory_bytes();
+        assert!(with_meta >= with_ua + 300, "{with_ua} -> {with_meta}");
+        let dead = Record::DeadLetter(DeadLetter::new(
+            "sendgrid",
+            "no_message_id",
+            "x".repeat(5000),
+        ));
+        assert!(dead.memory_bytes() >= 5000);
+    }
 
     #[test]
     fn an_event_id_is_of_its_arrival_not_of_the_time_it_reports() {

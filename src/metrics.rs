@@ -36,6 +36,7 @@ pub const EVENTS_SPOOLED_TOTAL: &str = "reachly_events_spooled_total";
 pub const EVENTS_REPLAYED_TOTAL: &str = "reachly_events_replayed_total";
 pub const SPOOL_TORN_RECORDS_TOTAL: &str = "reachly_spool_torn_records_total";
 pub const BUFFER_EVENTS: &str = "reachly_buffer_events";
+pub const BUFFER_BYTES: &str = "reachly_buffer_bytes";
 pub const SPOOL_BYTES: &str = "reachly_spool_bytes";
 pub const FLUSH_DURATION_SECONDS: &str = "reachly_flush_duration_seconds";
 pub const FLUSH_BATCH_SIZE: &str = "reachly_flush_batch_size";
@@ -51,6 +52,7 @@ pub const DB_POOL_CONNECTIONS: &str = "reachly_db_pool_connections";
 pub const DB_POOL_MAX_CONNECTIONS: &str = "reachly_db_pool_max_connections";
 pub const DB_POOL_WAITING: &str = "reachly_db_pool_waiting";
 pub const BUFFER_CAPACITY_EVENTS: &str = "reachly_buffer_capacity_events";
+pub const BUFFER_CAPACITY_BYTES: &str = "reachly_buffer_capacity_bytes";
 pub const SPOOL_CAPACITY_BYTES: &str = "reachly_spool_capacity_bytes";
 pub const BUFFER_OLDEST_EVENT_AGE_SECONDS: &str = "reachly_buffer_oldest_event_age_seconds";
 pub const PARTITION_HORIZON_TIMESTAMP_SECONDS: &str = "reachly_partition_horizon_timestamp_seconds";
@@ -208,6 +210,7 @@ impl Metrics {
             DB_POOL_MAX_CONNECTIONS,
             DB_POOL_WAITING,
             BUFFER_CAPACITY_EVENTS,
+            BUFFER_CAPACITY_BYTES,
             SPOOL_CAPACITY_BYTES,
             BUFFER_OLDEST_EVENT_AGE_SECONDS,
             PARTITION_HORIZON_TIMESTAMP_SECONDS,
@@ -353,6 +356,10 @@ impl Metrics {
             "Bound of the in-memory buffer (REACHLY_BUFFER_MAX_EVENTS).",
         );
         g(
+            BUFFER_CAPACITY_BYTES,
+            "Bound of the in-memory buffer's estimated memory (REACHLY_BUFFER_MAX_BYTES).",
+        );
+        g(
             SPOOL_CAPACITY_BYTES,
             "Bound of the on-disk spool (REACHLY_SPOOL_MAX_BYTES).",
         );
@@ -368,6 +375,11 @@ impl Metrics {
             BUFFER_EVENTS.into(),
             None,
             "Events held in memory awaiting a write.".into(),
+        );
+        self.recorder.describe_gauge(
+            BUFFER_BYTES.into(),
+            None,
+            "Estimated bytes of memory the events held in memory awaiting a write take.".into(),
         );
         self.recorder.describe_gauge(
             SPOOL_BYTES.into(),

@@ -163,6 +163,7 @@ async fn refresh_gauges(state: &AppState) {
     set(m::DB_POOL_WAITING, pool.waiting as f64);
     let ingest = &state.ingest;
     set(m::BUFFER_CAPACITY_EVENTS, ingest.capacity() as f64);
+    set(m::BUFFER_CAPACITY_BYTES, ingest.capacity_bytes() as f64);
     set(
         m::SPOOL_CAPACITY_BYTES,
         ingest.spool_capacity_bytes() as f64,

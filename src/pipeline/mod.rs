@@ -4,7 +4,8 @@
 //! are replayed when it returns.
 //!
 //! Routing of one submission (an *envelope*: the records of one request):
-//! - room in memory (`REACHLY_BUFFER_MAX_EVENTS`) → the bounded channel to the writers;
+//! - room in memory (`REACHLY_BUFFER_MAX_EVENTS` events and `REACHLY_BUFFER_MAX_BYTES` of
+//!   their estimated memory, [`Record::memory_bytes`]) → the bounded channel to the writers;
 //! - no room, or a durable submission while the database is known down → the spool;
 //! - spool full too → dropped and counted (`reachly_events_dropped_total{reason}`), and a
 //!   durable submission learns it was not made durable (its webhook answers 503).
@@ -77,6 +78,9 @@ pub struct Envelope {
     pub ack: Option<Ack>,
     /// Unix millis when the service accepted it (`reachly_buffer_oldest_event_age_seconds`).
     pub accepted_ms: i64,
+    /// Estimated bytes of memory its records hold ([`Record::memory_bytes`]), counted
+    /// against `REACHLY_BUFFER_MAX_BYTES` while it is in memory (set when it is routed).
+    pub memory: usize,
 }
 
 impl Envelope {
@@ -99,6 +103,11 @@ struct Shared {
     /// Events in memory: in the channel or in a writer's batch. The real bound.
     buffered: AtomicUsize,
     max: usize,
+    /// Their estimated memory ([`Envelope::memory`]), and its bound: the event bound alone
+    /// let a buffer of large events (long user agents, links, bounce diagnostics) or an
+    /// overload hold hundreds of MB.
+    buffered_bytes: AtomicUsize,
+    max_bytes: usize,
     spool: Spool,
     /// False after a failed write, true after a successful one. With a bus, the sink is the
     /// bus: false after a failed publish or while disconnected.
@@ -115,6 +124,7 @@ struct Shared {
     holding_since_ms: Box<[AtomicI64]>,
     metrics: Metrics,
     buffer_gauge: Gauge,
+    buffer_bytes_gauge: Gauge,
 }
 
 impl Ingest {
@@ -124,6 +134,7 @@ impl Ingest {
             records,
             ack: None,
             accepted_ms: now_ms(),
+            memory: 0,
         });
     }
 
@@ -135,18 +146,22 @@ impl Ingest {
             records,
             ack: Some(tx),
             accepted_ms: now_ms(),
+            memory: 0,
         });
         rx.await.unwrap_or(Err(NotDurable::ShuttingDown))
     }
 
-    fn route(&self, env: Envelope) {
+    fn route(&self, mut env: Envelope) {
         let s = &self.shared;
+        let mut memory = 0;
         for r in &env.records {
             if let Record::Event(e) = r {
                 s.metrics
                     .event_received(e.event_type.as_str(), e.source.label(), 1);
             }
+            memory += r.memory_bytes();
         }
+        env.memory = memory;
         if env.is_empty() {
             if let Some(ack) = env.ack {
                 let _ = ack.send(Ok(()));
@@ -157,12 +172,12 @@ impl Ingest {
         // A durable submission while the database is down goes straight to disk: the sender
         // gets its answer in milliseconds instead of waiting on a database that is not there.
         let skip_memory = env.ack.is_some() && !s.db_healthy.load(Ordering::Relaxed);
-        if !skip_memory && self.reserve(n) {
+        if !skip_memory && self.reserve(n, memory) {
             if let Err(
                 mpsc::error::TrySendError::Full(env) | mpsc::error::TrySendError::Closed(env),
             ) = s.tx.try_send(env)
             {
-                self.release(n);
+                self.release(n, memory);
                 s.spool.append(env);
             }
         } else {
@@ -170,8 +185,21 @@ impl Ingest {
         }
     }
 
-    fn reserve(&self, n: usize) -> bool {
+    /// Takes room for `n` events holding `memory` bytes, if both bounds allow it. An
+    /// envelope larger than the whole byte bound is still taken into an empty buffer (one
+    /// request's events are bounded by the body limits), so no size of request is spooled
+    /// for ever while memory sits idle.
+    fn reserve(&self, n: usize, memory: usize) -> bool {
         let s = &self.shared;
+        let bytes_ok = s
+            .buffered_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                (cur == 0 || cur + memory <= s.max_bytes).then_some(cur + memory)
+            })
+            .is_ok();
+        if !bytes_ok {
+            return false;
+        }
         let ok = s
             .buffered
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
@@ -181,14 +209,30 @@ impl Ingest {
         if ok {
             s.buffer_gauge
                 .set(s.buffered.load(Ordering::Relaxed) as f64);
+            s.buffer_bytes_gauge
+                .set(s.buffered_bytes.load(Ordering::Relaxed) as f64);
+        } else {
+            s.buffered_bytes.fetch_sub(memory, Ordering::AcqRel);
         }
         ok
     }
 
-    fn release(&self, n: usize) {
+    /// Gives back the room of `n` events holding `memory` bytes (what [`Ingest::reserve`]
+    /// took for them).
+    fn release(&self, n: usize, memory: usize) {
         let s = &self.shared;
         let after = s.buffered.fetch_sub(n, Ordering::AcqRel).saturating_sub(n);
         s.buffer_gauge.set(after as f64);
+        let after = s
+            .buffered_bytes
+            .fetch_sub(memory, Ordering::AcqRel)
+            .saturating_sub(memory);
+        s.buffer_bytes_gauge.set(after as f64);
+    }
+
+    /// Gives back the room of `env`, which leaves memory (committed, published or spooled).
+    fn release_envelope(&self, env: &Envelope) {
+        self.release(env.len(), env.memory);
     }
 
     /// Events held in memory.
@@ -196,10 +240,16 @@ impl Ingest {
         self.shared.buffered.load(Ordering::Relaxed)
     }
 
-    /// Above the high-water mark (80% of the memory bound) the instance reports not ready,
-    /// so a load balancer sends traffic elsewhere before events start spilling to disk.
+    /// Estimated bytes of memory the buffered events hold.
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.buffered_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Above the high-water mark (80% of either memory bound) the instance reports not
+    /// ready, so a load balancer sends traffic elsewhere before events spill to disk.
     pub fn above_high_water(&self) -> bool {
-        self.buffered() * 5 > self.shared.max * 4
+        let s = &self.shared;
+        self.buffered() * 5 > s.max * 4 || self.buffered_bytes() / 4 * 5 > s.max_bytes
     }
 
     pub fn spool_bytes(&self) -> u64 {
@@ -218,6 +268,11 @@ impl Ingest {
     /// The memory bound (`REACHLY_BUFFER_MAX_EVENTS`).
     pub fn capacity(&self) -> usize {
         self.shared.max
+    }
+
+    /// The memory bound in bytes (`REACHLY_BUFFER_MAX_BYTES`).
+    pub fn capacity_bytes(&self) -> usize {
+        self.shared.max_bytes
     }
 
     /// The spool bound (`REACHLY_SPOOL_MAX_BYTES`).
@@ -315,6 +370,8 @@ impl Pipeline {
                 tx,
                 buffered: AtomicUsize::new(0),
                 max: cfg.buffer_max_events,
+                buffered_bytes: AtomicUsize::new(0),
+                max_bytes: cfg.buffer_max_bytes,
                 spool,
                 db_healthy: AtomicBool::new(true),
                 bus: bus.clone(),
@@ -322,10 +379,12 @@ impl Pipeline {
                 last_flush_ms: AtomicI64::new(0),
                 holding_since_ms: (0..cfg.writers).map(|_| AtomicI64::new(0)).collect(),
                 buffer_gauge: metrics.gauge(metrics::BUFFER_EVENTS, &[]),
+                buffer_bytes_gauge: metrics.gauge(metrics::BUFFER_BYTES, &[]),
                 metrics: metrics.clone(),
             }),
         };
         ingest.shared.buffer_gauge.set(0.0);
+        ingest.shared.buffer_bytes_gauge.set(0.0);
         let closing = CancellationToken::new();
         let deadline = CancellationToken::new();
         let rx = Arc::new(Mutex::new(rx));

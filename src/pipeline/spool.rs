@@ -490,6 +490,7 @@ mod tests {
             records: batch.clone(),
             ack: Some(tx),
             accepted_ms: 0,
+            memory: 0,
         });
         assert_eq!(rx.await.unwrap(), Ok(()));
         let sealed = spool.seal();
@@ -514,6 +515,7 @@ mod tests {
             records: records(1),
             ack: Some(tx),
             accepted_ms: 0,
+            memory: 0,
         });
         assert_eq!(rx.await.unwrap(), Ok(()));
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -521,6 +523,7 @@ mod tests {
             records: records(5),
             ack: Some(tx),
             accepted_ms: 0,
+            memory: 0,
         });
         assert_eq!(rx.await.unwrap(), Err(NotDurable::SpoolFull));
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -528,6 +531,7 @@ mod tests {
             records: records(50),
             ack: Some(tx),
             accepted_ms: 0,
+            memory: 0,
         });
         assert_eq!(rx.await.unwrap(), Err(NotDurable::TooLarge));
         let sealed = spool.seal();
@@ -583,6 +587,7 @@ mod tests {
                 records,
                 ack: Some(tx),
                 accepted_ms: 0,
+                memory: 0,
             },
             rx,
         )

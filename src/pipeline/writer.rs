@@ -221,7 +221,8 @@ async fn flush(ctx: &WriterContext, mut pending: Vec<Envelope>) {
                 ctx.metrics
                     .histogram(metrics::FLUSH_BATCH_SIZE, &[])
                     .record(n as f64);
-                ctx.ingest.release(n);
+                ctx.ingest
+                    .release(n, pending.iter().map(|e| e.memory).sum());
                 for env in pending {
                     if let Some(ack) = env.ack {
                         let _ = ack.send(Ok(()));
@@ -261,7 +262,7 @@ async fn flush(ctx: &WriterContext, mut pending: Vec<Envelope>) {
 }
 
 fn spool_envelope(ctx: &WriterContext, env: Envelope) {
-    ctx.ingest.release(env.len());
+    ctx.ingest.release_envelope(&env);
     ctx.spool.append(env);
 }
 

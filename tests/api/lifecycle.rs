@@ -117,6 +117,7 @@ fn help_lists_every_option_with_its_environment_name() {
         "REACHLY_ADMIN_LISTEN",
         "REACHLY_TOKEN_KEYS",
         "REACHLY_BUFFER_MAX_EVENTS",
+        "REACHLY_BUFFER_MAX_BYTES",
         "REACHLY_FLUSH_INTERVAL_MS",
         "REACHLY_FLUSH_MAX_EVENTS",
         "REACHLY_WRITERS",

@@ -124,6 +124,7 @@ async fn gauges_report_bounds_pool_database_flush_time_and_partition_horizon() {
     let before = chrono::Utc::now().timestamp() as f64;
     let app = spawn_app_with(|a| {
         a.pipeline.buffer_max_events = 1234;
+        a.pipeline.buffer_max_bytes = 4_321_000;
         a.pipeline.flush_max_events = 100;
         a.pipeline.spool_max_bytes = 5_000_000;
         a.db.pool_size = 3;
@@ -134,6 +135,11 @@ async fn gauges_report_bounds_pool_database_flush_time_and_partition_horizon() {
         metric_value(&text, "reachly_buffer_capacity_events"),
         1234.0
     );
+    assert_eq!(
+        metric_value(&text, "reachly_buffer_capacity_bytes"),
+        4_321_000.0
+    );
+    assert_eq!(metric_value(&text, "reachly_buffer_bytes"), 0.0);
     assert_eq!(metric_value(&text, "reachly_spool_capacity_bytes"), 5e6);
     assert_eq!(metric_value(&text, "reachly_db_pool_max_connections"), 3.0);
     assert_eq!(metric_value(&text, "reachly_database_up"), 1.0, "{text}");

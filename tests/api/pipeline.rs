@@ -376,6 +376,72 @@ async fn an_outage_loses_no_acknowledged_event_and_empties_the_spool() {
     pg.stop().await;
 }
 
+/// `REACHLY_BUFFER_MAX_BYTES`: with the database down nothing leaves memory, and once the
+/// buffered events' estimated memory reaches the bound the next ones go to the spool, though
+/// the event bound is far away; every one is stored when the database returns.
+#[tokio::test]
+async fn the_buffer_holds_events_up_to_its_byte_bound_and_spills_the_rest_to_the_spool() {
+    const MAX_BYTES: usize = 6_000;
+    let pg = PrivateCluster::start().await;
+    let db = connect(&pg.url).await;
+    let first = seed_tenant(&db).await;
+    let mut messages = vec![first];
+    for _ in 0..29 {
+        messages.push(seed_message_in(&db, &first).await);
+    }
+    drop(db);
+    let app = spawn_app_on(
+        &pg.url,
+        |a| {
+            a.pipeline.buffer_max_events = 100_000;
+            a.pipeline.buffer_max_bytes = MAX_BYTES;
+            a.db.connect_timeout = Duration::from_secs(1);
+        },
+        Default::default(),
+    )
+    .await;
+    let keys = test_token_keys();
+    let opens: Vec<String> = messages
+        .iter()
+        .map(|m| token::mint(&keys, Purpose::Open, m.org, m.message, None).unwrap())
+        .collect();
+    let base = app.url("");
+    pg.stop().await;
+    let gifs = pixel_hits(&base, &opens).await;
+    assert_eq!(gifs, 30, "every pixel was served");
+    let (events, bytes) = (
+        app.state.ingest.buffered(),
+        app.state.ingest.buffered_bytes(),
+    );
+    assert!(
+        events > 0 && events < 30 && bytes > 0 && bytes <= MAX_BYTES,
+        "in memory: {events} events, {bytes} bytes (bound {MAX_BYTES})"
+    );
+    assert_eq!(app.metric("reachly_buffer_bytes").await, bytes as f64);
+    assert!(
+        app.state.ingest.spool_bytes() > 0,
+        "the events past the byte bound were spooled"
+    );
+    pg.start_again().await;
+    let db = connect(&pg.url).await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM email_events WHERE event_type = 'opened'",
+        30,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while app.state.ingest.buffered_bytes() > 0 || app.state.ingest.spool_bytes() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "memory and spool were not emptied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+    pg.stop().await;
+}
+
 fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
     let mut segs: Vec<_> = std::fs::read_dir(dir)
         .unwrap()

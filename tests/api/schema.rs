@@ -274,7 +274,9 @@ async fn an_event_must_carry_its_messages_tenant_and_goes_with_its_message() {
         .collect();
     assert_eq!(
         keys,
-        ["FOREIGN KEY (organization_id, message_id) REFERENCES campaign_messages(organization_id, id) ON DELETE CASCADE"],
+        [
+            "FOREIGN KEY (organization_id, message_id) REFERENCES campaign_messages(organization_id, id) ON DELETE CASCADE"
+        ],
         "one foreign key per event row"
     );
     for s in [&a, &b] {

@@ -127,7 +127,7 @@ fn finish(ctx: &WriterContext, env: Envelope, res: Result<u64, String>) {
         Ok(truncated) => {
             ctx.ingest.set_db_healthy(true);
             count(&ctx.metrics, env.len(), truncated);
-            ctx.ingest.release(env.len());
+            ctx.ingest.release_envelope(&env);
             if let Some(ack) = env.ack {
                 let _ = ack.send(Ok(()));
             }
@@ -138,7 +138,7 @@ fn finish(ctx: &WriterContext, env: Envelope, res: Result<u64, String>) {
                 .counter(BUS_PUBLISH_FAILURES_TOTAL, &[])
                 .increment(1);
             tracing::warn!(error = %e, events = env.len(), "bus publish failed; spooling the envelope");
-            ctx.ingest.release(env.len());
+            ctx.ingest.release_envelope(&env);
             ctx.spool.append(env);
         }
     }
