@@ -8,7 +8,8 @@
 #
 # Extra arguments go to reachly-loadtest (see `--help`), e.g. `loadtest/run.sh full --step-seconds 30`.
 # REACHLY_BASELINE=<commit> (full only): also build that commit of the service in a git worktree
-# (under target/baseline-<commit>) and ramp it after this one, for side-by-side ratios.
+# (under target/baseline-<commit>) and ramp it after this one, for side-by-side ratios (a
+# baseline older than migration V11 runs on the foreign keys it was built for: loadtest/baseline/).
 # Needs: Rust, PostgreSQL's server binaries (initdb, pg_ctl), taskset (util-linux), 2 CPUs,
 # nats-server for the bus mode (Debian package nats-server; --skip-bus runs without it).
 # Exit status: 0 pass; 1 an exactly-once check failed or the service misbehaved; 2 the run
@@ -21,7 +22,7 @@ mode="${1:-full}"
 case "$mode" in
   full) features=() ;;
   smoke) features=(--no-default-features) ;; # no chart: fewer crates to build
-  -h|--help|help) sed -n '2,12p' "$0"; exit 0 ;;
+  -h|--help|help) sed -n '2,13p' "$0"; exit 0 ;;
   *) echo "usage: loadtest/run.sh [full|smoke] [reachly-loadtest options]" >&2; exit 64 ;;
 esac
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup)" >&2; exit 2; }
@@ -44,6 +45,12 @@ if [ -n "${REACHLY_BASELINE:-}" ]; then
     cargo build --release --locked --bin reachly-ingest)
   baseline=(--baseline-bin "$CARGO_TARGET_DIR/baseline-$commit/target/release/reachly-ingest"
             --baseline-name "main at $commit")
+  # A baseline from before V11 gets the foreign keys it was built against (the database is
+  # migrated by this build; see loadtest/baseline/).
+  if ! (cd "$root" && git cat-file -e "$commit:migrations/V11__event_message_tenant_key.sql" 2>/dev/null); then
+    baseline+=(--baseline-schema-sql "$here/baseline/before-v11.sql"
+               --baseline-restore-sql "$here/baseline/after-v11.sql")
+  fi
 fi
 exec "$bin/reachly-loadtest" "$mode" \
   --service-bin "$bin/reachly-ingest" --naive-bin "$bin/naive-server" "${baseline[@]}" "$@"

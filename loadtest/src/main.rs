@@ -37,6 +37,16 @@ struct Cli {
     /// What to call the baseline in the report (e.g. "main at 9e3c73a").
     #[arg(long, default_value = "baseline")]
     baseline_name: String,
+    /// SQL run on the reset database before the baseline starts, to give it the schema it
+    /// was measured with where this build's migrations changed what its writes meet (e.g.
+    /// `loadtest/baseline/before-v11.sql` puts back the foreign keys V11 replaced). The
+    /// database is migrated by this build; the baseline ignores migrations it does not know.
+    #[arg(long, requires = "baseline_bin", requires = "baseline_restore_sql")]
+    baseline_schema_sql: Option<PathBuf>,
+    /// SQL run after the baseline phase, undoing `--baseline-schema-sql` so the naive and
+    /// limit references meet this build's schema (e.g. `loadtest/baseline/after-v11.sql`).
+    #[arg(long, requires = "baseline_schema_sql")]
+    baseline_restore_sql: Option<PathBuf>,
     /// Where the throwaway cluster, spool and logs go (a directory the postgres user can
     /// enter when run as root).
     #[arg(long, default_value = "/tmp")]
@@ -183,6 +193,7 @@ fn main() -> ExitCode {
             .unwrap_or_else(|| here.join("reachly-ingest")),
         naive_bin: cli.naive_bin.unwrap_or_else(|| here.join("naive-server")),
         baseline: cli.baseline_bin.map(|b| (b, cli.baseline_name.clone())),
+        baseline_schema_sql: cli.baseline_schema_sql.zip(cli.baseline_restore_sql),
         work_dir: cli.work_dir,
         keep: cli.keep,
         results_dir: results_dir.clone(),

@@ -14,7 +14,7 @@
 //! load generator) and of the database processes, the database's WAL/fsync/page counters, and
 //! the service's metrics; the step row derives rates and per-event costs from the deltas.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,9 @@ pub struct Options {
     pub naive_bin: PathBuf,
     /// Another build of the service and its name in the report (`--baseline-bin`).
     pub baseline: Option<(PathBuf, String)>,
+    /// SQL run before the baseline phase and SQL run after it (`--baseline-schema-sql`,
+    /// `--baseline-restore-sql`).
+    pub baseline_schema_sql: Option<(PathBuf, PathBuf)>,
     pub work_dir: PathBuf,
     pub keep: bool,
     pub results_dir: Option<PathBuf>,
@@ -177,6 +180,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Outcome> {
         && !b.is_file()
     {
         bail!("--baseline-bin {} is not a file", b.display());
+    }
+    if let Some((before, after)) = &opts.baseline_schema_sql {
+        for f in [before, after] {
+            if !f.is_file() {
+                bail!("{} is not a file", f.display());
+            }
+        }
     }
     for (what, p) in [
         ("reachly-ingest", &opts.service_bin),
@@ -1148,6 +1158,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         seed::reset(&ctx.cluster.url()).await?;
         // The baseline makes its own day partitions at start-up, as it would in production.
         seed::drop_day_partitions(&ctx.cluster.url()).await?;
+        if let Some((before, _)) = &ctx.opts.baseline_schema_sql {
+            apply_sql_file(&ctx.cluster.url(), before).await?;
+        }
         wait_quiet(ctx).await;
         let mut target =
             Target::single(spawn_serve_bin(ctx, &bin, "baseline", "baseline", &[]).await?);
@@ -1217,7 +1230,16 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             extended_per_event: extended,
             attribution,
             events,
+            schema_sql: ctx
+                .opts
+                .baseline_schema_sql
+                .clone()
+                .map(|(before, _)| before),
         });
+        if let Some((_, after)) = &ctx.opts.baseline_schema_sql {
+            seed::reset(&ctx.cluster.url()).await?;
+            apply_sql_file(&ctx.cluster.url(), after).await?;
+        }
     }
 
     // 3. The naive server.
@@ -1635,6 +1657,8 @@ pub struct BaselineResult {
     pub attribution: Option<crate::pagewrites::Attribution>,
     /// Events it committed in its phase.
     pub events: f64,
+    /// The `--baseline-schema-sql` file applied before it, if any.
+    pub schema_sql: Option<PathBuf>,
 }
 
 /// A server counter's growth between two readings, per event (page writes, relation
@@ -1653,6 +1677,19 @@ fn per_event(
     }
 }
 
+/// Runs the SQL of `file` on the database at `url` (`--baseline-schema-sql`).
+async fn apply_sql_file(url: &str, file: &Path) -> anyhow::Result<()> {
+    let sql =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    reachly_ingest::db::connect(url)
+        .await?
+        .batch_execute(&sql)
+        .await
+        .with_context(|| format!("applying {}", file.display()))?;
+    eprintln!("schema: applied {}", file.display());
+    Ok(())
+}
+
 /// The best step that did not saturate (the most events committed per second).
 fn sustained(rows: &[StepRow]) -> Option<&StepRow> {
     rows.iter()
@@ -1668,8 +1705,16 @@ fn baseline_section(
     service_attr: Option<(&crate::pagewrites::Attribution, f64)>,
     b: &BaselineResult,
 ) -> String {
+    let schema = match &b.schema_sql {
+        Some(f) => format!(
+            " The database was migrated by this build; `{}` was applied before the baseline started, to give it the schema it was built for where this build's migrations changed what its writes meet.",
+            f.display()
+        ),
+        None => " The database was migrated by this build, and the baseline ran on that schema."
+            .to_string(),
+    };
     let mut s = format!(
-        "## Against the baseline ({}), measured in this run\n\nThe baseline build was ramped after the service on the same freshly reset database, with the same request sequence. Ratios are this build / the baseline.\n\n",
+        "## Against the baseline ({}), measured in this run\n\nThe baseline build was ramped after the service on the same freshly reset database, with the same request sequence.{schema} Ratios are this build / the baseline.\n\n",
         b.name
     );
     s.push_str(&report::steps_table(&b.phase.rows, true));
