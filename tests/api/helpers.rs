@@ -550,6 +550,17 @@ pub async fn seed_tenant(db: &tokio_postgres::Client) -> Seeded {
     .await
 }
 
+/// A new tenant with `n` messages (the first as [`seed_tenant`] makes it, the others in
+/// its campaign, each to a contact of its own).
+pub async fn seed_tenant_messages(db: &tokio_postgres::Client, n: usize) -> Vec<Seeded> {
+    let first = seed_tenant(db).await;
+    let mut messages = vec![first];
+    for _ in 1..n {
+        messages.push(seed_message_in(db, &first).await);
+    }
+    messages
+}
+
 pub async fn seed_message_in(db: &tokio_postgres::Client, s: &Seeded) -> Seeded {
     let contact = Uuid::new_v4();
     db.execute(

@@ -256,11 +256,8 @@ async fn postmark_delivery(client: &reqwest::Client, app_url: &str, message: uui
 async fn an_outage_loses_no_acknowledged_event_and_empties_the_spool() {
     let pg = PrivateCluster::start().await;
     let db = connect(&pg.url).await;
-    let first = seed_tenant(&db).await;
-    let mut messages = vec![first];
-    for _ in 0..29 {
-        messages.push(seed_message_in(&db, &first).await);
-    }
+    let messages = seed_tenant_messages(&db, 30).await;
+    let first = messages[0];
     drop(db);
     let app = spawn_app_on(
         &pg.url,
@@ -384,11 +381,7 @@ async fn the_buffer_holds_events_up_to_its_byte_bound_and_spills_the_rest_to_the
     const MAX_BYTES: usize = 6_000;
     let pg = PrivateCluster::start().await;
     let db = connect(&pg.url).await;
-    let first = seed_tenant(&db).await;
-    let mut messages = vec![first];
-    for _ in 0..29 {
-        messages.push(seed_message_in(&db, &first).await);
-    }
+    let messages = seed_tenant_messages(&db, 30).await;
     drop(db);
     let app = spawn_app_on(
         &pg.url,
@@ -462,11 +455,7 @@ fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
 async fn after_kill_9_the_intact_spool_is_replayed_and_a_torn_record_is_skipped() {
     let pg = PrivateCluster::start().await;
     let db = connect(&pg.url).await;
-    let first = seed_tenant(&db).await;
-    let mut messages = vec![first];
-    for _ in 0..7 {
-        messages.push(seed_message_in(&db, &first).await);
-    }
+    let messages = seed_tenant_messages(&db, 8).await;
     drop(db);
     let spool = temp_dir("crash-spool");
     // Webhooks: spooled while the database is down and acknowledged 200 (an unsubscribe is
