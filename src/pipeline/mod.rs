@@ -104,8 +104,8 @@ struct Shared {
     buffered: AtomicUsize,
     max: usize,
     /// Their estimated memory ([`Envelope::memory`]), and its bound: the event bound alone
-    /// let a buffer of large events (long user agents, links, bounce diagnostics) or an
-    /// overload hold hundreds of MB.
+    /// let a buffer of large events (long user agents, links, bounce diagnostics, dead
+    /// letters carrying whole bodies) hold hundreds of MB or more.
     buffered_bytes: AtomicUsize,
     max_bytes: usize,
     spool: Spool,
