@@ -78,7 +78,15 @@ fn wrk(url: &str, seconds: u64, connections: u64) -> WrkResult {
         ])
         .arg(url)
         .output()
-        .unwrap_or_else(|e| panic!("wrk is required: apt-get install wrk ({e})"));
+        .unwrap_or_else(|e| panic!("taskset is required: apt-get install util-linux ({e})"));
+    // taskset runs even when wrk is missing, and then exits non-zero with nothing on stdout:
+    // without this check the bench would print a table of zeros.
+    assert!(
+        out.status.success(),
+        "wrk failed ({}): {} (wrk is required: apt-get install wrk)",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let find = |prefix: &str| {
         text.lines()

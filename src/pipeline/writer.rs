@@ -44,6 +44,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// A batch holding a durable envelope is written once nothing has arrived for this long
 /// (at most `durable_linger` after that envelope).
 const DURABLE_GAP: Duration = Duration::from_millis(2);
+/// How often a writer collecting a batch takes what has arrived (see [`collect`]).
+const COLLECT_TICK: Duration = Duration::from_millis(2);
 /// Idle writers still beat this often (liveness).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
@@ -162,6 +164,12 @@ async fn collect(
     // stream (a campaign's webhooks) fills commits for up to the linger, so the database
     // pays its per-commit cost over more events; a lull (an ESP's last in-flight requests, a
     // closed-loop sender) is written at once, so it is not held for the whole linger.
+    //
+    // The collecting writer looks at the channel once per `COLLECT_TICK` instead of waiting
+    // on it: a waiting receiver is woken by every envelope sent, which at tracking rates is
+    // one task wake-up (often a thread wake-up: a futex call and a context switch on the
+    // request path's core) per event. Polling the channel per tick costs at most
+    // 1 / `COLLECT_TICK` wake-ups a second, whatever the rate.
     let flush_due = Instant::now() + ctx.flush_interval;
     let mut durable_due: Option<Instant> = batch
         .iter()
@@ -169,31 +177,52 @@ async fn collect(
         .then(|| Instant::now() + ctx.durable_linger);
     let mut last_arrival = Instant::now();
     let mut count: usize = batch.iter().map(Envelope::len).sum();
+    let due = |durable_due: Option<Instant>, last_arrival: Instant| match durable_due {
+        Some(d) => flush_due.min(d).min(last_arrival + DURABLE_GAP),
+        None => flush_due,
+    };
     while count < ctx.flush_max_events {
         let before = batch.len();
-        let room = ctx.flush_max_events - count;
-        let due = match durable_due {
-            Some(d) => flush_due.min(d).min(last_arrival + DURABLE_GAP),
-            None => flush_due,
-        };
-        if ctx.closing.is_cancelled() {
-            rx.close();
+        let closing = ctx.closing.is_cancelled();
+        if closing {
             // Draining: take what is there, do not wait for more.
-            match rx.try_recv() {
-                Ok(env) => batch.push(env),
-                Err(_) => break,
-            }
+            rx.close();
         } else {
+            let now = Instant::now();
+            let due = due(durable_due, last_arrival);
+            if now >= due {
+                break;
+            }
             tokio::select! {
-                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                _ = tokio::time::sleep_until(due.into()) => break,
-                _ = ctx.closing.cancelled() => continue,
+                _ = tokio::time::sleep_until(due.min(now + COLLECT_TICK).into()) => {}
+                _ = ctx.closing.cancelled() => {}
             }
         }
-        last_arrival = Instant::now();
-        count += batch[before..].iter().map(Envelope::len).sum::<usize>();
-        if durable_due.is_none() && batch[before..].iter().any(|e| e.ack.is_some()) {
-            durable_due = Some(last_arrival + ctx.durable_linger);
+        // What arrived meanwhile, up to the batch's room.
+        let mut ended = false;
+        while count < ctx.flush_max_events {
+            match rx.try_recv() {
+                Ok(env) => {
+                    count += env.len();
+                    batch.push(env);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if batch.len() > before {
+            last_arrival = Instant::now();
+            if durable_due.is_none() && batch[before..].iter().any(|e| e.ack.is_some()) {
+                durable_due = Some(last_arrival + ctx.durable_linger);
+            }
+        } else if closing {
+            break;
+        }
+        if ended {
+            break;
         }
     }
     Some(batch)
