@@ -34,6 +34,10 @@
 //! machine traffic, but the proxy is recorded (`metadata.proxy`), since a caching proxy
 //! hides the person's later opens of the same message.
 
+use std::sync::LazyLock;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+
 /// Product names (lower case) of scripts, HTTP libraries, headless browsers and link
 /// unfurlers.
 pub const PRODUCTS: &[&str] = &[
@@ -334,15 +338,46 @@ fn builtin_match(ua: &str) -> Option<String> {
             return Some(stem.to_owned());
         }
     }
-    VENDORS
-        .iter()
-        .find(|v| ua.contains(*v))
-        .map(|v| (*v).to_owned())
+    first_vendor(ua).map(str::to_owned)
+}
+
+/// The first of [`VENDORS`], in list order, that occurs anywhere in `ua` (lower case): one
+/// pass of an Aho-Corasick automaton over all the names, built once.
+fn first_vendor(ua: &str) -> Option<&'static str> {
+    static VENDOR_FINDER: LazyLock<AhoCorasick> = LazyLock::new(|| {
+        AhoCorasick::builder()
+            .match_kind(MatchKind::Standard)
+            .build(VENDORS)
+            .expect("VENDORS are a valid pattern set")
+    });
+    VENDOR_FINDER
+        .find_overlapping_iter(ua)
+        .map(|m| m.pattern().as_usize())
+        .min()
+        .map(|i| VENDORS[i])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vendor_is_the_first_of_the_list_found_anywhere_in_the_user_agent() {
+        // Every vendor alone, in any position, and the list's order when two occur.
+        for v in VENDORS {
+            assert_eq!(first_vendor(&format!("x {v} y")), Some(*v), "{v}");
+            assert_eq!(first_vendor(v), Some(*v), "{v}");
+        }
+        assert_eq!(
+            first_vendor("sophos relayed by barracuda"),
+            Some("barracuda")
+        );
+        assert_eq!(first_vendor("mimecast via trend micro"), Some("mimecast"));
+        assert_eq!(
+            first_vendor("mozilla/5.0 (windows nt 10.0) chrome/126.0"),
+            None
+        );
+    }
 
     /// Real user agents of real mail clients and browsers: none may be flagged.
     const PEOPLE: &[&str] = &[
