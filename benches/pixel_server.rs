@@ -67,17 +67,9 @@ struct WrkResult {
     non_2xx: u64,
 }
 
-/// `utime + stime` of this process, in seconds (`/proc/self/stat`, clock ticks of 1/100 s,
-/// Linux's `CLK_TCK`).
+/// CPU seconds of this process so far (the service's own `/proc/self/stat` reader).
 fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
-    (f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0)) / 100.0
+    reachly_ingest::metrics::process_cpu_seconds().unwrap_or(0.0)
 }
 
 fn wrk(url: &str, seconds: u64, connections: u64) -> WrkResult {

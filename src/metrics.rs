@@ -14,6 +14,8 @@
 
 mod process;
 
+pub use process::cpu_seconds as process_cpu_seconds;
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -50,6 +50,11 @@ pub(super) fn read() -> ProcessStats {
     s
 }
 
+/// CPU time (user + system) of this process so far, in seconds; `None` without `/proc`.
+pub fn cpu_seconds() -> Option<f64> {
+    parse_stat(&std::fs::read_to_string("/proc/self/stat").ok()?).0
+}
+
 /// `(utime + stime in seconds, starttime in ticks since boot)` from `/proc/self/stat`.
 fn parse_stat(stat: &str) -> (Option<f64>, Option<f64>) {
     // The command name (field 2) may hold spaces and parentheses: fields restart after the
