@@ -4,6 +4,8 @@
 //! and does nothing else. Both run in this process on the same runtime and are driven by
 //! `wrk` in turn, so the ratio is the cost of the service's work per request.
 //!
+//! Both run on the service binary's allocator (jemalloc, same options).
+//!
 //! `cargo bench --bench pixel_server [-- --seconds 10 --connections 32]` (needs `wrk`:
 //! `apt-get install wrk`, and PostgreSQL's server binaries).
 
@@ -26,6 +28,16 @@ use uuid::Uuid;
 
 mod support;
 use support::{arg, pin};
+
+/// The service binary's allocator and options (src/main.rs), so the bench measures what ships:
+/// jemalloc, its freed pages returned by its background thread.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: Option<&'static u8> =
+    Some(&b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0"[0]);
 
 /// The do-nothing baseline: same bytes, same headers.
 async fn serve_noop(listener: tokio::net::TcpListener) {
