@@ -7,6 +7,8 @@
 //! lz4 instead of pglz (`default_toast_compression`); then each partition's archive
 //! (`db::archive`, zstd CSV) in bytes per event and its compression ratio; and the bytes per
 //! row of `campaign_messages` and `contacts`. docs/storage.md projects disk use from these.
+//! It also projects the heap per event with `user_agent` as a 4-byte reference to a
+//! dictionary table (not the shipped schema; what issue 14's first goal would need).
 //!
 //! `cargo bench --bench storage [-- --per-type 20000]`
 
@@ -166,6 +168,10 @@ async fn write_all(url: &str, events: Vec<Event>) -> anyhow::Result<()> {
         spool.to_str().unwrap_or("/tmp/reachly-bench-spool"),
         "--buffer-max-events",
         "2000000",
+        // The whole run in memory: past the default byte bound (48 MiB) events would be
+        // spooled, acknowledged, and left in the spool this bench deletes.
+        "--buffer-max-bytes",
+        "2147483648",
         "--flush-interval-ms",
         "50",
     ]);
@@ -259,6 +265,12 @@ async fn bench(cluster: &PgCluster, per_type: usize) -> anyhow::Result<()> {
             )
             .await?
             .get(0);
+        // Every event written must be there: a shortfall means the bench measured a part.
+        anyhow::ensure!(
+            stored as usize == per_type,
+            "{}: {stored} of {per_type} events stored",
+            t.as_str()
+        );
         let pglz = per_event(&db, day_of(0, ti), stored as usize).await?;
         let lz4 = per_event(&db, day_of(1, ti), stored as usize).await?;
         let meta: f64 = db
@@ -290,6 +302,63 @@ async fn bench(cluster: &PgCluster, per_type: usize) -> anyhow::Result<()> {
         .await?
         .get(0);
     println!("\nmetadata values stored compressed (either method): {toasted}");
+
+    // What a user-agent dictionary would save (issue 14's first goal: the events heap is
+    // most of the data pages written per event). Not the shipped schema: each partition with
+    // a user agent is copied with `user_agent` replaced by a 4-byte reference to a table of
+    // the distinct strings, and the copy's heap measured beside the original's.
+    println!(
+        "\n## Projection: user_agent as a 4-byte reference to a dictionary table (heap only)\n"
+    );
+    println!(
+        "| type | user_agent B (avg) | heap+TOAST B/ev | with a dictionary B/ev | saved | distinct user agents |"
+    );
+    println!("|---|---|---|---|---|---|");
+    db.batch_execute(
+        "CREATE TABLE bench_user_agents (id int4 GENERATED ALWAYS AS IDENTITY PRIMARY KEY, user_agent text UNIQUE)",
+    )
+    .await?;
+    for (ti, t) in EventType::ALL.into_iter().enumerate() {
+        let part = partition_name(day_of(0, ti));
+        let r = db
+            .query_one(
+                &format!(
+                    "SELECT count(*), avg(octet_length(user_agent))::float8, count(DISTINCT user_agent) FROM public.{part}"
+                ),
+                &[],
+            )
+            .await?;
+        let (n, ua_bytes, distinct): (i64, Option<f64>, i64) = (r.get(0), r.get(1), r.get(2));
+        let Some(ua_bytes) = ua_bytes.filter(|_| n > 0) else {
+            continue;
+        };
+        db.batch_execute(&format!(
+            "INSERT INTO bench_user_agents (user_agent) SELECT DISTINCT user_agent FROM public.{part} \
+               WHERE user_agent IS NOT NULL ON CONFLICT DO NOTHING; \
+             CREATE TABLE bench_dict_{ti} AS SELECT e.id, e.organization_id, e.message_id, e.event_type, \
+               e.ip_address, u.id AS user_agent_id, e.link_url, e.metadata, e.created_at, e.provider, e.dedup_key \
+               FROM public.{part} e LEFT JOIN bench_user_agents u ON u.user_agent = e.user_agent"
+        ))
+        .await?;
+        db.batch_execute(&format!("VACUUM ANALYZE bench_dict_{ti}"))
+            .await?;
+        let r = db
+            .query_one(
+                &format!("SELECT pg_table_size('public.{part}'), pg_table_size('bench_dict_{ti}')"),
+                &[],
+            )
+            .await?;
+        let (heap, dict): (i64, i64) = (r.get(0), r.get(1));
+        let (heap, dict) = (heap as f64 / n as f64, dict as f64 / n as f64);
+        println!(
+            "| {} | {ua_bytes:.0} | {heap:.0} | {dict:.0} | {:.0}% | {distinct} |",
+            t.as_str(),
+            100.0 * (1.0 - dict / heap)
+        );
+        db.batch_execute(&format!("DROP TABLE bench_dict_{ti}"))
+            .await?;
+    }
+    db.batch_execute("DROP TABLE bench_user_agents").await?;
 
     let archive_dir =
         std::env::temp_dir().join(format!("reachly-bench-archive-{}", Uuid::new_v4().simple()));
