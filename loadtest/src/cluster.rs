@@ -159,6 +159,11 @@ impl Cluster {
         procstat::postgres_cpu_ticks(self.postmaster_pid()?)
     }
 
+    /// CPU ticks of the server processes by kind (see [`procstat::postgres_cpu_by_kind`]).
+    pub fn cpu_by_kind(&self) -> Option<[u64; 7]> {
+        procstat::postgres_cpu_by_kind(self.postmaster_pid()?)
+    }
+
     pub fn url(&self) -> String {
         self.pg.url(DB_NAME)
     }

@@ -117,6 +117,70 @@ pub fn postgres_cpu_ticks(postmaster: u32) -> Option<u64> {
     Some(total)
 }
 
+/// The kinds of server process [`postgres_cpu_by_kind`] tells apart, in report order.
+pub const PG_KINDS: [&str; 7] = [
+    "client backends",
+    "checkpointer",
+    "background writer",
+    "walwriter",
+    "autovacuum (running)",
+    "exited (autovacuum workers, short connections)",
+    "postmaster and other",
+];
+
+/// The kind of a live server process, from the title PostgreSQL gives it
+/// (`/proc/<pid>/cmdline`, e.g. `postgres: checkpointer`, `postgres: user db 127.0.0.1(5432) idle`).
+fn pg_kind(pid: u32) -> &'static str {
+    let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let title = String::from_utf8_lossy(&title);
+    kind_of_title(&title)
+}
+
+fn kind_of_title(title: &str) -> &'static str {
+    let Some(rest) = title.trim_end_matches('\0').strip_prefix("postgres: ") else {
+        return PG_KINDS[6];
+    };
+    // PostgreSQL 15 may prefix the cluster name: `postgres: 15/main: checkpointer`.
+    let rest = match rest.split_once(": ") {
+        Some((cluster, r)) if !cluster.contains(' ') => r,
+        _ => rest,
+    };
+    let aux = [
+        ("checkpointer", PG_KINDS[1]),
+        ("background writer", PG_KINDS[2]),
+        ("walwriter", PG_KINDS[3]),
+        ("autovacuum", PG_KINDS[4]),
+        ("logical replication", PG_KINDS[6]),
+        ("archiver", PG_KINDS[6]),
+        ("stats collector", PG_KINDS[6]),
+        ("walsender", PG_KINDS[6]),
+        ("walreceiver", PG_KINDS[6]),
+        ("startup", PG_KINDS[6]),
+    ];
+    aux.iter()
+        .find(|(prefix, _)| rest.starts_with(prefix))
+        .map_or(PG_KINDS[0], |(_, kind)| kind)
+}
+
+/// CPU ticks of a PostgreSQL server by kind of process ([`PG_KINDS`]); the kinds add up to
+/// [`postgres_cpu_ticks`]. Processes that exited (autovacuum workers, short connections) are
+/// known only through the postmaster's `cutime + cstime`, hence their kind of their own.
+pub fn postgres_cpu_by_kind(postmaster: u32) -> Option<[u64; 7]> {
+    let pm = stat_fields(postmaster)?;
+    let mut by = [0u64; 7];
+    by[5] = pm.get(CUTIME)? + pm.get(CSTIME)?;
+    by[6] = pm.get(UTIME)? + pm.get(STIME)?;
+    for pid in children(postmaster) {
+        let Some(ticks) = cpu_ticks(pid) else {
+            continue;
+        };
+        let kind = pg_kind(pid);
+        let i = PG_KINDS.iter().position(|k| *k == kind).unwrap_or(6);
+        by[i] += ticks;
+    }
+    Some(by)
+}
+
 /// The postmaster's pid from `postmaster.pid` in the data directory.
 pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
     std::fs::read_to_string(data_dir.join("postmaster.pid"))
@@ -142,6 +206,32 @@ pub fn children(parent: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_processes_are_told_apart_by_their_title() {
+        assert_eq!(kind_of_title("postgres: checkpointer \0"), "checkpointer");
+        assert_eq!(kind_of_title("postgres: 15/main: walwriter "), "walwriter");
+        assert_eq!(
+            kind_of_title("postgres: background writer "),
+            "background writer"
+        );
+        assert_eq!(
+            kind_of_title("postgres: autovacuum worker loadtest"),
+            "autovacuum (running)"
+        );
+        assert_eq!(
+            kind_of_title("postgres: postgres loadtest 127.0.0.1(41234) COPY"),
+            "client backends"
+        );
+        assert_eq!(
+            kind_of_title("postgres: logical replication launcher "),
+            "postmaster and other"
+        );
+        assert_eq!(
+            kind_of_title("/usr/lib/postgresql/15/bin/postgres -D /data"),
+            "postmaster and other"
+        );
+    }
 
     #[test]
     fn reads_this_process() {

@@ -99,6 +99,8 @@ pub struct StepRow {
     pub fsyncs_per_event: Option<f64>,
     pub page_writes_per_event: Option<f64>,
     pub db_cpu_us_per_event: Option<f64>,
+    /// The same by kind of server process ([`crate::procstat::PG_KINDS`]).
+    pub db_cpu_by_kind: Option<[f64; 7]>,
     pub commits_per_s: f64,
     /// Busy share (%) of the database's CPU and of the application's CPU, whoever used it.
     pub db_core_busy: f64,

@@ -104,6 +104,8 @@ struct Probe {
     server_ticks: u64,
     gen_ticks: u64,
     db_ticks: Option<u64>,
+    /// The same by kind of server process ([`procstat::PG_KINDS`]).
+    db_kinds: Option<[u64; 7]>,
     db: Option<DbStats>,
     metrics: Option<ServiceMetrics>,
     /// Messages in the bus's stream (bus mode only).
@@ -414,6 +416,7 @@ async fn probe(ctx: &mut Ctx, target: &mut Target) -> Probe {
         server_ticks: pids.iter().filter_map(|p| procstat::cpu_ticks(*p)).sum(),
         gen_ticks: procstat::cpu_ticks(std::process::id()).unwrap_or(0),
         db_ticks: ctx.cluster.cpu_ticks(),
+        db_kinds: ctx.cluster.cpu_by_kind(),
         db,
         metrics,
         backlog,
@@ -421,6 +424,18 @@ async fn probe(ctx: &mut Ctx, target: &mut Target) -> Probe {
         db_cpu_busy: procstat::cpu_busy(ctx.opts.db_cpu).unwrap_or((0, 0)),
         app_cpu_busy: procstat::cpu_busy(ctx.opts.app_cpu).unwrap_or((0, 0)),
     }
+}
+
+/// Database CPU in µs per event by kind of server process, between two readings.
+fn kinds_per_event(
+    ticks: f64,
+    before: Option<[u64; 7]>,
+    after: Option<[u64; 7]>,
+    events: f64,
+) -> Option<[f64; 7]> {
+    let (b, a) = (before?, after?);
+    (events > 0.0)
+        .then(|| std::array::from_fn(|i| 1e6 * a[i].saturating_sub(b[i]) as f64 / ticks / events))
 }
 
 /// Share (%) of a CPU's time that was busy between two `/proc/stat` readings.
@@ -474,6 +489,7 @@ fn row_from(
     let fsync = db.and_then(|d| per_event(d.wal_sync as f64));
     let pages = db.and_then(|d| per_event(d.page_writes as f64));
     let cpu_per_event = db_secs.and_then(per_event);
+    let db_cpu_by_kind = kinds_per_event(ctx.ticks, before.db_kinds, after.db_kinds, committed);
     let projection = match (wal, fsync, pages, cpu_per_event) {
         (Some(w), Some(f), Some(p), Some(c)) => Some(Projection::from_costs(w, f + p, c)),
         _ => None,
@@ -499,6 +515,7 @@ fn row_from(
         fsyncs_per_event: fsync,
         page_writes_per_event: pages,
         db_cpu_us_per_event: cpu_per_event.map(|s| s * 1e6),
+        db_cpu_by_kind,
         commits_per_s: db.map_or(0.0, |d| d.xact_commit as f64 / secs),
         db_core_busy: busy(before.db_cpu_busy, after.db_cpu_busy),
         app_core_busy: busy(before.app_cpu_busy, after.app_cpu_busy),
@@ -1306,10 +1323,12 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         wait_quiet(ctx).await;
         let db0 = ctx.monitor.stats().await.ok();
         let t0 = ctx.cluster.cpu_ticks();
+        let k0 = ctx.cluster.cpu_by_kind();
         let r = limit::load(&ctx.cluster.url(), &dump_path, dumped).await?;
         ctx.monitor.execute("CHECKPOINT").await?;
         let db1 = ctx.monitor.stats().await.ok();
         let t1 = ctx.cluster.cpu_ticks();
+        let k1 = ctx.cluster.cpu_by_kind();
         let secs = r.total.as_secs_f64();
         let ev = r.events as f64;
         let d = match (db0, db1) {
@@ -1330,6 +1349,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             fsyncs_per_event: d.map(|d| d.wal_sync as f64 / ev),
             page_writes_per_event: d.map(|d| d.page_writes as f64 / ev),
             db_cpu_us_per_event: cpu.map(|c| 1e6 * c / ev),
+            db_cpu_by_kind: kinds_per_event(ctx.ticks, k0, k1, ev),
             projection: match (wal, ios, cpu) {
                 (Some(w), Some(i), Some(c)) => Some(Projection::from_costs(w, i, c / ev)),
                 _ => None,
@@ -2165,6 +2185,44 @@ fn full_report(r: FullReport<'_>) -> String {
         s.push_str("\n## Where the data pages were written (service phase)\n\n");
         let extended = r.phase_extended_per_event.map(|e| e * events);
         s.push_str(&a.markdown(events, counted, extended));
+    }
+    let by_kind: Vec<(&str, f64, [f64; 7])> = r
+        .service
+        .rows
+        .iter()
+        .chain(r.baseline.iter().flat_map(|b| b.phase.rows.iter()))
+        .chain(r.limit.iter().map(|(_, row)| row))
+        .filter_map(|row| {
+            Some((
+                row.phase.as_str(),
+                row.db_cpu_us_per_event?,
+                row.db_cpu_by_kind?,
+            ))
+        })
+        .collect();
+    if !by_kind.is_empty() {
+        s.push_str(
+            "\n## Database CPU per event by server process\n\n\
+             µs of CPU per committed event, from `/proc` (`utime + stime`) of each server process, told apart by the title PostgreSQL gives it; \
+             processes that ended during the step (autovacuum workers, short connections such as this load test's statistics and `pg_buffercache` queries) are known only through the postmaster's reaped-children time. \
+             Client backends are the writers' connections (and, for the limit, its one COPY), plus this load test's monitoring connection.\n\n",
+        );
+        s.push_str("| step | all |");
+        for k in procstat::PG_KINDS {
+            s.push_str(&format!(" {k} |"));
+        }
+        s.push_str("\n| --- | --- |");
+        for _ in procstat::PG_KINDS {
+            s.push_str(" --- |");
+        }
+        s.push('\n');
+        for (phase, all, kinds) in by_kind {
+            s.push_str(&format!("| {phase} | {all:.1} |"));
+            for v in kinds {
+                s.push_str(&format!(" {v:.1} |"));
+            }
+            s.push('\n');
+        }
     }
     if !r.statements.is_empty() {
         s.push_str("\n## Where the database time went (pg_stat_statements, service phase)\n\n| calls | total ms | rows | blocks dirtied | blocks written | WAL bytes | statement |\n| --- | --- | --- | --- | --- | --- | --- |\n");
