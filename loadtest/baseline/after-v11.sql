@@ -7,3 +7,7 @@ ALTER TABLE public.email_events
 ALTER TABLE public.email_events
   ADD CONSTRAINT email_events_message_fkey FOREIGN KEY (organization_id, message_id)
     REFERENCES public.campaign_messages (organization_id, id) ON DELETE CASCADE;
+-- And V12's dedup index, time first.
+DROP INDEX IF EXISTS public.idx_events_dedup;
+CREATE UNIQUE INDEX idx_events_dedup ON public.email_events (created_at, dedup_key)
+  WHERE dedup_key IS NOT NULL;

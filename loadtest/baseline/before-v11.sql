@@ -8,3 +8,7 @@ ALTER TABLE public.email_events
     REFERENCES public.campaign_messages (id) ON DELETE CASCADE,
   ADD CONSTRAINT email_events_organization_id_fkey FOREIGN KEY (organization_id)
     REFERENCES public.organizations (id) ON DELETE CASCADE;
+-- And V12's dedup index back in V1's order (dedup_key, created_at), the one it was built for.
+DROP INDEX IF EXISTS public.idx_events_dedup;
+CREATE UNIQUE INDEX idx_events_dedup ON public.email_events (dedup_key, created_at)
+  WHERE dedup_key IS NOT NULL;

@@ -300,6 +300,66 @@ async fn an_event_must_carry_its_messages_tenant_and_goes_with_its_message() {
     );
 }
 
+/// V12: the ESP deduplication index leads with the event time (inserts near its right
+/// edge) and keeps its rule: the same ESP key at the same time is one event, the writer's
+/// ON CONFLICT DO NOTHING skips the repeat, events without a key have no entry.
+#[tokio::test]
+async fn the_dedup_index_leads_with_the_time_and_still_refuses_a_repeated_esp_event() {
+    let app = spawn_app().await;
+    let a = app.seed().await;
+    let def: String = app
+        .db
+        .query_one(
+            "SELECT pg_get_indexdef('public.idx_events_dedup'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        def.contains("UNIQUE INDEX idx_events_dedup ON ONLY public.email_events USING btree (created_at, dedup_key) WHERE (dedup_key IS NOT NULL)"),
+        "{def}"
+    );
+    let insert = "INSERT INTO email_events (organization_id, message_id, event_type, created_at, dedup_key) \
+                  VALUES ($1, $2, 'delivered', '2026-12-07 10:00:00+00', $3)";
+    let key = Some("sendgrid:evt-1");
+    app.db
+        .execute(insert, &[&a.org, &a.message, &key])
+        .await
+        .expect("first delivery");
+    let err = app
+        .db
+        .execute(insert, &[&a.org, &a.message, &key])
+        .await
+        .expect_err("the same ESP event again");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+        "{err:?}"
+    );
+    let skipped = app
+        .db
+        .execute(
+            &format!("{insert} ON CONFLICT DO NOTHING"),
+            &[&a.org, &a.message, &key],
+        )
+        .await
+        .unwrap();
+    assert_eq!(skipped, 0, "the writer's ON CONFLICT DO NOTHING skips it");
+    let no_key: Option<&str> = None;
+    for _ in 0..2 {
+        app.db
+            .execute(insert, &[&a.org, &a.message, &no_key])
+            .await
+            .expect("events without a key are never conflicts");
+    }
+    assert_eq!(
+        app.count("SELECT count(*) FROM email_events").await,
+        3,
+        "one keyed event and two without a key"
+    );
+}
+
 #[tokio::test]
 async fn row_level_security_shows_a_tenant_only_its_own_rows() {
     let app = spawn_app().await;
