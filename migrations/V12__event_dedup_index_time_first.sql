@@ -21,7 +21,10 @@
 -- | (dedup_key, created_at), V1       | 27.3, 20.7, 22.8 (mean 23.6)| 16.1, 10.5, 10.9      |
 -- | (created_at, dedup_key), this one | 17.7, 18.9, 18.0 (mean 18.2)| 16.8, 11.3, 13.5      |
 --
--- 23% less for an ESP event's insert, nothing changed for pixel events (which have no
+-- A second run of the script the same day: 30.9, 22.6, 22.3 (mean 25.3) against 18.8, 18.3,
+-- 18.3 (mean 18.5), pixel events 11.6-19.5 both ways.
+--
+-- 23-27% less for an ESP event's insert, nothing changed for pixel events (which have no
 -- entry); in the load test's mix (38% ESP events) about 2 us of the ~40 us of database CPU
 -- per event. The load test's per-relation page writes give the index's share of the data
 -- pages written before and after (README, Measured performance).
