@@ -24,6 +24,14 @@
 -- A second run of the script the same day: 30.9, 22.6, 22.3 (mean 25.3) against 18.8, 18.3,
 -- 18.3 (mean 18.5), pixel events 11.6-19.5 both ways.
 --
+-- In the load test the difference is inside its noise: the same build on each order, one
+-- run, 8,000 / 11,300 / 8,000 / 11,300 req/s, 49.8 / 42.0 / 49.1 / 49.2 us of database CPU
+-- per event with this order against 46.6 / 41.9 / 49.2 / 46.4 with V1's; its phases store
+-- 0.5-2.1 million events, and an index of their ESP events stays in shared buffers, where
+-- a random leaf costs little more than the last one. The order matters once a day's index
+-- outgrows the cache (a large campaign's day on a 2 GiB server), which is when every
+-- random insert would be a read.
+--
 -- 23-27% less for an ESP event's insert, nothing changed for pixel events (which have no
 -- entry); in the load test's mix (38% ESP events) about 2 us of the ~40 us of database CPU
 -- per event. The load test's per-relation page writes give the index's share of the data
