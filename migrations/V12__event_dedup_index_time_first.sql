@@ -50,18 +50,6 @@
 -- a quiet hour, or drop old partitions first (retention).
 --
 -- CHANGE: idx_events_dedup becomes (created_at, dedup_key), same uniqueness.
-DO $$
-BEGIN
-  IF NOT EXISTS (
-    SELECT 1 FROM pg_index i
-    JOIN pg_class c ON c.oid = i.indexrelid
-    WHERE c.relname = 'idx_events_dedup'
-      AND c.relnamespace = 'public'::regnamespace
-      AND pg_get_indexdef(i.indexrelid) LIKE '%(created_at, dedup_key)%'
-  ) THEN
-    DROP INDEX IF EXISTS public.idx_events_dedup;
-    CREATE UNIQUE INDEX idx_events_dedup ON public.email_events (created_at, dedup_key)
-      WHERE dedup_key IS NOT NULL;
-  END IF;
-END
-$$;
+DROP INDEX IF EXISTS public.idx_events_dedup;
+CREATE UNIQUE INDEX idx_events_dedup ON public.email_events (created_at, dedup_key)
+  WHERE dedup_key IS NOT NULL;

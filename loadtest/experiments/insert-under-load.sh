@@ -114,15 +114,15 @@ CREATE FUNCTION exp_cpu_ns() RETURNS bigint LANGUAGE sql AS \$\$
 SQL
 cols="id, organization_id, message_id, event_type, ip_address, user_agent, link_url, metadata, created_at, provider, dedup_key"
 next=0 # the next event number, so every event of the run is new
-# run NAME esp(true|false) batches size: one batch per transaction, the INSERT's CPU summed.
-run() { # NAME esp(true|false) BATCHES SIZE [update]
+# run NAME esp(true|false) BATCHES SIZE [update]: one batch per transaction, the INSERT's
+# CPU and wall time summed.
+run() {
   local name=$1 esp=$2 nb=$3 bs=$4 conflict="" update=""
   [ "$esp" = true ] && conflict="ON CONFLICT DO NOTHING"
   # update: each batch's messages updated after its INSERT, in its transaction (untimed),
   # as the writer's status merge does; their rows' HOT chains then meet the next batches'
   # foreign-key checks.
   [ "${5:-}" = update ] && update="UPDATE public.campaign_messages AS m SET status = 'delivered', updated_at = clock_timestamp() FROM (SELECT DISTINCT message_id FROM reachly_stage_events) AS s WHERE m.id = s.message_id;"
-
   local before out
   before=$(q -c "SELECT count(*) FROM email_events")
   out=$(q 2>&1 <<SQL
@@ -138,8 +138,8 @@ BEGIN
     t0 := exp_cpu_ns();
     INSERT INTO public.email_events ($cols) SELECT $cols FROM reachly_stage_events $conflict;
     total := total + exp_cpu_ns() - t0;
-    $update
     wall := wall + extract(epoch FROM clock_timestamp() - w0) * 1000;
+    $update
     IF b = $nb - 1 THEN
       INSERT INTO exp_result VALUES (total, wall);
     END IF;
@@ -183,10 +183,10 @@ for shape in "dedup_key, created_at" "created_at, dedup_key"; do
   done
 done
 for pass in 1 2; do
-  run "pixel, 2 million rows, V12" false "$batches" "$size"
-  run "pixel, 2 million rows, V12, messages updated in each batch" false "$batches" "$size" update
+  run "pixel, partition of $preload rows, V12" false "$batches" "$size"
+  run "pixel, partition of $preload rows, V12, messages updated in each batch" false "$batches" "$size" update
 done
-run "esp, 2 million rows, V12, messages updated in each batch" true "$batches" "$size" update
+run "esp, partition of $preload rows, V12, messages updated in each batch" true "$batches" "$size" update
 run "pixel, one batch of all (the limit's shape)" false 1 $((batches * size))
 q -c "ALTER TABLE public.email_events DROP CONSTRAINT email_events_message_fkey" >/dev/null
 run "pixel, no foreign key" false "$batches" "$size"
