@@ -3,10 +3,13 @@
 //! [`Record`] either of them as it travels through the pipeline and the spool. The column
 //! order and binary COPY types of `email_events` live here, next to the struct.
 
+use std::borrow::Cow;
+
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
 use uuid::Uuid;
 
 /// Event types of SPEC.md: the seed's seven plus `deferred` and `dropped`.
@@ -159,8 +162,25 @@ impl Event {
         occurred_at: DateTime<Utc>,
         source: Source,
     ) -> Event {
+        Event::arriving_at(message_id, event_type, occurred_at, source, Utc::now())
+    }
+
+    /// An event happening as it arrives (our own tracking hits): its time and its id's
+    /// are the same reading of the clock.
+    pub fn happening_now(message_id: Uuid, event_type: EventType, source: Source) -> Event {
+        let now = Utc::now();
+        Event::arriving_at(message_id, event_type, now, source, now)
+    }
+
+    fn arriving_at(
+        message_id: Uuid,
+        event_type: EventType,
+        occurred_at: DateTime<Utc>,
+        source: Source,
+        arrival: DateTime<Utc>,
+    ) -> Event {
         Event {
-            id: new_event_id(Utc::now()),
+            id: new_event_id(arrival),
             message_id,
             claimed_organization_id: None,
             event_type,
@@ -183,24 +203,77 @@ impl Event {
     }
 
     /// The `metadata` column: provider fields plus the typed flags SPEC.md names
-    /// (`bounce_class`, `machine`, `machine_reason`, `error`).
+    /// (`bounce_class`, `machine`, `machine_reason`, `error`), as a value.
     pub fn metadata_json(&self) -> Value {
-        let mut m = self.metadata.clone();
-        if let Some(b) = self.bounce_class {
-            m.insert("bounce_class".into(), Value::from(b.as_str()));
-        }
-        if let Some(reason) = &self.machine_reason {
-            m.insert("machine".into(), Value::Bool(true));
-            m.insert("machine_reason".into(), Value::from(reason.as_str()));
-        }
-        if let Some(err) = &self.error_message {
-            m.entry("error")
-                .or_insert_with(|| Value::from(err.as_str()));
-        }
-        let mut v = Value::Object(m);
+        let mut v = serde_json::to_value(EventMetadata(self))
+            .unwrap_or_else(|_| Value::Object(self.metadata.clone()));
         strip_nul(&mut v);
         v
     }
+}
+
+/// An event's `metadata` column as the writer encodes it: the provider fields and the typed
+/// flags serialized straight from the event, without copying its map (the writer did that
+/// once per row). A typed flag replaces a provider field of the same name, except `error`,
+/// which a provider's own `error` field keeps. Encoded as `jsonb` (binary COPY); a NUL in a
+/// key or string, which PostgreSQL refuses, takes the slower path of [`Event::metadata_json`]
+/// (NUL made U+FFFD).
+#[derive(Debug)]
+pub struct EventMetadata<'a>(pub &'a Event);
+
+impl Serialize for EventMetadata<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let e = self.0;
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in &e.metadata {
+            let replaced = match k.as_str() {
+                "bounce_class" => e.bounce_class.is_some(),
+                "machine" | "machine_reason" => e.machine_reason.is_some(),
+                _ => false,
+            };
+            if !replaced {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        if let Some(b) = e.bounce_class {
+            map.serialize_entry("bounce_class", b.as_str())?;
+        }
+        if let Some(reason) = &e.machine_reason {
+            map.serialize_entry("machine", &true)?;
+            map.serialize_entry("machine_reason", reason)?;
+        }
+        if let Some(err) = &e.error_message
+            && !e.metadata.contains_key("error")
+        {
+            map.serialize_entry("error", err)?;
+        }
+        map.end()
+    }
+}
+
+impl ToSql for EventMetadata<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == Type::JSONB {
+            out.put_u8(1); // jsonb's binary format version
+        }
+        let start = out.len();
+        serde_json::to_writer(out.writer(), self)?;
+        // serde_json writes a NUL as the escape `\u0000` (a `\\u0000` in the text contains it
+        // too: a false alarm costs only the slow path).
+        if out[start..].windows(6).any(|w| w == b"\\u0000") {
+            out.truncate(start);
+            serde_json::to_writer(out.writer(), &self.0.metadata_json())?;
+        }
+        Ok(IsNull::No)
+    }
+
+    accepts!(JSON, JSONB);
+    to_sql_checked!();
 }
 
 /// PostgreSQL's jsonb refuses `\u0000` in strings (and keys); one such value would fail
@@ -395,7 +468,16 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
 
 /// Text PostgreSQL will accept: no NUL bytes (they would fail the whole COPY).
 pub fn pg_text(s: &str, max: usize) -> String {
-    truncate_utf8(s, max).replace('\0', "\u{FFFD}")
+    pg_text_ref(s, max).into_owned()
+}
+
+/// [`pg_text`] without a copy when `s` needs no change (the writer's per-row case).
+pub fn pg_text_ref(s: &str, max: usize) -> Cow<'_, str> {
+    let cut = truncate_utf8(s, max);
+    match cut.contains('\0') {
+        true => Cow::Owned(cut.replace('\0', "\u{FFFD}")),
+        false => Cow::Borrowed(cut),
+    }
 }
 
 #[cfg(test)]
@@ -481,6 +563,82 @@ mod tests {
             text.contains("a\u{FFFD}b") && text.contains("bad\u{FFFD}"),
             "{text}"
         );
+    }
+
+    /// What the writer's COPY sends for the `metadata` column, parsed back.
+    fn encoded_metadata(e: &Event) -> Value {
+        let mut out = BytesMut::new();
+        let is_null = EventMetadata(e).to_sql(&Type::JSONB, &mut out).unwrap();
+        assert!(matches!(is_null, IsNull::No));
+        assert_eq!(out[0], 1, "jsonb version byte");
+        serde_json::from_slice(&out[1..]).unwrap()
+    }
+
+    #[test]
+    fn the_writers_metadata_encoding_is_the_metadata_value() {
+        let mut cases = Vec::new();
+        let bare = Event::new(Uuid::nil(), EventType::Opened, Utc::now(), Source::Pixel);
+        cases.push(bare.clone());
+        let mut proxied = bare.clone();
+        proxied.metadata.insert("proxy".into(), "gmail".into());
+        cases.push(proxied);
+        // Typed flags replace a provider's fields of the same name; a provider's own
+        // `error` stays.
+        let mut bounce = Event::new(
+            Uuid::nil(),
+            EventType::Bounced,
+            Utc::now(),
+            Source::Sendgrid,
+        );
+        bounce.bounce_class = Some(BounceClass::Hard);
+        bounce.machine_reason = Some("user_agent:curl".into());
+        bounce.error_message = Some("550 5.1.1".into());
+        for k in [
+            "bounce_class",
+            "machine",
+            "machine_reason",
+            "error",
+            "reason",
+        ] {
+            bounce
+                .metadata
+                .insert(k.into(), serde_json::json!({"from": "provider", "k": k}));
+        }
+        cases.push(bounce.clone());
+        bounce.metadata.remove("error");
+        cases.push(bounce);
+        // A NUL anywhere takes the slow path, which replaces it.
+        let mut nul = Event::new(Uuid::nil(), EventType::Bounced, Utc::now(), Source::Mailgun);
+        nul.metadata
+            .insert("a\0b".into(), serde_json::json!({"x": ["ok", "bad\0"]}));
+        nul.error_message = Some("550\0".into());
+        cases.push(nul.clone());
+        // A backslash before `u0000` is no NUL, and is kept as sent.
+        let mut escaped = bare.clone();
+        escaped.metadata.insert("path".into(), "C:\\u0000".into());
+        cases.push(escaped);
+        for e in &cases {
+            assert_eq!(encoded_metadata(e), e.metadata_json(), "{e:?}");
+        }
+        let stored = encoded_metadata(&nul).to_string();
+        assert!(
+            !stored.contains("\\u0000") && stored.contains("bad\u{FFFD}"),
+            "{stored}"
+        );
+        let m = encoded_metadata(&cases[2]);
+        assert_eq!(m["bounce_class"], "hard");
+        assert_eq!(m["machine"], true);
+        assert_eq!(m["machine_reason"], "user_agent:curl");
+        assert_eq!(m["error"]["from"], "provider");
+        assert_eq!(encoded_metadata(&cases[3])["error"], "550 5.1.1");
+        assert_eq!(encoded_metadata(&cases[5])["path"], "C:\\u0000");
+    }
+
+    #[test]
+    fn text_is_copied_only_when_it_must_change() {
+        assert!(matches!(pg_text_ref("plain", 10), Cow::Borrowed("plain")));
+        assert!(matches!(pg_text_ref("héllo", 2), Cow::Borrowed("h")));
+        assert_eq!(pg_text_ref("a\0b", 10), "a\u{FFFD}b");
     }
 
     #[test]

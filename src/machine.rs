@@ -305,11 +305,16 @@ impl MachineDetector {
 }
 
 /// The image proxy a person's open came through, if it is one of [`HUMAN_PROXIES`].
+/// The markers are ASCII, so they are found case-insensitively in place, without a
+/// lower-case copy of the user agent (this runs on every human open).
 pub fn human_proxy(user_agent: Option<&str>) -> Option<&'static str> {
-    let ua = user_agent?.to_lowercase();
+    let ua = user_agent?.as_bytes();
     HUMAN_PROXIES
         .iter()
-        .find(|(marker, _)| ua.contains(marker))
+        .find(|(marker, _)| {
+            ua.windows(marker.len())
+                .any(|w| w.eq_ignore_ascii_case(marker.as_bytes()))
+        })
         .map(|(_, name)| *name)
 }
 
@@ -568,7 +573,9 @@ mod tests {
             human_proxy(Some("YahooMailProxy; https://help.yahoo.com/kb/")),
             Some("yahoo")
         );
+        assert_eq!(human_proxy(Some("x GOOGLEIMAGEPROXY")), Some("gmail"));
         assert_eq!(human_proxy(Some("Mozilla/5.0")), None);
+        assert_eq!(human_proxy(Some("")), None);
         assert_eq!(human_proxy(None), None);
     }
 }

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chrono::Utc;
 use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response, StatusCode};
@@ -62,7 +61,7 @@ fn tracking_event(
     kind: EventType,
     source: Source,
 ) -> Event {
-    let mut e = Event::new(t.message_id, kind, Utc::now(), source);
+    let mut e = Event::happening_now(t.message_id, kind, source);
     e.claimed_organization_id = Some(t.organization_id);
     let tracking = &state.config.tracking;
     let client = client_ip(peer, req.headers(), &tracking.trusted_proxies);

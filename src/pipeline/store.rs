@@ -341,17 +341,18 @@ async fn write_in(
         let writer = BinaryCopyInWriter::new(sink, &event::EVENT_COLUMN_TYPES);
         pin_mut!(writer);
         for (e, org) in &good {
+            // Borrowed unless a value must be cut or holds a NUL: no copy per row.
             let ua = e
                 .user_agent
                 .as_deref()
-                .map(|s| event::pg_text(s, event::MAX_USER_AGENT_BYTES));
+                .map(|s| event::pg_text_ref(s, event::MAX_USER_AGENT_BYTES));
             let link = e
                 .link_url
                 .as_deref()
-                .map(|s| event::pg_text(s, event::MAX_TEXT_BYTES));
-            let ip = e.ip_address.as_deref().map(|s| event::pg_text(s, 50));
-            let meta = e.metadata_json();
-            let key = e.dedup_key.as_deref().map(|s| event::pg_text(s, 512));
+                .map(|s| event::pg_text_ref(s, event::MAX_TEXT_BYTES));
+            let ip = e.ip_address.as_deref().map(|s| event::pg_text_ref(s, 50));
+            let meta = event::EventMetadata(e);
+            let key = e.dedup_key.as_deref().map(|s| event::pg_text_ref(s, 512));
             let row: [&(dyn ToSql + Sync); 11] = [
                 &e.id,
                 org,
