@@ -96,6 +96,9 @@ pub struct StepRow {
     pub generator_cpu: f64,
     pub db_cpu: f64,
     pub wal_bytes_per_event: Option<f64>,
+    /// Full-page images written to the WAL per event (`pg_stat_wal.wal_fpi`): the first change
+    /// to a page after a checkpoint logs the whole page (compressed, with `wal_compression`).
+    pub fpi_per_event: Option<f64>,
     pub fsyncs_per_event: Option<f64>,
     pub page_writes_per_event: Option<f64>,
     pub db_cpu_us_per_event: Option<f64>,
@@ -171,7 +174,7 @@ impl StepRow {
         }
         let _ = write!(
             s,
-            " | committed {:.0} ev/s ({}/commit) buffer {} spool {} | cpu server {:.0}% db {:.0}% gen {:.0}% rss {:.0} MB | WAL {} B/ev, {} fsync/ev, {} us db-cpu/ev",
+            " | committed {:.0} ev/s ({}/commit) buffer {} spool {} | cpu server {:.0}% db {:.0}% gen {:.0}% rss {:.0} MB | WAL {} B/ev ({} FPI/ev), {} fsync/ev, {} us db-cpu/ev",
             self.committed_per_s,
             self.events_per_commit
                 .map_or("-".into(), |v| format!("{v:.0}")),
@@ -182,6 +185,7 @@ impl StepRow {
             self.generator_cpu,
             self.server_rss_mb,
             opt(self.wal_bytes_per_event, 0),
+            opt(self.fpi_per_event, 3),
             opt(self.fsyncs_per_event, 4),
             opt(self.db_cpu_us_per_event, 1),
         );
@@ -322,7 +326,7 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
     if service_columns {
         s.push_str(" ev/commit | buffer end | spool end (B) |");
     }
-    s.push_str(" app core busy (server + generator) | server RSS MB | DB CPU (db core busy) | WAL B/ev | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated (and contention) |\n|");
+    s.push_str(" app core busy (server + generator) | server RSS MB | DB CPU (db core busy) | WAL B/ev (full-page images/ev) | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated (and contention) |\n|");
     let cols = 3 + routes.len() + 1 + if service_columns { 3 } else { 0 } + 9;
     for _ in 0..cols {
         s.push_str(" --- |");
@@ -358,7 +362,7 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
         }
         let _ = writeln!(
             s,
-            " {:.0}% ({:.0}% + {:.0}%) | {:.0} | {:.0}% ({:.0}%) | {} | {} | {} | {} | {} | {} |",
+            " {:.0}% ({:.0}% + {:.0}%) | {:.0} | {:.0}% ({:.0}%) | {} ({}) | {} | {} | {} | {} | {} |",
             row.app_core_busy,
             row.server_cpu,
             row.generator_cpu,
@@ -366,6 +370,7 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
             row.db_cpu,
             row.db_core_busy,
             opt(row.wal_bytes_per_event, 0),
+            opt(row.fpi_per_event, 3),
             opt(row.fsyncs_per_event, 4),
             opt(row.page_writes_per_event, 4),
             opt(row.db_cpu_us_per_event, 1),

@@ -487,6 +487,7 @@ fn row_from(
     let per_event = |x: f64| (committed > 0.0).then(|| x / committed);
     let wal = db.and_then(|d| per_event(d.wal_lsn as f64));
     let fsync = db.and_then(|d| per_event(d.wal_sync as f64));
+    let fpi = db.and_then(|d| per_event(d.wal_fpi as f64));
     let pages = db.and_then(|d| per_event(d.page_writes as f64));
     let cpu_per_event = db_secs.and_then(per_event);
     let db_cpu_by_kind = kinds_per_event(ctx.ticks, before.db_kinds, after.db_kinds, committed);
@@ -512,6 +513,7 @@ fn row_from(
         generator_cpu: pct(after.gen_ticks, before.gen_ticks),
         db_cpu: db_secs.map_or(0.0, |s| 100.0 * s / secs),
         wal_bytes_per_event: wal,
+        fpi_per_event: fpi,
         fsyncs_per_event: fsync,
         page_writes_per_event: pages,
         db_cpu_us_per_event: cpu_per_event.map(|s| s * 1e6),
@@ -1346,6 +1348,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             committed_per_s: r.events_per_second(),
             db_cpu: cpu.map_or(0.0, |c| 100.0 * c / secs),
             wal_bytes_per_event: wal,
+            fpi_per_event: d.map(|d| d.wal_fpi as f64 / ev),
             fsyncs_per_event: d.map(|d| d.wal_sync as f64 / ev),
             page_writes_per_event: d.map(|d| d.page_writes as f64 / ev),
             db_cpu_us_per_event: cpu.map(|c| 1e6 * c / ev),
