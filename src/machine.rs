@@ -305,17 +305,22 @@ impl MachineDetector {
 }
 
 /// The image proxy a person's open came through, if it is one of [`HUMAN_PROXIES`].
-/// The markers are ASCII, so they are found case-insensitively in place, without a
-/// lower-case copy of the user agent (this runs on every human open).
+/// The markers are ASCII, so one case-insensitive Aho-Corasick pass finds them in place,
+/// without a lower-case copy of the user agent (this runs on every human open).
 pub fn human_proxy(user_agent: Option<&str>) -> Option<&'static str> {
-    let ua = user_agent?.as_bytes();
-    HUMAN_PROXIES
-        .iter()
-        .find(|(marker, _)| {
-            ua.windows(marker.len())
-                .any(|w| w.eq_ignore_ascii_case(marker.as_bytes()))
-        })
-        .map(|(_, name)| *name)
+    static PROXY_FINDER: LazyLock<AhoCorasick> = LazyLock::new(|| {
+        AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .match_kind(MatchKind::Standard)
+            .build(HUMAN_PROXIES.iter().map(|(marker, _)| marker))
+            .expect("HUMAN_PROXIES are a valid pattern set")
+    });
+    // The first in list order, as `first_vendor` (a user agent naming two is not expected).
+    PROXY_FINDER
+        .find_overlapping_iter(user_agent?)
+        .map(|m| m.pattern().as_usize())
+        .min()
+        .map(|i| HUMAN_PROXIES[i].1)
 }
 
 /// The built-in rule a lower-case user agent matches: the product or vendor name.
