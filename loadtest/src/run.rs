@@ -1239,6 +1239,9 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         if !exit_ok {
             notes.push(format!("the baseline did not exit 0 on SIGTERM ({exits})"));
         }
+        // Its own row counts (the statistics were reset at its start), before its day
+        // partitions go.
+        let tables = table_stats(&ctx.cluster.url()).await;
         // The phases after this one run on this build's partitions again.
         seed::drop_day_partitions(&ctx.cluster.url()).await?;
         seed::make_day_partitions(&ctx.cluster.url()).await?;
@@ -1249,6 +1252,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             extended_per_event: extended,
             attribution,
             events,
+            tables,
             schema_sql: ctx
                 .opts
                 .baseline_schema_sql
@@ -1680,6 +1684,8 @@ pub struct BaselineResult {
     pub attribution: Option<crate::pagewrites::Attribution>,
     /// Events it committed in its phase.
     pub events: f64,
+    /// Rows inserted and updated per table over its phase ([`table_stats`]).
+    pub tables: String,
     /// The `--baseline-schema-sql` file applied before it, if any.
     pub schema_sql: Option<PathBuf>,
 }
@@ -2180,6 +2186,12 @@ fn full_report(r: FullReport<'_>) -> String {
     if !r.tables.is_empty() {
         s.push_str("\n## Tables after the service phase\n\n");
         s.push_str(r.tables);
+        if let Some(b) = r.baseline.filter(|b| !b.tables.is_empty()) {
+            // The same counts for the baseline's phase, to compare (contacts suppressed,
+            // messages updated, HOT or not).
+            s.push_str(&format!("\nAfter the baseline phase ({}):\n\n", b.name));
+            s.push_str(&b.tables);
+        }
         s.push_str(
             "\nAn update is HOT (no index entry added) only when no indexed column changes and the page has room; any other update adds an entry to every index of the table (`contacts.status` is in `idx_contacts_status`).\n",
         );
