@@ -551,13 +551,18 @@ mod tests {
         assert_eq!(m["machine_reason"], "head");
     }
 
-    #[test]
-    fn metadata_never_carries_a_nul_postgres_would_refuse() {
+    /// A bounce with a NUL in a metadata key, in a nested string and in its error text.
+    fn event_with_nuls() -> Event {
         let mut e = Event::new(Uuid::nil(), EventType::Bounced, Utc::now(), Source::Mailgun);
         e.metadata
             .insert("a\0b".into(), serde_json::json!({"x": ["ok", "bad\0"]}));
         e.error_message = Some("550\0".into());
-        let text = e.metadata_json().to_string();
+        e
+    }
+
+    #[test]
+    fn metadata_never_carries_a_nul_postgres_would_refuse() {
+        let text = event_with_nuls().metadata_json().to_string();
         assert!(!text.contains("\\u0000"), "{text}");
         assert!(
             text.contains("a\u{FFFD}b") && text.contains("bad\u{FFFD}"),
@@ -608,10 +613,7 @@ mod tests {
         bounce.metadata.remove("error");
         cases.push(bounce);
         // A NUL anywhere takes the slow path, which replaces it.
-        let mut nul = Event::new(Uuid::nil(), EventType::Bounced, Utc::now(), Source::Mailgun);
-        nul.metadata
-            .insert("a\0b".into(), serde_json::json!({"x": ["ok", "bad\0"]}));
-        nul.error_message = Some("550\0".into());
+        let nul = event_with_nuls();
         cases.push(nul.clone());
         // A backslash before `u0000` is no NUL, and is kept as sent.
         let mut escaped = bare.clone();

@@ -315,12 +315,16 @@ pub fn human_proxy(user_agent: Option<&str>) -> Option<&'static str> {
             .build(HUMAN_PROXIES.iter().map(|(marker, _)| marker))
             .expect("HUMAN_PROXIES are a valid pattern set")
     });
-    // The first in list order, as `first_vendor` (a user agent naming two is not expected).
-    PROXY_FINDER
-        .find_overlapping_iter(user_agent?)
+    first_listed(&PROXY_FINDER, user_agent?).map(|i| HUMAN_PROXIES[i].1)
+}
+
+/// The index of the first pattern, in list order, that occurs anywhere in `haystack`: one
+/// pass of `finder` (built with [`MatchKind::Standard`], which overlapping search needs).
+fn first_listed(finder: &AhoCorasick, haystack: &str) -> Option<usize> {
+    finder
+        .find_overlapping_iter(haystack)
         .map(|m| m.pattern().as_usize())
         .min()
-        .map(|i| HUMAN_PROXIES[i].1)
 }
 
 /// The built-in rule a lower-case user agent matches: the product or vendor name.
@@ -360,11 +364,7 @@ fn first_vendor(ua: &str) -> Option<&'static str> {
             .build(VENDORS)
             .expect("VENDORS are a valid pattern set")
     });
-    VENDOR_FINDER
-        .find_overlapping_iter(ua)
-        .map(|m| m.pattern().as_usize())
-        .min()
-        .map(|i| VENDORS[i])
+    first_listed(&VENDOR_FINDER, ua).map(|i| VENDORS[i])
 }
 
 #[cfg(test)]

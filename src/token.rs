@@ -100,17 +100,26 @@ pub const MIN_TOKEN_KEY_BYTES: usize = 32;
 
 /// The token keys: `(key id, key bytes)`, the first one mints.
 #[derive(Clone)]
-pub struct TokenKeys {
-    keys: Vec<(u8, Vec<u8>)>,
-    /// Each key's HMAC with the key already hashed in (its inner and outer pad blocks), in
-    /// the order of `keys`: a verification clones it and hashes only the token, two SHA-256
-    /// blocks instead of four (every pixel and click verifies one).
-    keyed: Vec<HmacSha256>,
+pub struct TokenKeys(Vec<TokenKey>);
+
+#[derive(Clone)]
+struct TokenKey {
+    id: u8,
+    bytes: Vec<u8>,
+    /// The HMAC with the key already hashed in (its inner and outer pad blocks): a
+    /// verification clones it and hashes only the token, two SHA-256 blocks instead of four
+    /// (every pixel and click verifies one).
+    keyed: HmacSha256,
 }
 
 impl PartialEq for TokenKeys {
     fn eq(&self, other: &Self) -> bool {
-        self.keys == other.keys
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|(a, b)| a.id == b.id && a.bytes == b.bytes)
     }
 }
 
@@ -132,30 +141,36 @@ impl TokenKeys {
                 return Err(format!("key id {id} appears twice"));
             }
         }
-        let keyed = keys.iter().map(|(_, key)| mac(key)).collect();
-        Ok(TokenKeys { keys, keyed })
+        Ok(TokenKeys(
+            keys.into_iter()
+                .map(|(id, bytes)| TokenKey {
+                    id,
+                    keyed: mac(&bytes),
+                    bytes,
+                })
+                .collect(),
+        ))
     }
     /// The minting key.
     pub fn primary(&self) -> (u8, &[u8]) {
-        let (id, key) = &self.keys[0];
-        (*id, key)
+        let k = &self.0[0];
+        (k.id, &k.bytes)
     }
     pub fn get(&self, id: u8) -> Option<&[u8]> {
-        self.keys
-            .iter()
-            .find(|(k, _)| *k == id)
-            .map(|(_, v)| v.as_slice())
+        self.find(id).map(|k| k.bytes.as_slice())
     }
     /// A fresh HMAC under key `id`, ready for the message.
     fn keyed_mac(&self, id: u8) -> Option<HmacSha256> {
-        let i = self.keys.iter().position(|(k, _)| *k == id)?;
-        self.keyed.get(i).cloned()
+        self.find(id).map(|k| k.keyed.clone())
+    }
+    fn find(&self, id: u8) -> Option<&TokenKey> {
+        self.0.iter().find(|k| k.id == id)
     }
 }
 
 impl fmt::Debug for TokenKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ids: Vec<u8> = self.keys.iter().map(|(id, _)| *id).collect();
+        let ids: Vec<u8> = self.0.iter().map(|k| k.id).collect();
         write!(f, "TokenKeys(ids={ids:?}, keys=[redacted])")
     }
 }
