@@ -92,7 +92,8 @@ impl Route {
     }
 
     /// Whether the handler can wait (on a body, the database or durability); only those
-    /// need the request timeout. Pixel and click answer without awaiting anything.
+    /// need the request timeout. Pixel and click wait on nothing but, when memory is full,
+    /// the spool's disk, and that wait has its own limit ([`crate::pipeline::SPOOL_WAIT_MAX`]).
     pub fn may_wait(&self) -> bool {
         matches!(
             self,
@@ -103,8 +104,8 @@ impl Route {
     /// Runs the handler; a [`Reject`] becomes its response here, in one place.
     pub async fn handle(self, req: Req, peer: SocketAddr, state: Arc<AppState>) -> Resp {
         let result = match self {
-            Route::Pixel(t) => Ok(tracking::pixel(req, peer, state, &t)),
-            Route::Click(t) => tracking::click(req, peer, state, &t),
+            Route::Pixel(t) => Ok(tracking::pixel(req, peer, state, &t).await),
+            Route::Click(t) => tracking::click(req, peer, state, &t).await,
             Route::UnsubscribePage(t) => tracking::unsubscribe_page(state, &t),
             Route::Unsubscribe(t) => tracking::unsubscribe(req, peer, state, &t).await,
             Route::Webhook(p) => webhook::handle(req, state, &p).await,

@@ -1,7 +1,8 @@
 //! Our own tracking endpoints: the open pixel, the click redirect and the RFC 8058
 //! one-click unsubscribe. Pixel and click never touch the database (the event goes to the
 //! pipeline fire-and-forget), so they answer in microseconds and a click still redirects
-//! while the database is down. The unsubscribe POST checks the token's organization against
+//! while the database is down; only when the memory buffer is full do they wait for their
+//! event to reach the spool's disk (a group commit, milliseconds). The unsubscribe POST checks the token's organization against
 //! the message's row, then answers once the event is durable.
 
 use std::net::SocketAddr;
@@ -89,10 +90,10 @@ fn tracking_event(
 }
 
 /// `GET`/`HEAD /o/{token}.gif`: always the GIF, whatever the token (no oracle).
-pub fn pixel(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Resp {
+pub async fn pixel(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Resp {
     if let Some(t) = verify(&state, Purpose::Open, raw) {
         let e = tracking_event(&state, &req, peer, &t, EventType::Opened, Source::Pixel);
-        state.ingest.submit(vec![Record::Event(e)]);
+        state.ingest.submit(vec![Record::Event(e)]).await;
     }
     let mut r = Response::new(Full::new(Bytes::from_static(PIXEL_GIF)));
     let h = r.headers_mut();
@@ -105,7 +106,12 @@ pub fn pixel(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Res
 
 /// `GET`/`HEAD /c/{token}`: 302 to the signed URL, or 404 (never a redirect to anything
 /// the token did not sign).
-pub fn click(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Result<Resp, Reject> {
+pub async fn click(
+    req: Req,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+    raw: &str,
+) -> Result<Resp, Reject> {
     let t = verify(&state, Purpose::Click, raw).ok_or(Reject::LinkNotFound)?;
     let location = t
         .url
@@ -115,7 +121,7 @@ pub fn click(req: Req, peer: SocketAddr, state: Arc<AppState>, raw: &str) -> Res
         .ok_or(Reject::LinkNotFound)?;
     let mut e = tracking_event(&state, &req, peer, &t, EventType::Clicked, Source::Click);
     e.link_url = t.url.clone();
-    state.ingest.submit(vec![Record::Event(e)]);
+    state.ingest.submit(vec![Record::Event(e)]).await;
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::FOUND;
     let h = r.headers_mut();

@@ -1,4 +1,4 @@
-//! The ingest pipeline: request handlers hand records to [`Ingest`], which never blocks; the
+//! The ingest pipeline: request handlers hand records to [`Ingest`], which never blocks a thread; the
 //! writers (`writer.rs`) batch them into one transaction each (`store.rs`, `merge.rs`); when
 //! memory is full or the database is down, records go to the on-disk spool (`spool.rs`) and
 //! are replayed when it returns.
@@ -10,9 +10,12 @@
 //! - spool full too → dropped and counted (`reachly_events_dropped_total{reason}`), and a
 //!   durable submission learns it was not made durable (its webhook answers 503).
 //!
-//! Pixel and click hits are fire-and-forget ([`Ingest::submit`]). Webhooks and unsubscribes
-//! use [`Ingest::submit_durable`]: one completion per request, resolved when every record
-//! of it is committed or fsync'd to the spool.
+//! Pixel and click hits are fire-and-forget ([`Ingest::submit`]): they never wait on the
+//! database, only, when memory is full, on the spool's disk (one group commit), so that the
+//! spool's in-memory queue holds at most one envelope per request in flight instead of
+//! growing without bound when events arrive faster than the disk takes them. Webhooks and
+//! unsubscribes use [`Ingest::submit_durable`]: one completion per request, resolved when
+//! every record of it is committed or fsync'd to the spool.
 //!
 //! Channel choice: tokio's bounded mpsc. The writers are async tasks that share one
 //! receiver (the lock holder collects the next batch while the others write theirs), and
@@ -42,6 +45,11 @@ use spool::{Spool, SpoolThread};
 /// Entries per generation of the writers' [`store::MessageCache`] (two generations: at
 /// most ~11 MB for 200,000 messages).
 const MESSAGE_CACHE_ENTRIES: usize = 100_000;
+
+/// Longest a fire-and-forget request waits for its events to reach the spool's disk. A
+/// group commit takes milliseconds; a disk that takes longer is failing, and the request is
+/// answered anyway (its events stay queued for the spool thread).
+pub const SPOOL_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// Completion of a durable submission.
 pub type Ack = oneshot::Sender<Result<(), NotDurable>>;
@@ -128,21 +136,29 @@ struct Shared {
 }
 
 impl Ingest {
-    /// Fire-and-forget (pixel, click): never waits.
-    pub fn submit(&self, records: Vec<Record>) {
-        self.route(Envelope {
+    /// Fire-and-forget (pixel, click): returns at once while memory has room. When the
+    /// records must go to the spool instead (memory full), it returns once they are on disk
+    /// (or refused and counted), at most [`SPOOL_WAIT_MAX`] later: the disk's pace holds
+    /// the requests feeding it back, so a spool that cannot keep up does not queue their
+    /// events in memory without bound. The caller answers as usual either way.
+    pub async fn submit(&self, records: Vec<Record>) {
+        let spooling = self.route(Envelope {
             records,
             ack: None,
             accepted_ms: now_ms(),
             memory: 0,
         });
+        if let Some(on_disk) = spooling {
+            let _ = tokio::time::timeout(SPOOL_WAIT_MAX, on_disk).await;
+        }
     }
 
     /// Resolves once every record is committed or on disk; `Err` if that cannot be done
     /// (the caller answers 503 so the sender retries).
     pub async fn submit_durable(&self, records: Vec<Record>) -> Result<(), NotDurable> {
         let (tx, rx) = oneshot::channel();
-        self.route(Envelope {
+        // Its ack is set: the spool resolves `rx`, nothing else to wait for.
+        let _ = self.route(Envelope {
             records,
             ack: Some(tx),
             accepted_ms: now_ms(),
@@ -151,7 +167,9 @@ impl Ingest {
         rx.await.unwrap_or(Err(NotDurable::ShuttingDown))
     }
 
-    fn route(&self, mut env: Envelope) {
+    /// Sends `env` to memory or to the spool. Returns, for a fire-and-forget envelope that
+    /// went to the spool, what resolves once it is on disk.
+    fn route(&self, mut env: Envelope) -> Option<oneshot::Receiver<Result<(), NotDurable>>> {
         let s = &self.shared;
         let mut memory = 0;
         for r in &env.records {
@@ -166,23 +184,37 @@ impl Ingest {
             if let Some(ack) = env.ack {
                 let _ = ack.send(Ok(()));
             }
-            return;
+            return None;
         }
         let n = env.len();
         // A durable submission while the database is down goes straight to disk: the sender
         // gets its answer in milliseconds instead of waiting on a database that is not there.
         let skip_memory = env.ack.is_some() && !s.db_healthy.load(Ordering::Relaxed);
         if !skip_memory && self.reserve(n, memory) {
-            if let Err(
-                mpsc::error::TrySendError::Full(env) | mpsc::error::TrySendError::Closed(env),
-            ) = s.tx.try_send(env)
-            {
-                self.release(n, memory);
-                s.spool.append(env);
+            match s.tx.try_send(env) {
+                Ok(()) => return None,
+                Err(
+                    mpsc::error::TrySendError::Full(env) | mpsc::error::TrySendError::Closed(env),
+                ) => {
+                    self.release(n, memory);
+                    return self.spool(env);
+                }
             }
-        } else {
-            s.spool.append(env);
         }
+        self.spool(env)
+    }
+
+    /// Hands `env` to the spool thread. A fire-and-forget envelope gets an ack here too, so
+    /// its request can wait for the disk: the spool's queue then holds at most one envelope
+    /// per request in flight, whatever the arrival rate.
+    fn spool(&self, mut env: Envelope) -> Option<oneshot::Receiver<Result<(), NotDurable>>> {
+        let on_disk = env.ack.is_none().then(|| {
+            let (tx, rx) = oneshot::channel();
+            env.ack = Some(tx);
+            rx
+        });
+        self.shared.spool.append(env);
+        on_disk
     }
 
     /// Takes room for `n` events holding `memory` bytes, if both bounds allow it. An

@@ -4,8 +4,8 @@
 //! Layout: `REACHLY_SPOOL_DIR/spool-<seq>.log` segments of records
 //! `[u32 LE payload length][u32 LE CRC-32 of payload][payload: JSON array of records]`, one
 //! record per accepted envelope. One thread owns the active segment; it takes appends over a
-//! crossbeam channel, writes every append waiting in the channel, `fdatasync`s once (group
-//! commit), and only then acknowledges them: a webhook is answered 2xx after its record is
+//! crossbeam channel, writes every append waiting in the channel in one `write`,
+//! `fdatasync`s once (group commit), and only then acknowledges them: a webhook is answered 2xx after its record is
 //! on disk. If any write or sync of a group fails, every envelope of the group is rejected
 //! (its sender answers 503 and retries), not only the one whose write failed, and the
 //! group's bytes are cut off the segment again. The replayer asks the thread to *seal* the active segment, reads sealed segments
@@ -32,6 +32,8 @@ const MAX_RECORD_BYTES: u32 = 256 << 20;
 /// The active segment is sealed once it grows past this, so replay can start on it.
 const SEGMENT_TARGET_BYTES: u64 = 32 << 20;
 const HEADER_BYTES: u64 = 8;
+/// Write buffers larger than this (after a huge envelope) are freed, not kept for reuse.
+const SCRATCH_KEEP_BYTES: usize = 4 << 20;
 
 enum Command {
     Append(Envelope),
@@ -90,6 +92,8 @@ impl Spool {
             dir: dir.to_path_buf(),
             lock,
             active: None,
+            unwritten: Vec::new(),
+            scratch: Vec::new(),
             next_seq,
             bytes: bytes.clone(),
             max_bytes,
@@ -177,7 +181,14 @@ struct ThreadState {
     /// Held for the thread's life: the directory lock.
     #[allow(dead_code)]
     lock: File,
+    /// The segment appended to: its path, file and size (including `unwritten`).
     active: Option<(PathBuf, File, u64)>,
+    /// The group's records for the active segment, not yet written: a group reaches the
+    /// file in one `write` (before its sync, or before the segment is rotated), not one per
+    /// envelope, which was the spool thread's pace under a flood of one-event envelopes.
+    unwritten: Vec<u8>,
+    /// Reused to serialise one envelope's records.
+    scratch: Vec<u8>,
     next_seq: u64,
     bytes: Arc<AtomicU64>,
     max_bytes: u64,
@@ -253,9 +264,27 @@ impl ThreadState {
         }
     }
 
+    /// Appends one envelope's records to the group (buffered in `unwritten`; written by
+    /// [`ThreadState::write_out`]).
     fn write(&mut self, records: &[Record], group: &mut Group) -> Result<(), AppendError> {
+        let mut payload = std::mem::take(&mut self.scratch);
+        payload.clear();
+        let appended = self.append_payload(records, &mut payload, group);
+        if payload.capacity() <= SCRATCH_KEEP_BYTES {
+            self.scratch = payload;
+        }
+        appended
+    }
+
+    /// `write`'s body, with `payload` the buffer to serialise into.
+    fn append_payload(
+        &mut self,
+        records: &[Record],
+        payload: &mut Vec<u8>,
+        group: &mut Group,
+    ) -> Result<(), AppendError> {
         let refused = AppendError::Refused;
-        let payload = serde_json::to_vec(records).map_err(|_| refused(NotDurable::SpoolIo))?;
+        serde_json::to_writer(&mut *payload, records).map_err(|_| refused(NotDurable::SpoolIo))?;
         let len = u32::try_from(payload.len())
             .ok()
             .filter(|l| *l <= MAX_RECORD_BYTES)
@@ -274,11 +303,13 @@ impl ThreadState {
         {
             // The group's records in the full segment must be on disk before it is let go:
             // only the active segment is synced at the end of the group.
-            let synced = self.active.as_ref().is_some_and(|(path, f, _)| {
-                f.sync_data()
-                    .inspect_err(|e| tracing::error!(error = %e, path = %path.display(), "spool sync failed"))
-                    .is_ok()
-            });
+            let written = self.write_out().is_ok();
+            let synced = written
+                && self.active.as_ref().is_some_and(|(path, f, _)| {
+                    f.sync_data()
+                        .inspect_err(|e| tracing::error!(error = %e, path = %path.display(), "spool sync failed"))
+                        .is_ok()
+                });
             if !synced {
                 return Err(AppendError::Io);
             }
@@ -295,30 +326,50 @@ impl ThreadState {
             let _ = File::open(&self.dir).and_then(|d| d.sync_all());
             self.active = Some((path, file, 0));
         }
-        let Some((path, file, size)) = self.active.as_mut() else {
+        let Some((path, _, size)) = self.active.as_mut() else {
             return Err(refused(NotDurable::SpoolIo));
         };
         if !group.starts.iter().any(|(p, _)| p == path) {
             group.starts.push((path.clone(), *size));
         }
-        let mut buf = Vec::with_capacity(total as usize);
-        buf.extend_from_slice(&len.to_le_bytes());
-        buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        buf.extend_from_slice(&payload);
-        if let Err(e) = file.write_all(&buf) {
-            tracing::error!(error = %e, path = %path.display(), "spool write failed");
-            return Err(AppendError::Io);
-        }
+        self.unwritten.extend_from_slice(&len.to_le_bytes());
+        self.unwritten
+            .extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        self.unwritten.extend_from_slice(payload);
         *size += total;
         group.bytes += total;
         self.bytes.fetch_add(total, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Ends the group: one fdatasync of the active segment, then every ack; or, if it fails,
-    /// the group fails.
+    /// Writes the group's buffered records to the active segment.
+    fn write_out(&mut self) -> io::Result<()> {
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        let result = match &mut self.active {
+            Some((path, file, _)) => file.write_all(&self.unwritten).inspect_err(
+                |e| tracing::error!(error = %e, path = %path.display(), "spool write failed"),
+            ),
+            None => Err(io::Error::other(
+                "no active spool segment for buffered records",
+            )),
+        };
+        self.unwritten.clear();
+        if self.unwritten.capacity() > SCRATCH_KEEP_BYTES {
+            self.unwritten = Vec::new();
+        }
+        result
+    }
+
+    /// Ends the group: one write and one fdatasync of the active segment, then every ack;
+    /// or, if either fails, the group fails.
     fn commit(&mut self, group: &mut Group) {
         if group.acks.is_empty() && group.starts.is_empty() {
+            return;
+        }
+        if self.write_out().is_err() {
+            self.fail(group);
             return;
         }
         let synced = match &self.active {
@@ -351,6 +402,7 @@ impl ThreadState {
     /// to, and seals the active segment (after a failed write or sync its state is unknown:
     /// later appends go to a new one).
     fn fail(&mut self, group: &mut Group) {
+        self.unwritten.clear();
         for (ack, n) in group.acks.drain(..) {
             self.metrics.dropped(NotDurable::SpoolIo.reason(), n as u64);
             reject(ack, NotDurable::SpoolIo);
@@ -404,41 +456,91 @@ pub struct SegmentContents {
     pub torn_records: u64,
 }
 
-/// Reads a sealed segment. Stops at the first record that is cut short or fails its
-/// checksum: its length prefix cannot be trusted to find the next one.
+/// Reads a whole sealed segment (tests and tools; the replayers read with
+/// [`SegmentReader`], a batch at a time).
 pub fn read_segment(path: &Path) -> io::Result<SegmentContents> {
-    let mut r = BufReader::new(File::open(path)?);
+    let mut reader = SegmentReader::open(path)?;
     let mut out = SegmentContents::default();
-    loop {
-        let mut header = [0u8; HEADER_BYTES as usize];
-        match read_full(&mut r, &mut header)? {
-            0 => break,
-            n if n < header.len() => {
-                out.torn_records += 1;
+    while let Some(records) = reader.next_envelope()? {
+        out.envelopes.push(records);
+    }
+    out.torn_records = reader.torn_records;
+    Ok(out)
+}
+
+/// Reads a sealed segment envelope by envelope, so a replay holds one batch of it in memory
+/// rather than the whole segment (up to 32 MiB of JSON, more once parsed, and outside the
+/// buffer's bounds). Stops at the first record that is cut short or fails its checksum:
+/// its length prefix cannot be trusted to find the next one.
+pub struct SegmentReader {
+    r: BufReader<File>,
+    ended: bool,
+    /// Records found cut short, corrupt or unparsable (at most one: reading stops there).
+    pub torn_records: u64,
+}
+
+impl SegmentReader {
+    pub fn open(path: &Path) -> io::Result<SegmentReader> {
+        Ok(SegmentReader {
+            r: BufReader::new(File::open(path)?),
+            ended: false,
+            torn_records: 0,
+        })
+    }
+
+    /// The next envelope's records; `None` at the end of the segment or at a torn record.
+    pub fn next_envelope(&mut self) -> io::Result<Option<Vec<Record>>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let record = self.read_record();
+        if !matches!(record, Ok(Some(_))) {
+            self.ended = true;
+        }
+        record
+    }
+
+    /// Envelopes until they hold at least `events` records, or the segment ends (empty then).
+    pub fn next_batch(&mut self, events: usize) -> io::Result<Vec<Vec<Record>>> {
+        let mut batch = Vec::new();
+        let mut n = 0;
+        while n < events {
+            let Some(records) = self.next_envelope()? else {
                 break;
-            }
+            };
+            n += records.len();
+            batch.push(records);
+        }
+        Ok(batch)
+    }
+
+    fn read_record(&mut self) -> io::Result<Option<Vec<Record>>> {
+        let mut header = [0u8; HEADER_BYTES as usize];
+        match read_full(&mut self.r, &mut header)? {
+            0 => return Ok(None),
+            n if n < header.len() => return Ok(self.torn()),
             _ => {}
         }
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         if len > MAX_RECORD_BYTES {
-            out.torn_records += 1;
-            break;
+            return Ok(self.torn());
         }
         let mut payload = vec![0u8; len as usize];
-        if read_full(&mut r, &mut payload)? < payload.len() || crc32fast::hash(&payload) != crc {
-            out.torn_records += 1;
-            break;
+        if read_full(&mut self.r, &mut payload)? < payload.len() || crc32fast::hash(&payload) != crc
+        {
+            return Ok(self.torn());
         }
         match serde_json::from_slice::<Vec<Record>>(&payload) {
-            Ok(records) => out.envelopes.push(records),
-            Err(_) => {
-                out.torn_records += 1;
-                break;
-            }
+            Ok(records) => Ok(Some(records)),
+            Err(_) => Ok(self.torn()),
         }
     }
-    Ok(out)
+
+    fn torn(&mut self) -> Option<Vec<Record>> {
+        self.torn_records += 1;
+        None
+    }
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -499,6 +601,60 @@ mod tests {
         assert_eq!(contents.envelopes, vec![batch]);
         assert_eq!(contents.torn_records, 0);
         assert!(spool.bytes() > 0);
+        drop(spool);
+        thread.handle.join().unwrap();
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Envelopes queued together are each acknowledged and read back a batch at a time (a
+    /// replay holds one batch of a segment, not the segment), the batches ending where a
+    /// torn tail begins.
+    #[tokio::test]
+    async fn queued_envelopes_are_acknowledged_and_read_back_a_batch_at_a_time() {
+        let dir = tempdir();
+        let (spool, thread) = Spool::open(&dir, 1 << 20, Metrics::new()).unwrap();
+        let sizes = [2, 3, 4, 1, 5];
+        let mut acks = Vec::new();
+        let mut sent = Vec::new();
+        for n in sizes {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let batch = records(n);
+            sent.push(batch.clone());
+            spool.append(Envelope {
+                records: batch,
+                ack: Some(tx),
+                accepted_ms: 0,
+                memory: 0,
+            });
+            acks.push(rx);
+        }
+        for rx in acks {
+            assert_eq!(rx.await.unwrap(), Ok(()));
+        }
+        let sealed = spool.seal();
+        assert_eq!(sealed.len(), 1);
+        // A torn record after the five: the reader stops there and counts it.
+        let mut f = OpenOptions::new().append(true).open(&sealed[0]).unwrap();
+        f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
+        drop(f);
+        let mut reader = SegmentReader::open(&sealed[0]).unwrap();
+        let lens = |b: Vec<Vec<Record>>| b.iter().map(Vec::len).collect::<Vec<_>>();
+        let first = reader.next_batch(5).unwrap();
+        assert_eq!(
+            first,
+            sent[..2].to_vec(),
+            "2 + 3 events reach the batch size"
+        );
+        assert_eq!(lens(reader.next_batch(5).unwrap()), vec![4, 1]);
+        assert_eq!(lens(reader.next_batch(5).unwrap()), vec![5]);
+        assert_eq!(reader.torn_records, 0);
+        assert!(reader.next_batch(5).unwrap().is_empty(), "the end");
+        assert_eq!(reader.torn_records, 1);
+        assert!(
+            reader.next_batch(5).unwrap().is_empty(),
+            "and it stays ended"
+        );
+        assert_eq!(reader.torn_records, 1);
         drop(spool);
         thread.handle.join().unwrap();
         fs::remove_dir_all(dir).unwrap();
@@ -610,6 +766,8 @@ mod tests {
             dir: dir.clone(),
             lock: File::create(dir.join("spool.lock")).unwrap(),
             active: None,
+            unwritten: Vec::new(),
+            scratch: Vec::new(),
             next_seq: 1,
             bytes: bytes.clone(),
             max_bytes: 1 << 30,
@@ -632,19 +790,24 @@ mod tests {
         let (c, c_rx) = envelope(big(100));
         let (after, after_rx) = envelope(records(4));
         let kept = [before.records.clone(), after.records.clone()];
-        // Queued before the thread runs, so the groups are exactly: [before] (ended by the
-        // seal), then [a, b, c] (c's write fails), then [after].
+        // Queued before the thread runs, so the groups are exactly: [before] (ended by a
+        // seal), then [a, b, c] (ended by a seal; the group's one write fails, since c does
+        // not fit), then [after].
         let (tx, rx) = crossbeam_channel::unbounded();
         let (seal_tx, seal_rx) = crossbeam_channel::bounded(1);
+        let (seal2_tx, seal2_rx) = crossbeam_channel::bounded(1);
         tx.send(Command::Append(before)).unwrap();
         tx.send(Command::Seal(seal_tx)).unwrap();
-        for env in [a, b, c, after] {
+        for env in [a, b, c] {
             tx.send(Command::Append(env)).unwrap();
         }
+        tx.send(Command::Seal(seal2_tx)).unwrap();
+        tx.send(Command::Append(after)).unwrap();
         tx.send(Command::Close).unwrap();
         state.run(rx);
 
         assert_eq!(seal_rx.try_recv().unwrap().len(), 1);
+        assert!(seal2_rx.try_recv().is_ok(), "the second seal was answered");
         assert_eq!(outcome(before_rx), Ok(()));
         assert_eq!(
             outcome(a_rx),

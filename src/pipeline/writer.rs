@@ -23,8 +23,8 @@
 //! ([`crate::pgerror::describe_error`]).
 //!
 //! The replayer replays sealed spool segments through the same path whenever there is room,
-//! deleting each segment once all its events are committed. A torn record is counted and
-//! skipped.
+//! a batch at a time (memory holds one batch of a segment, not the segment), deleting each
+//! segment once all its events are committed. A torn record is counted and skipped.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::spool::{SegmentContents, Spool, read_segment};
+use super::spool::{SegmentReader, Spool};
 use super::store::{self, BatchLimits, BatchOutcome};
 use super::{Envelope, Ingest};
 use crate::event::{DeadLetter, Record};
@@ -399,25 +399,61 @@ pub(super) async fn sealed_segments(ctx: &WriterContext) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Reads one sealed segment off the runtime's threads, counting (and logging) a torn tail;
-/// `None` when it cannot be read (it is left for an operator).
-pub(super) async fn read_sealed(ctx: &WriterContext, seg: &Path) -> Option<SegmentContents> {
-    let path = seg.to_path_buf();
-    let contents = match tokio::task::spawn_blocking(move || read_segment(&path)).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, segment = %seg.display(), "cannot read spool segment; leaving it for an operator");
-            return None;
+/// Reads sealed segments off the runtime's threads, a batch at a time, logging and counting
+/// a torn tail once the segment is read through.
+pub(super) struct SealedSegment {
+    path: PathBuf,
+    reader: Option<SegmentReader>,
+}
+
+impl SealedSegment {
+    /// `None` when it cannot be opened (it is left for an operator).
+    pub(super) async fn open(seg: &Path) -> Option<SealedSegment> {
+        let path = seg.to_path_buf();
+        match tokio::task::spawn_blocking(move || SegmentReader::open(&path)).await {
+            Ok(Ok(reader)) => Some(SealedSegment {
+                path: seg.to_path_buf(),
+                reader: Some(reader),
+            }),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, segment = %seg.display(), "cannot read spool segment; leaving it for an operator");
+                None
+            }
+            Err(_) => None,
         }
-        Err(_) => return None,
-    };
-    if contents.torn_records > 0 {
-        tracing::warn!(segment = %seg.display(), torn = contents.torn_records, "spool segment ends in a torn record; skipping it");
-        ctx.metrics
-            .counter(metrics::SPOOL_TORN_RECORDS_TOTAL, &[])
-            .increment(contents.torn_records);
     }
-    Some(contents)
+
+    /// The next envelopes, holding at least `events` records unless the segment ends:
+    /// `Some(empty)` at its end, `None` when it cannot be read on (it is left for an
+    /// operator).
+    pub(super) async fn next_batch(
+        &mut self,
+        ctx: &WriterContext,
+        events: usize,
+    ) -> Option<Vec<Vec<Record>>> {
+        let mut reader = self.reader.take()?;
+        let (reader, batch) = tokio::task::spawn_blocking(move || {
+            let batch = reader.next_batch(events);
+            (reader, batch)
+        })
+        .await
+        .ok()?;
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, segment = %self.path.display(), "cannot read spool segment; leaving it for an operator");
+                return None;
+            }
+        };
+        if batch.is_empty() && reader.torn_records > 0 {
+            tracing::warn!(segment = %self.path.display(), torn = reader.torn_records, "spool segment ends in a torn record; skipping it");
+            ctx.metrics
+                .counter(metrics::SPOOL_TORN_RECORDS_TOTAL, &[])
+                .increment(reader.torn_records);
+        }
+        self.reader = Some(reader);
+        Some(batch)
+    }
 }
 
 /// Replays every sealed segment once (sealing the active one first), deleting each segment
@@ -428,23 +464,36 @@ async fn replay_once(ctx: &WriterContext) -> Result<(), WriteError> {
         if ctx.closing.is_cancelled() {
             return Ok(());
         }
-        let Some(contents) = read_sealed(ctx, &seg).await else {
+        let Some(mut segment) = SealedSegment::open(&seg).await else {
             continue;
         };
-        let records: Vec<&Record> = contents.envelopes.iter().flatten().collect();
-        for chunk in records.chunks(ctx.flush_max_events) {
-            let outcome = write_isolating(ctx, chunk).await?;
-            ctx.ingest.set_db_healthy(true);
-            ctx.ingest.flushed();
-            record_outcome(&ctx.metrics, &outcome);
-            ctx.metrics
-                .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])
-                .increment(chunk.len() as u64);
+        let mut events = 0;
+        let read_through = loop {
+            let Some(batch) = segment.next_batch(ctx, ctx.flush_max_events).await else {
+                break false;
+            };
+            if batch.is_empty() {
+                break true;
+            }
+            let records: Vec<&Record> = batch.iter().flatten().collect();
+            for chunk in records.chunks(ctx.flush_max_events) {
+                let outcome = write_isolating(ctx, chunk).await?;
+                ctx.ingest.set_db_healthy(true);
+                ctx.ingest.flushed();
+                record_outcome(&ctx.metrics, &outcome);
+                ctx.metrics
+                    .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])
+                    .increment(chunk.len() as u64);
+            }
+            events += records.len();
+        };
+        if !read_through {
+            continue;
         }
         if let Err(e) = ctx.spool.remove_segment(&seg, &ctx.metrics) {
             tracing::error!(error = %e, segment = %seg.display(), "cannot delete a replayed spool segment");
         }
-        tracing::info!(segment = %seg.display(), events = records.len(), "spool segment replayed");
+        tracing::info!(segment = %seg.display(), events, "spool segment replayed");
     }
     Ok(())
 }

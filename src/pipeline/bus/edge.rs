@@ -22,7 +22,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Mutex, mpsc};
 
 use super::super::Envelope;
-use super::super::writer::{WriterContext, read_sealed, sealed_segments};
+use super::super::writer::{SealedSegment, WriterContext, sealed_segments};
 use super::{
     BUS_PUBLISH_FAILURES_TOTAL, BUS_PUBLISHED_TOTAL, BUS_TRUNCATED_TOTAL, Bus, MAX_ACKS_IN_FLIGHT,
     envelope,
@@ -163,44 +163,67 @@ pub(in crate::pipeline) async fn run_replayer(ctx: WriterContext, bus: Bus) {
     }
 }
 
+/// Publishes a batch of a segment's envelopes, in windows of at most REPLAY_ACKS chunks
+/// awaiting their acks at once; returns the events published.
+async fn publish_batch(
+    ctx: &WriterContext,
+    bus: &Bus,
+    envelopes: &[Vec<Record>],
+) -> Result<usize, String> {
+    let mut events = 0;
+    let mut pending = envelopes.iter().peekable();
+    while pending.peek().is_some() {
+        // A window of envelopes holding at most REPLAY_ACKS chunks (at least one envelope).
+        let mut window = Vec::new();
+        let mut chunks = 0;
+        while let Some(records) = pending.peek() {
+            let c = envelope::chunk(records, bus.max_payload());
+            if !window.is_empty() && chunks + c.len() > REPLAY_ACKS {
+                break;
+            }
+            chunks += c.len();
+            window.push((records.len(), c));
+            pending.next();
+        }
+        let n: usize = window.iter().map(|(n, _)| n).sum();
+        let results = futures_util::future::join_all(
+            window
+                .into_iter()
+                .map(|(n, c)| async move { (n, publish_chunks(bus, c).await) }),
+        )
+        .await;
+        for (n, r) in results {
+            count(&ctx.metrics, n, r?);
+        }
+        events += n;
+        ctx.metrics
+            .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])
+            .increment(n as u64);
+    }
+    Ok(events)
+}
+
 /// Publishes every sealed segment once, deleting each after all its envelopes are acked.
 pub(in crate::pipeline) async fn replay_once(ctx: &WriterContext, bus: &Bus) -> Result<(), String> {
     for seg in sealed_segments(ctx).await {
         if ctx.closing.is_cancelled() {
             return Ok(());
         }
-        let Some(contents) = read_sealed(ctx, &seg).await else {
+        let Some(mut segment) = SealedSegment::open(&seg).await else {
             continue;
         };
         let mut events = 0;
-        let mut pending = contents.envelopes.iter().peekable();
-        while pending.peek().is_some() {
-            // A window of envelopes holding at most REPLAY_ACKS chunks (at least one envelope).
-            let mut window = Vec::new();
-            let mut chunks = 0;
-            while let Some(records) = pending.peek() {
-                let c = envelope::chunk(records, bus.max_payload());
-                if !window.is_empty() && chunks + c.len() > REPLAY_ACKS {
-                    break;
-                }
-                chunks += c.len();
-                window.push((records.len(), c));
-                pending.next();
+        let read_through = loop {
+            let Some(batch) = segment.next_batch(ctx, ctx.flush_max_events).await else {
+                break false;
+            };
+            if batch.is_empty() {
+                break true;
             }
-            let n: usize = window.iter().map(|(n, _)| n).sum();
-            let results = futures_util::future::join_all(
-                window
-                    .into_iter()
-                    .map(|(n, c)| async move { (n, publish_chunks(bus, c).await) }),
-            )
-            .await;
-            for (n, r) in results {
-                count(&ctx.metrics, n, r?);
-            }
-            events += n;
-            ctx.metrics
-                .counter(metrics::EVENTS_REPLAYED_TOTAL, &[])
-                .increment(n as u64);
+            events += publish_batch(ctx, bus, &batch).await?;
+        };
+        if !read_through {
+            continue;
         }
         ctx.ingest.set_db_healthy(true);
         if let Err(e) = ctx.spool.remove_segment(&seg, &ctx.metrics) {
