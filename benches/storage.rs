@@ -168,7 +168,7 @@ async fn write_all(url: &str, events: Vec<Event>) -> anyhow::Result<()> {
         spool.to_str().unwrap_or("/tmp/reachly-bench-spool"),
         "--buffer-max-events",
         "2000000",
-        // The whole run in memory: past the default byte bound (48 MiB) events would be
+        // The whole run in memory: past the default byte bound (24 MiB) events would be
         // spooled, acknowledged, and left in the spool this bench deletes.
         "--buffer-max-bytes",
         "2147483648",

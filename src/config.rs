@@ -377,7 +377,7 @@ pub struct PipelineConfig {
     /// metadata); past it new ones go to the spool, as past REACHLY_BUFFER_MAX_EVENTS.
     /// Keeps the process's memory bounded whatever the events carry and however long an
     /// overload lasts.
-    #[arg(long, env = "REACHLY_BUFFER_MAX_BYTES", default_value_t = 48 << 20, value_parser = positive)]
+    #[arg(long, env = "REACHLY_BUFFER_MAX_BYTES", default_value_t = 24 << 20, value_parser = positive)]
     pub buffer_max_bytes: usize,
     /// Events in one batch (one transaction).
     #[arg(long, env = "REACHLY_FLUSH_MAX_EVENTS", default_value = "5000", value_parser = positive)]
