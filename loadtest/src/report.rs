@@ -89,6 +89,11 @@ pub struct StepRow {
     pub events_per_commit: Option<f64>,
     pub buffer_end: Option<f64>,
     pub spool_end: Option<f64>,
+    /// Events the service wrote to its disk spool during the step (memory full or the
+    /// database away: `reachly_events_spooled_total`) and events it replayed from there into
+    /// the database (`reachly_events_replayed_total`).
+    pub spooled: Option<f64>,
+    pub replayed: Option<f64>,
     /// CPU in % of one core.
     pub server_cpu: f64,
     pub server_rss_mb: f64,
@@ -174,12 +179,14 @@ impl StepRow {
         }
         let _ = write!(
             s,
-            " | committed {:.0} ev/s ({}/commit) buffer {} spool {} | cpu server {:.0}% db {:.0}% gen {:.0}% rss {:.0} MB | WAL {} B/ev ({} FPI/ev), {} fsync/ev, {} us db-cpu/ev",
+            " | committed {:.0} ev/s ({}/commit) buffer {} spool {} (spooled {} replayed {}) | cpu server {:.0}% db {:.0}% gen {:.0}% rss {:.0} MB | WAL {} B/ev ({} FPI/ev), {} fsync/ev, {} us db-cpu/ev",
             self.committed_per_s,
             self.events_per_commit
                 .map_or("-".into(), |v| format!("{v:.0}")),
             self.buffer_end.map_or("-".into(), |v| format!("{v:.0}")),
             self.spool_end.map_or("-".into(), |v| format!("{v:.0}")),
+            self.spooled.map_or("-".into(), |v| format!("{v:.0}")),
+            self.replayed.map_or("-".into(), |v| format!("{v:.0}")),
             self.server_cpu,
             self.db_cpu,
             self.generator_cpu,
@@ -324,10 +331,10 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
     }
     s.push_str(" committed ev/s |");
     if service_columns {
-        s.push_str(" ev/commit | buffer end | spool end (B) |");
+        s.push_str(" ev/commit | buffer end | spool end (B) | events spooled / replayed |");
     }
     s.push_str(" app core busy (server + generator) | server RSS MB | DB CPU (db core busy) | WAL B/ev (full-page images/ev) | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated (and contention) |\n|");
-    let cols = 3 + routes.len() + 1 + if service_columns { 3 } else { 0 } + 9;
+    let cols = 3 + routes.len() + 1 + if service_columns { 4 } else { 0 } + 9;
     for _ in 0..cols {
         s.push_str(" --- |");
     }
@@ -354,10 +361,12 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
         if service_columns {
             let _ = write!(
                 s,
-                " {} | {} | {} |",
+                " {} | {} | {} | {} / {} |",
                 opt(row.events_per_commit, 0),
                 row.buffer_end.map_or("-".into(), fmt_num),
-                row.spool_end.map_or("-".into(), fmt_num)
+                row.spool_end.map_or("-".into(), fmt_num),
+                row.spooled.map_or("-".into(), fmt_num),
+                row.replayed.map_or("-".into(), fmt_num)
             );
         }
         let _ = writeln!(
@@ -609,6 +618,28 @@ mod tests {
         row.achieved = 999.0;
         row.buffer_end = Some(50_000.0);
         assert!(rule.judge(&row, Some(0.0), 20_000.0).is_some());
+    }
+    #[test]
+    fn the_steps_table_shows_what_each_step_spooled_and_replayed() {
+        let row = StepRow {
+            phase: "service 1000/s".into(),
+            offered: 1000.0,
+            achieved: 1000.0,
+            spooled: Some(2730.0),
+            replayed: Some(1500.0),
+            ..Default::default()
+        };
+        let table = steps_table(std::slice::from_ref(&row), true);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("events spooled / replayed"), "{table}");
+        assert!(lines[2].contains("| 2,730 / 1,500 |"), "{table}");
+        // Header, separator and row have the same number of cells.
+        let cells = |l: &str| l.matches('|').count();
+        assert_eq!(cells(lines[0]), cells(lines[1]), "{table}");
+        assert_eq!(cells(lines[0]), cells(lines[2]), "{table}");
+        assert!(row.console().contains("(spooled 2730 replayed 1500)"));
+        // Without the service's metrics (the naive server) the table has no such column.
+        assert!(!steps_table(&[row], false).contains("spooled"));
     }
 }
 

@@ -476,6 +476,13 @@ fn row_from(
         }
         _ => (acked, Some(1.0), None, None),
     };
+    let (spooled, replayed) = match (&before.metrics, &after.metrics) {
+        (Some(b), Some(a)) => (
+            Some((a.spooled - b.spooled).max(0.0)),
+            Some((a.replayed - b.replayed).max(0.0)),
+        ),
+        _ => (None, None),
+    };
     let db = match (&before.db, &after.db) {
         (Some(b), Some(a)) => Some(a.delta(b)),
         _ => None,
@@ -507,6 +514,8 @@ fn row_from(
         events_per_commit: per_commit,
         buffer_end,
         spool_end,
+        spooled,
+        replayed,
         server_cpu: pct(after.server_ticks, before.server_ticks),
         server_rss_mb: after.rss.0 as f64 / 1048576.0,
         server_hwm_mb: after.rss.1 as f64 / 1048576.0,
@@ -1432,6 +1441,7 @@ async fn outage(
     let mut workload = Workload::new(ctx.tenants.clone(), ctx.secrets.clone(), mix, 777);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let client = ctx.client.clone();
+    let start = server.metrics(&ctx.client).await.unwrap_or_default();
     let peaks = Arc::new(Mutex::new((0f64, 0f64)));
     let cluster = ctx.cluster.clone();
     let chaos = async move {
@@ -1477,13 +1487,15 @@ async fn outage(
     let (peak_buffer, peak_spool) = peaks.lock().map(|p| *p).unwrap_or_default();
     let names = ["before", "database down", "after restart"];
     let mut s = format!(
-        "Offered {rate:.0} req/s for {:.0} s; the database was stopped (`pg_ctl stop -m fast`) at {:.1} s and started again {:.0} s after the stop began. Peak buffer {} events, peak spool {} bytes (sampled every 0.5 s); {} events dropped.\n\n\
+        "Offered {rate:.0} req/s for {:.0} s; the database was stopped (`pg_ctl stop -m fast`) at {:.1} s and started again {:.0} s after the stop began. Peak buffer {} events, peak spool {} bytes (sampled every 0.5 s); {} events written to the spool and {} replayed from it into the database (the phase through its drain); {} events dropped.\n\n\
          | window | requests | pixel p50 / p99 ms | click p50 / p99 / p99.9 ms | click failures | webhook p99 ms | webhook answers |\n| --- | --- | --- | --- | --- | --- | --- |\n",
         spec.duration.as_secs_f64(),
         down_at.as_secs_f64(),
         outage.as_secs_f64(),
         report::fmt_num(peak_buffer),
         report::fmt_num(peak_spool),
+        report::fmt_num(drained.spooled - start.spooled),
+        report::fmt_num(drained.replayed - start.replayed),
         drained.dropped_total(),
     );
     let ms = |v: Option<f64>| v.map_or("-".into(), report::fmt_ms);
