@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, integration tests (real PostgreSQL, real sockets, the
-# real binary as a process), the fuzz tests and the headless-browser test. Benchmarks are
+# real binary as a process), the fuzz tests, the headless-browser test, and the load test's
+# own unit tests (its report's arithmetic and tables, its signed requests). Benchmarks are
 # not tests: they run with `cargo bench` (and CI's clippy --all-targets compiles them).
 # It brings its own throwaway PostgreSQL cluster; set REACHLY_TEST_DATABASE_URL to use an
-# existing server instead. Extra arguments go to `cargo test`.
+# existing server instead. Extra arguments go to the product's `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,3 +47,6 @@ if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ] &&
 fi
 
 cargo test --locked "$@"
+# The load test is its own crate (loadtest/, not a workspace member), so the command above
+# does not build it. Same target directory as loadtest/run.sh; not --locked, as there.
+(cd loadtest && CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-../target}" cargo test --lib)

@@ -1738,6 +1738,46 @@ fn sustained(rows: &[StepRow]) -> Option<&StepRow> {
         .max_by(|a, b| a.committed_per_s.total_cmp(&b.committed_per_s))
 }
 
+/// The ramp's steps that both phases ran, paired by offered rate (the half-rate steps and a
+/// contended step's first try left out; a rate run twice counts by its last row). When one
+/// build's ramp goes deeper, its phase totals include overload the other never saw; these
+/// pairs compare like with like.
+fn common_steps<'a>(a: &'a [StepRow], b: &'a [StepRow]) -> Vec<(&'a StepRow, &'a StepRow)> {
+    let ramp = |rows: &'a [StepRow]| -> Vec<&'a StepRow> {
+        rows.iter()
+            .filter(|r| !r.phase.contains("half") && !r.phase.contains("repeated"))
+            .collect()
+    };
+    let (a, b) = (ramp(a), ramp(b));
+    let mut pairs: Vec<(&StepRow, &StepRow)> = Vec::new();
+    for x in &a {
+        if pairs.iter().any(|(p, _)| p.offered == x.offered) {
+            continue;
+        }
+        let last =
+            |rows: &[&'a StepRow]| rows.iter().rev().find(|r| r.offered == x.offered).copied();
+        if let (Some(x), Some(y)) = (last(&a), last(&b)) {
+            pairs.push((x, y));
+        }
+    }
+    pairs.sort_by(|p, q| p.0.offered.total_cmp(&q.0.offered));
+    pairs
+}
+
+/// A per-event figure over several steps, each weighted by the events it committed (the
+/// steps last equally long, so events per second weigh them); `None` when a step lacks it.
+fn per_event_over<'a>(
+    rows: impl Iterator<Item = &'a StepRow>,
+    figure: impl Fn(&StepRow) -> Option<f64>,
+) -> Option<f64> {
+    let (mut sum, mut weight) = (0.0, 0.0);
+    for r in rows {
+        sum += figure(r)? * r.committed_per_s;
+        weight += r.committed_per_s;
+    }
+    (weight > 0.0).then(|| sum / weight)
+}
+
 /// The goals set side by side: this build against the baseline, as ratios.
 fn baseline_section(
     service: &PhaseResult,
@@ -1854,6 +1894,37 @@ fn baseline_section(
         Some(peak_rss(&b.phase)),
         0,
     );
+    let common = common_steps(&service.rows, &b.phase.rows);
+    if let (Some(lo), Some(hi)) = (common.first(), common.last()) {
+        let over = format!(
+            "over the {} ramp steps both ran ({}-{} req/s offered)",
+            common.len(),
+            report::fmt_num(lo.0.offered),
+            report::fmt_num(hi.0.offered)
+        );
+        let mine = || common.iter().map(|p| p.0);
+        let theirs = || common.iter().map(|p| p.1);
+        line(
+            &format!("database CPU us/event {over}"),
+            per_event_over(mine(), |r| r.db_cpu_us_per_event),
+            per_event_over(theirs(), |r| r.db_cpu_us_per_event),
+            1,
+        );
+        line(
+            &format!(
+                "data pages written per event {over}, as each step counted them (pages dirtied in the last of them and written later not counted)"
+            ),
+            per_event_over(mine(), |r| r.page_writes_per_event),
+            per_event_over(theirs(), |r| r.page_writes_per_event),
+            4,
+        );
+        line(
+            &format!("peak server RSS MB {over}"),
+            Some(mine().map(|r| r.server_hwm_mb).fold(0.0, f64::max)),
+            Some(theirs().map(|r| r.server_hwm_mb).fold(0.0, f64::max)),
+            0,
+        );
+    }
     s.push_str(&t);
     if let (Some((mine, my_events)), Some(theirs)) = (service_attr, b.attribution.as_ref()) {
         s.push_str("\n| relation | kind | this build, pages per 1,000 events | baseline | ratio |\n| --- | --- | --- | --- | --- |\n");
@@ -2361,4 +2432,58 @@ pub fn chart_data(service: &PhaseResult, naive: &PhaseResult, limit: Option<f64>
             .push(("naive (INSERT + UPDATE per request)".into(), series(naive)));
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(phase: &str, offered: f64, committed: f64, cpu: f64) -> StepRow {
+        StepRow {
+            phase: phase.into(),
+            offered,
+            committed_per_s: committed,
+            db_cpu_us_per_event: Some(cpu),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_builds_are_compared_over_the_ramp_steps_both_ran() {
+        let service = [
+            row("service 500/s", 500.0, 700.0, 100.0),
+            row("service 1000/s", 1000.0, 1400.0, 70.0),
+            row("service 2000/s (contended; repeated)", 2000.0, 900.0, 90.0),
+            row("service 2000/s", 2000.0, 2800.0, 50.0),
+            row("service 1400/s", 1400.0, 2000.0, 60.0),
+            row("service half 700/s", 700.0, 1000.0, 80.0),
+        ];
+        let baseline = [
+            row("baseline 500/s", 500.0, 700.0, 90.0),
+            row("baseline 1000/s", 1000.0, 1400.0, 60.0),
+            row("baseline 2000/s", 2000.0, 2800.0, 40.0),
+            row("baseline 4000/s", 4000.0, 5600.0, 30.0),
+            row("baseline half 1000/s", 1000.0, 1400.0, 99.0),
+        ];
+        let pairs = common_steps(&service, &baseline);
+        let rates: Vec<f64> = pairs.iter().map(|p| p.0.offered).collect();
+        assert_eq!(rates, [500.0, 1000.0, 2000.0]);
+        // The repeated step's decisive row and the ramp's rows, never a half-rate step.
+        assert_eq!(pairs[2].0.phase, "service 2000/s");
+        assert_eq!(pairs[1].1.phase, "baseline 1000/s");
+        // Weighted by events: (700*100 + 1400*70 + 2800*50) / 4900 = 62.857...
+        let mine = per_event_over(pairs.iter().map(|p| p.0), |r| r.db_cpu_us_per_event);
+        assert!((mine.unwrap() - 308000.0 / 4900.0).abs() < 1e-9, "{mine:?}");
+        let theirs = per_event_over(pairs.iter().map(|p| p.1), |r| r.db_cpu_us_per_event);
+        assert!(
+            (theirs.unwrap() - 259000.0 / 4900.0).abs() < 1e-9,
+            "{theirs:?}"
+        );
+        // A step without the figure makes the whole figure unknown, not a partial mean.
+        assert_eq!(
+            per_event_over(pairs.iter().map(|p| p.0), |r| r.page_writes_per_event),
+            None
+        );
+        assert!(common_steps(&service, &[]).is_empty());
+    }
 }
