@@ -94,6 +94,9 @@ pub struct StepRow {
     /// the database (`reachly_events_replayed_total`).
     pub spooled: Option<f64>,
     pub replayed: Option<f64>,
+    /// Connections open on the service's public listener when the step's schedule ended
+    /// (each holds hyper's read and write buffers: part of RSS under overload).
+    pub connections_end: Option<f64>,
     /// CPU in % of one core.
     pub server_cpu: f64,
     pub server_rss_mb: f64,
@@ -179,7 +182,7 @@ impl StepRow {
         }
         let _ = write!(
             s,
-            " | committed {:.0} ev/s ({}/commit) buffer {} spool {} (spooled {} replayed {}) | cpu server {:.0}% db {:.0}% gen {:.0}% rss {:.0} MB | WAL {} B/ev ({} FPI/ev), {} fsync/ev, {} us db-cpu/ev",
+            " | committed {:.0} ev/s ({}/commit) buffer {} spool {} (spooled {} replayed {}) conns {} | cpu server {:.0}% db {:.0}% gen {:.0}% rss {:.0} MB | WAL {} B/ev ({} FPI/ev), {} fsync/ev, {} us db-cpu/ev",
             self.committed_per_s,
             self.events_per_commit
                 .map_or("-".into(), |v| format!("{v:.0}")),
@@ -187,6 +190,8 @@ impl StepRow {
             self.spool_end.map_or("-".into(), |v| format!("{v:.0}")),
             self.spooled.map_or("-".into(), |v| format!("{v:.0}")),
             self.replayed.map_or("-".into(), |v| format!("{v:.0}")),
+            self.connections_end
+                .map_or("-".into(), |v| format!("{v:.0}")),
             self.server_cpu,
             self.db_cpu,
             self.generator_cpu,
@@ -331,10 +336,12 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
     }
     s.push_str(" committed ev/s |");
     if service_columns {
-        s.push_str(" ev/commit | buffer end | spool end (B) | events spooled / replayed |");
+        s.push_str(
+            " ev/commit | buffer end | spool end (B) | events spooled / replayed | open connections at end |",
+        );
     }
     s.push_str(" app core busy (server + generator) | server RSS MB | DB CPU (db core busy) | WAL B/ev (full-page images/ev) | fsync/ev | pages/ev | DB CPU us/ev | B1ms ceiling ev/s (burst / baseline) | saturated (and contention) |\n|");
-    let cols = 3 + routes.len() + 1 + if service_columns { 4 } else { 0 } + 9;
+    let cols = 3 + routes.len() + 1 + if service_columns { 5 } else { 0 } + 9;
     for _ in 0..cols {
         s.push_str(" --- |");
     }
@@ -361,12 +368,13 @@ pub fn steps_table(rows: &[StepRow], service_columns: bool) -> String {
         if service_columns {
             let _ = write!(
                 s,
-                " {} | {} | {} | {} / {} |",
+                " {} | {} | {} | {} / {} | {} |",
                 opt(row.events_per_commit, 0),
                 row.buffer_end.map_or("-".into(), fmt_num),
                 row.spool_end.map_or("-".into(), fmt_num),
                 row.spooled.map_or("-".into(), fmt_num),
-                row.replayed.map_or("-".into(), fmt_num)
+                row.replayed.map_or("-".into(), fmt_num),
+                row.connections_end.map_or("-".into(), fmt_num)
             );
         }
         let _ = writeln!(
@@ -627,17 +635,21 @@ mod tests {
             achieved: 1000.0,
             spooled: Some(2730.0),
             replayed: Some(1500.0),
+            connections_end: Some(2048.0),
             ..Default::default()
         };
         let table = steps_table(std::slice::from_ref(&row), true);
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].contains("events spooled / replayed"), "{table}");
-        assert!(lines[2].contains("| 2,730 / 1,500 |"), "{table}");
+        assert!(lines[2].contains("| 2,730 / 1,500 | 2,048 |"), "{table}");
         // Header, separator and row have the same number of cells.
         let cells = |l: &str| l.matches('|').count();
         assert_eq!(cells(lines[0]), cells(lines[1]), "{table}");
         assert_eq!(cells(lines[0]), cells(lines[2]), "{table}");
-        assert!(row.console().contains("(spooled 2730 replayed 1500)"));
+        assert!(
+            row.console()
+                .contains("(spooled 2730 replayed 1500) conns 2048")
+        );
         // Without the service's metrics (the naive server) the table has no such column.
         assert!(!steps_table(&[row], false).contains("spooled"));
     }

@@ -516,6 +516,7 @@ fn row_from(
         spool_end,
         spooled,
         replayed,
+        connections_end: after.metrics.as_ref().and_then(|m| m.connections),
         server_cpu: pct(after.server_ticks, before.server_ticks),
         server_rss_mb: after.rss.0 as f64 / 1048576.0,
         server_hwm_mb: after.rss.1 as f64 / 1048576.0,
@@ -568,6 +569,7 @@ async fn step(
     if let Some(m) = end_metrics {
         row.buffer_end = Some(m.buffer_events);
         row.spool_end = Some(m.spool_bytes);
+        row.connections_end = m.connections;
     }
     if judge {
         let accepted = row.acked_per_s * (after.at - before.at).as_secs_f64();

@@ -193,6 +193,9 @@ pub struct ServiceMetrics {
     pub dead_lettered: f64,
     pub spooled: f64,
     pub replayed: f64,
+    /// `reachly_http_connections{listener="public"}`: connections open on the public listener
+    /// (`None` from a build that does not export it, such as main at 9e3c73a).
+    pub connections: Option<f64>,
 }
 
 impl ServiceMetrics {
@@ -220,6 +223,9 @@ impl ServiceMetrics {
         self.dead_lettered += o.dead_lettered;
         self.spooled += o.spooled;
         self.replayed += o.replayed;
+        if let Some(c) = o.connections {
+            self.connections = Some(self.connections.unwrap_or(0.0) + c);
+        }
     }
 
     /// Parses the Prometheus text exposition.
@@ -261,6 +267,9 @@ impl ServiceMetrics {
                 "reachly_events_dead_lettered_total" => m.dead_lettered += v,
                 "reachly_events_spooled_total" => m.spooled += v,
                 "reachly_events_replayed_total" => m.replayed += v,
+                "reachly_http_connections" if label("listener") == "public" => {
+                    m.connections = Some(m.connections.unwrap_or(0.0) + v)
+                }
                 _ => {}
             }
         }
@@ -287,8 +296,15 @@ mod tests {
                     reachly_buffer_events 42\nreachly_spool_bytes 0\n\
                     reachly_flush_batch_size_bucket{le=\"10\"} 1\n\
                     reachly_flush_batch_size_sum 15\nreachly_flush_batch_size_count 2\n\
-                    reachly_events_dropped_total{reason=\"spool_full\"} 3\n";
+                    reachly_events_dropped_total{reason=\"spool_full\"} 3\n\
+                    reachly_http_connections{listener=\"admin\"} 1\n\
+                    reachly_http_connections{listener=\"public\"} 2048\n";
         let m = ServiceMetrics::parse(text);
+        assert_eq!(m.connections, Some(2048.0));
+        assert_eq!(
+            ServiceMetrics::parse("reachly_buffer_events 1\n").connections,
+            None
+        );
         assert_eq!(m.written_total(), 15.0);
         assert_eq!(m.buffer_events, 42.0);
         assert_eq!(m.batches, 2.0);
