@@ -107,6 +107,8 @@ pub const HTTP_CONNECTIONS_MAX: &str = "reachly_http_connections_max";
 pub const HTTP_CONNECTION_CAP_REACHED_TOTAL: &str = "reachly_http_connection_cap_reached_total";
 pub const HTTP_CONNECTIONS_TIMED_OUT_TOTAL: &str = "reachly_http_connections_timed_out_total";
 pub const HTTP_BODY_BUDGET_EXHAUSTED_TOTAL: &str = "reachly_http_body_budget_exhausted_total";
+pub const HTTP_BODY_BYTES_HELD: &str = "reachly_http_body_bytes_held";
+pub const HTTP_BODY_BUDGET_BYTES: &str = "reachly_http_body_budget_bytes";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -216,6 +218,8 @@ impl Metrics {
             SPOOL_CAPACITY_BYTES,
             BUFFER_OLDEST_EVENT_AGE_SECONDS,
             PARTITION_HORIZON_TIMESTAMP_SECONDS,
+            HTTP_BODY_BYTES_HELD,
+            HTTP_BODY_BUDGET_BYTES,
         ] {
             self.gauge(name, &[]).set(0.0);
         }
@@ -328,6 +332,14 @@ impl Metrics {
             "Size of the whole database (pg_database_size).",
         );
         g(HTTP_CONNECTIONS, "Open connections, by listener.");
+        g(
+            HTTP_BODY_BYTES_HELD,
+            "Bytes of request bodies held in memory now (taken from REACHLY_BODY_BUDGET_BYTES).",
+        );
+        g(
+            HTTP_BODY_BUDGET_BYTES,
+            "Bound of the request-body bytes held in memory at once (REACHLY_BODY_BUDGET_BYTES).",
+        );
         g(
             HTTP_CONNECTIONS_MAX,
             "Connection cap, by listener (the public one fitted to the descriptor limit).",

@@ -120,6 +120,77 @@ pub struct StepRow {
     /// Set when something else on the machine took a large share of a core during the step.
     pub contended: Option<String>,
     pub projection: Option<Projection>,
+    /// The server's memory at its highest point in the step (`None` for rows not measured
+    /// as a step, such as the limit's).
+    pub memory_peak: Option<MemoryPeak>,
+}
+
+/// Where a step's RSS peak was (goal 4 of issue 14: RSS under 150 MB at every step): RSS,
+/// summed over the server's processes, is read from `/proc` every 250 ms through the step's
+/// schedule, and every fourth read also scrapes the service's metrics, so the peak's own
+/// size and moment come from the 250 ms reads and what the memory held near it from the
+/// scraped read with the highest RSS. (A step's end row gives RSS at the end and the
+/// process's high-water mark, which says how high but not when or with what.)
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MemoryPeak {
+    /// Highest RSS of the 250 ms reads (MB) and its time into the step (s).
+    pub rss_mb: f64,
+    pub at_s: f64,
+    /// Reads taken.
+    pub reads: u32,
+    /// The scraped read with the highest RSS (`None` when the server has no metrics).
+    pub scraped: Option<MemorySample>,
+}
+
+/// One RSS read with the service's memory-holding gauges scraped beside it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MemorySample {
+    pub rss_mb: f64,
+    pub at_s: f64,
+    pub buffer_events: f64,
+    /// `reachly_buffer_bytes` (the buffer's estimate of its events' memory), MB.
+    pub buffer_mb: Option<f64>,
+    /// `reachly_http_body_bytes_held`, MB.
+    pub bodies_mb: Option<f64>,
+    /// Open connections on the public listener.
+    pub connections: Option<f64>,
+}
+
+/// The step rows' memory peaks as a Markdown table; empty when no row has one.
+pub fn memory_table(rows: &[StepRow]) -> String {
+    if rows.iter().all(|r| r.memory_peak.is_none()) {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nServer memory at each step's peak: RSS read every 250 ms through the schedule, the service's metrics scraped with every fourth read; \
+         the right-hand columns are the scraped read with the highest RSS (the rest is RSS less the buffer's estimate and the bodies: \
+         the process's base, connections' buffers and the allocator's retained pages).\n\n\
+         | step | peak RSS MB (s into the step) | scraped read: RSS MB (s) | buffered events | buffer MB (estimate) | bodies held MB | open connections | rest MB |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let mb = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for row in rows {
+        let Some(m) = &row.memory_peak else { continue };
+        let _ = write!(s, "| {} | {:.0} ({:.1}) |", row.phase, m.rss_mb, m.at_s);
+        match &m.scraped {
+            Some(x) => {
+                let rest = x.rss_mb - x.buffer_mb.unwrap_or(0.0) - x.bodies_mb.unwrap_or(0.0);
+                let _ = writeln!(
+                    s,
+                    " {:.0} ({:.1}) | {} | {} | {} | {} | {:.0} |",
+                    x.rss_mb,
+                    x.at_s,
+                    fmt_num(x.buffer_events),
+                    mb(x.buffer_mb),
+                    mb(x.bodies_mb),
+                    x.connections.map_or("-".to_string(), fmt_num),
+                    rest
+                );
+            }
+            None => s.push_str(" - | - | - | - | - | - |\n"),
+        }
+    }
+    s
 }
 
 /// Share of a core used by something other than the measured processes above which a step
@@ -652,6 +723,59 @@ mod tests {
         );
         // Without the service's metrics (the naive server) the table has no such column.
         assert!(!steps_table(&[row], false).contains("spooled"));
+    }
+
+    #[test]
+    fn the_memory_table_has_a_row_per_measured_step_and_says_what_is_unknown() {
+        assert_eq!(memory_table(&[StepRow::default()]), "");
+        let scraped = MemorySample {
+            rss_mb: 140.0,
+            at_s: 12.0,
+            buffer_events: 30000.0,
+            buffer_mb: Some(20.0),
+            bodies_mb: Some(15.4),
+            connections: Some(2047.0),
+        };
+        let row = |phase: &str, scraped: Option<MemorySample>| StepRow {
+            phase: phase.into(),
+            memory_peak: Some(MemoryPeak {
+                rss_mb: 151.4,
+                at_s: 12.3,
+                reads: 80,
+                scraped,
+            }),
+            ..Default::default()
+        };
+        let old = MemorySample {
+            buffer_mb: None,
+            bodies_mb: None,
+            connections: None,
+            ..scraped.clone()
+        };
+        let t = memory_table(&[
+            row("service 16000/s", Some(scraped)),
+            StepRow::default(),
+            row("naive 500/s", None),
+            row("main 16000/s", Some(old)),
+        ]);
+        let lines: Vec<&str> = t.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(
+            lines.len(),
+            5,
+            "header, separator and three measured steps:\n{t}"
+        );
+        let cells = |l: &str| l.matches('|').count();
+        assert!(lines.iter().all(|l| cells(l) == cells(lines[0])), "{t}");
+        assert_eq!(
+            lines[2],
+            "| service 16000/s | 151 (12.3) | 140 (12.0) | 30,000 | 20.0 | 15.4 | 2,047 | 105 |"
+        );
+        assert!(
+            lines[3].starts_with("| naive 500/s | 151 (12.3) | - |"),
+            "{t}"
+        );
+        // A build without the gauges: unknown, and the rest is the whole RSS.
+        assert!(lines[4].ends_with("| - | - | - | 140 |"), "{t}");
     }
 }
 

@@ -21,9 +21,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::cluster::{Cluster, DbStats, Monitor};
-use crate::driver::{Driver, Ledger, StepResult, StepSpec};
+use crate::driver::{Driver, HttpClient, Ledger, StepResult, StepSpec};
 use crate::nats::NatsCluster;
-use crate::report::{self, ChartData, Projection, SaturationRule, StepRow};
+use crate::report::{
+    self, ChartData, MemoryPeak, MemorySample, Projection, SaturationRule, StepRow,
+};
 use crate::seed::{self, Tenants};
 use crate::service::{ServerProcess, ServerSpec, ServiceMetrics};
 use crate::target::Target;
@@ -534,7 +536,50 @@ fn row_from(
         saturated: None,
         contended: None,
         projection,
+        memory_peak: None,
     }
+}
+
+/// RSS summed over the processes (bytes).
+fn rss_bytes(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| procstat::memory(*p))
+        .map(|m| m.0)
+        .sum()
+}
+
+/// Reads the server's RSS every 250 ms for `duration`, scraping its metrics with every
+/// fourth read ([`report::MemoryPeak`]).
+async fn watch_memory(target: &Target, client: &HttpClient, duration: Duration) -> MemoryPeak {
+    const MB: f64 = 1048576.0;
+    let pids = target.pids();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut peak = MemoryPeak::default();
+    while started.elapsed() < duration {
+        tick.tick().await;
+        let at_s = started.elapsed().as_secs_f64();
+        let rss_mb = rss_bytes(&pids) as f64 / MB;
+        if rss_mb > peak.rss_mb {
+            (peak.rss_mb, peak.at_s) = (rss_mb, at_s);
+        }
+        if peak.reads % 4 == 0
+            && let Some(m) = target.metrics(client).await
+            && peak.scraped.as_ref().is_none_or(|s| rss_mb > s.rss_mb)
+        {
+            peak.scraped = Some(MemorySample {
+                rss_mb,
+                at_s,
+                buffer_events: m.buffer_events,
+                buffer_mb: m.buffer_bytes.map(|b| b / MB),
+                bodies_mb: m.body_bytes_held.map(|b| b / MB),
+                connections: m.connections,
+            });
+        }
+        peak.reads += 1;
+    }
+    peak
 }
 
 /// Runs and measures one step.
@@ -552,12 +597,13 @@ async fn step(
         duration: ctx.opts.step,
         segment_starts: vec![],
     };
-    // The buffer and spool when the schedule ends (not after the stragglers are answered).
+    // Memory through the schedule; the buffer and spool when the schedule ends (not after
+    // the stragglers are answered).
     let at_end = async {
-        tokio::time::sleep(spec.duration).await;
-        target.metrics(&ctx.client).await
+        let peak = watch_memory(target, &ctx.client, spec.duration).await;
+        (peak, target.metrics(&ctx.client).await)
     };
-    let (result, end_metrics) = tokio::join!(
+    let (result, (memory_peak, end_metrics)) = tokio::join!(
         load.driver.run(&mut load.workload, &load.ledger, &spec),
         at_end
     );
@@ -566,6 +612,7 @@ async fn step(
         bail!("during the step: {dead}");
     }
     let mut row = row_from(ctx, label, &before, &after, &result);
+    row.memory_peak = Some(memory_peak);
     if let Some(m) = end_metrics {
         row.buffer_end = Some(m.buffer_events);
         row.spool_end = Some(m.spool_bytes);
@@ -1801,6 +1848,7 @@ fn baseline_section(
         b.name
     );
     s.push_str(&report::steps_table(&b.phase.rows, true));
+    s.push_str(&report::memory_table(&b.phase.rows));
     let half = |p: &PhaseResult| {
         p.rows
             .iter()
@@ -1988,6 +2036,7 @@ fn full_report(r: FullReport<'_>) -> String {
     s.push_str("## Service (reachly-ingest serve)\n\n");
     s.push_str(&report::steps_table(&r.service.rows, true));
     s.push_str(&unaccounted_note(&r.service.rows));
+    s.push_str(&report::memory_table(&r.service.rows));
     if !r.bus.rows.is_empty() {
         s.push_str(&bus_section(r.service, r.bus, r.bus_shape));
     }
@@ -2352,6 +2401,7 @@ fn bus_section(
     );
     s.push_str(&report::steps_table(&bus.rows, true));
     s.push_str(&unaccounted_note(&bus.rows));
+    s.push_str(&report::memory_table(&bus.rows));
     let half = |p: &PhaseResult| p.rows.iter().find(|r| r.phase.contains("half")).cloned();
     let f = |v: Option<f64>| v.map_or("-".into(), report::fmt_num);
     let ms = |v: Option<f64>| v.map_or("-".into(), report::fmt_ms);

@@ -196,6 +196,12 @@ pub struct ServiceMetrics {
     /// `reachly_http_connections{listener="public"}`: connections open on the public listener
     /// (`None` from a build that does not export it, such as main at 9e3c73a).
     pub connections: Option<f64>,
+    /// `reachly_buffer_bytes`: the buffer's own estimate of its events' memory (`None` from a
+    /// build without the byte bound, such as main at 9e3c73a).
+    pub buffer_bytes: Option<f64>,
+    /// `reachly_http_body_bytes_held`: request bodies held in memory now (`None` from a
+    /// build that does not export it).
+    pub body_bytes_held: Option<f64>,
 }
 
 impl ServiceMetrics {
@@ -223,9 +229,13 @@ impl ServiceMetrics {
         self.dead_lettered += o.dead_lettered;
         self.spooled += o.spooled;
         self.replayed += o.replayed;
-        if let Some(c) = o.connections {
-            self.connections = Some(self.connections.unwrap_or(0.0) + c);
-        }
+        let sum = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        };
+        self.connections = sum(self.connections, o.connections);
+        self.buffer_bytes = sum(self.buffer_bytes, o.buffer_bytes);
+        self.body_bytes_held = sum(self.body_bytes_held, o.body_bytes_held);
     }
 
     /// Parses the Prometheus text exposition.
@@ -270,6 +280,8 @@ impl ServiceMetrics {
                 "reachly_http_connections" if label("listener") == "public" => {
                     m.connections = Some(m.connections.unwrap_or(0.0) + v)
                 }
+                "reachly_buffer_bytes" => m.buffer_bytes = Some(v),
+                "reachly_http_body_bytes_held" => m.body_bytes_held = Some(v),
                 _ => {}
             }
         }
@@ -298,13 +310,20 @@ mod tests {
                     reachly_flush_batch_size_sum 15\nreachly_flush_batch_size_count 2\n\
                     reachly_events_dropped_total{reason=\"spool_full\"} 3\n\
                     reachly_http_connections{listener=\"admin\"} 1\n\
-                    reachly_http_connections{listener=\"public\"} 2048\n";
+                    reachly_http_connections{listener=\"public\"} 2048\n\
+                    reachly_buffer_bytes 1048576\nreachly_http_body_bytes_held 65536\n";
         let m = ServiceMetrics::parse(text);
         assert_eq!(m.connections, Some(2048.0));
+        assert_eq!(m.buffer_bytes, Some(1048576.0));
+        assert_eq!(m.body_bytes_held, Some(65536.0));
+        let old = ServiceMetrics::parse("reachly_buffer_events 1\n");
         assert_eq!(
-            ServiceMetrics::parse("reachly_buffer_events 1\n").connections,
-            None
+            (old.connections, old.buffer_bytes, old.body_bytes_held),
+            (None, None, None)
         );
+        let mut two = m.clone();
+        two.add(&m);
+        assert_eq!(two.body_bytes_held, Some(131072.0));
         assert_eq!(m.written_total(), 15.0);
         assert_eq!(m.buffer_events, 42.0);
         assert_eq!(m.batches, 2.0);

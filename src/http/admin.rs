@@ -161,6 +161,11 @@ async fn refresh_gauges(state: &AppState) {
     );
     set(m::DB_POOL_MAX_CONNECTIONS, pool.max_size as f64);
     set(m::DB_POOL_WAITING, pool.waiting as f64);
+    set(m::HTTP_BODY_BYTES_HELD, state.body_budget.held() as f64);
+    set(
+        m::HTTP_BODY_BUDGET_BYTES,
+        state.body_budget.capacity() as f64,
+    );
     let ingest = &state.ingest;
     set(m::BUFFER_CAPACITY_EVENTS, ingest.capacity() as f64);
     set(m::BUFFER_CAPACITY_BYTES, ingest.capacity_bytes() as f64);

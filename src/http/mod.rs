@@ -86,6 +86,7 @@ pub enum BodyError {
 #[derive(Clone)]
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
+    capacity: usize,
     exhausted: Counter,
 }
 
@@ -94,8 +95,10 @@ pub struct BodyPermit(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 impl BodyBudget {
     pub fn new(bytes: usize, metrics: &Metrics) -> BodyBudget {
+        let capacity = bytes.min(Semaphore::MAX_PERMITS);
         BodyBudget {
-            bytes: Arc::new(Semaphore::new(bytes.min(Semaphore::MAX_PERMITS))),
+            bytes: Arc::new(Semaphore::new(capacity)),
+            capacity,
             exhausted: metrics.counter(HTTP_BODY_BUDGET_EXHAUSTED_TOTAL, &[]),
         }
     }
@@ -103,6 +106,16 @@ impl BodyBudget {
     /// Bytes not held by any body now.
     pub fn available(&self) -> usize {
         self.bytes.available_permits()
+    }
+
+    /// The whole budget (`REACHLY_BODY_BUDGET_BYTES`, capped at the semaphore's maximum).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes held by bodies now.
+    pub fn held(&self) -> usize {
+        self.capacity.saturating_sub(self.available())
     }
 
     /// Adds `n` bytes to `held`, or refuses (and counts) if the budget has no room.

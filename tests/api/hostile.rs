@@ -332,6 +332,15 @@ async fn request_bodies_share_one_budget_and_past_it_the_answer_is_503_with_retr
     ];
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app.state.body_budget.available(), (1 << 20) - (800 << 10));
+    // ... and the scrape says so (what the load test reads at an RSS peak).
+    assert_eq!(
+        app.metric("reachly_http_body_bytes_held").await,
+        (800 << 10) as f64
+    );
+    assert_eq!(
+        app.metric("reachly_http_body_budget_bytes").await,
+        (1 << 20) as f64
+    );
     // A third announced one does not fit: refused at once, before its body is read.
     let r = app
         .post_webhook("sparkpost", &[], vec![b' '; 400 << 10])
@@ -363,6 +372,7 @@ async fn request_bodies_share_one_budget_and_past_it_the_answer_is_503_with_retr
         assert!(Instant::now() < deadline, "the budget was not given back");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert_eq!(app.metric("reachly_http_body_bytes_held").await, 0.0);
     let r = app
         .post_webhook("sparkpost", &[], vec![b' '; 400 << 10])
         .await;
