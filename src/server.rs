@@ -20,6 +20,14 @@
 //!   timeout already closes an idle HTTP/1 keep-alive sooner), and dropped if it has not
 //!   finished `REACHLY_HEADER_TIMEOUT_MS` later. h2 PINGs keep-alive probes find dead
 //!   peers; they do not keep an idle connection open.
+//! - **Head and read buffer.** An HTTP/1 connection's read buffer holds at most
+//!   [`MAX_READ_BUFFER_BYTES`]: a request head that does not fit is answered 431 and the
+//!   connection closed, and a body is read in pieces of at most that size (each taken into
+//!   the body budget as it arrives). h2 heads have the same bound
+//!   (`SETTINGS_MAX_HEADER_LIST_SIZE`). hyper's HTTP/1 default (~400 kB) lets every
+//!   connection hold ~400 kB that no budget counts: with the cap's 10,000 connections,
+//!   gigabytes. (hyper-util's auto builder has no separate head limit, so the buffer's bound
+//!   is the head's.)
 //! - **No per-IP limit.** The peer of the public listener is usually a load balancer, a
 //!   mail provider's image proxy or an ESP: a few addresses that legitimately carry
 //!   thousands of recipients' connections. Limiting per socket peer would refuse exactly
@@ -73,6 +81,13 @@ impl Listener {
 const FD_RESERVE: usize = 64;
 /// Concurrent h2 streams per connection (hyper's default is 200).
 const H2_MAX_STREAMS: u32 = 100;
+
+/// Largest HTTP/1 read buffer, and so the largest request head taken. The longest
+/// legitimate head is a click: its token carries the destination URL (up to
+/// `token::MAX_URL_BYTES`, 4 kB, so a path of ~5.5 kB), beside a browser's headers and
+/// whatever cookies a customer's tracking domain collects; 32 kB is what nginx allows by
+/// default (4 buffers of 8 kB), and twice hyper's h2 default for a header list.
+pub const MAX_READ_BUFFER_BYTES: usize = 32 << 10;
 
 /// The connection cap of a listener: the configured one, and for the public listener no
 /// more than the descriptor limit leaves (see the module doc).
@@ -133,10 +148,12 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_timeout)
+        .max_buf_size(MAX_READ_BUFFER_BYTES)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_header_list_size(MAX_READ_BUFFER_BYTES as u32)
         .max_concurrent_streams(H2_MAX_STREAMS)
         .keep_alive_interval(Duration::from_secs(30));
     let limits = ConnLimits {

@@ -4,7 +4,8 @@
 //! never runs out of descriptors and its admin listener stays answerable; idle h2 and
 //! HTTP/1 keep-alive connections are closed; request bodies share one memory budget; a
 //! batch that could never be stored is 413, counted as such; a validly signed unsubscribe
-//! token naming another organization's message is refused.
+//! token naming another organization's message is refused; a request head past the read
+//! buffer's bound is 431 while the longest legitimate click passes.
 
 use std::time::{Duration, Instant};
 
@@ -531,4 +532,79 @@ async fn an_unsubscribe_that_cannot_be_checked_is_kept_answered_202_received_and
     assert_eq!(r.status(), 200);
     app.stop().await;
     pg.stop().await;
+}
+
+/// Sends `head` (a whole HTTP/1 request head) on a fresh connection; returns the status
+/// line's code and whether the server closed the connection after answering.
+async fn raw_request(addr: std::net::SocketAddr, head: &[u8]) -> (String, bool) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server may answer (and close) before it has read everything we send.
+    let _ = s.write_all(head).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => break false, // still open, nothing more to read
+        }
+    };
+    let text = String::from_utf8_lossy(&got);
+    let code = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .unwrap_or_else(|| panic!("no HTTP/1.1 answer, got {text:?}"))
+        .to_string();
+    (code, closed)
+}
+
+#[tokio::test]
+async fn a_request_head_past_the_read_buffer_is_431_and_the_longest_legitimate_click_passes() {
+    let app = spawn_app().await;
+    let s = app.seed().await;
+    let max = reachly_ingest::server::MAX_READ_BUFFER_BYTES;
+    // The longest click the product mints (a 4 kB destination) from a browser carrying
+    // 12 kB of cookies for the tracking domain: followed.
+    let url = format!(
+        "https://shop.example.com/landing?{}",
+        "q".repeat(token::MAX_URL_BYTES - 33)
+    );
+    assert_eq!(url.len(), token::MAX_URL_BYTES);
+    let t = app.mint(Purpose::Click, &s, Some(&url));
+    let cookies = format!("Cookie: session={}\r\n", "c".repeat(12 << 10));
+    let head = format!(
+        "GET /c/{t} HTTP/1.1\r\nHost: t\r\nUser-Agent: {BROWSER_UA}\r\n{cookies}Accept: text/html\r\nConnection: close\r\n\r\n"
+    );
+    assert!(head.len() > 16 << 10 && head.len() < max, "{}", head.len());
+    let (code, _) = raw_request(app.addr, head.as_bytes()).await;
+    assert_eq!(code, "302");
+    // A head of more than the bound (one header of 40 kB): 431, closed, nothing stored.
+    let open = app.mint(Purpose::Open, &s, None);
+    let huge = format!(
+        "GET /o/{open}.gif HTTP/1.1\r\nHost: t\r\nUser-Agent: {BROWSER_UA}\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(40 << 10)
+    );
+    assert!(huge.len() > max);
+    let (code, closed) = raw_request(app.addr, huge.as_bytes()).await;
+    assert_eq!(code, "431");
+    assert!(closed, "the connection is closed after the 431");
+    // The click was stored, the oversized open was not; the server still answers.
+    app.wait_count(
+        &format!(
+            "SELECT count(*) FROM email_events WHERE message_id = '{}' AND event_type = 'clicked'",
+            s.message
+        ),
+        1,
+    )
+    .await;
+    let r = app.get(&format!("/o/{open}.gif"), Some(BROWSER_UA)).await;
+    assert_eq!(r.status(), 200);
+    app.wait_count(
+        &format!(
+            "SELECT count(*) FROM email_events WHERE message_id = '{}' AND event_type = 'opened'",
+            s.message
+        ),
+        1,
+    )
+    .await;
 }
