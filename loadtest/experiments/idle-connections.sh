@@ -18,30 +18,14 @@ rounds="${2:-3}"
 shift $(( $# < 2 ? $# : 2 ))
 bins=("$@")
 [ ${#bins[@]} -gt 0 ] || bins=("$root/target/release/reachly-ingest")
-pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-work="$(mktemp -d /tmp/reachly-idle-XXXXXX)"
-chown postgres "$work"
-trap 'runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/data" -m immediate stop >/dev/null 2>&1 || true; pkill -f "$work/spool" 2>/dev/null || true; rm -rf "$work"' EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-pgport="$(free_port)"
-runuser -u postgres -- "$pgbin/initdb" -D "$work/data" -A trust -U postgres >/dev/null
-runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/data" -o "-p $pgport -k $work -c listen_addresses=127.0.0.1" -l "$work/pg.log" -w start >/dev/null
-db="postgres://postgres@127.0.0.1:$pgport/postgres"
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+start_cluster
 
 ulimit -n "$(( n * 2 + 1024 ))" 2>/dev/null || true
 for round in $(seq "$rounds"); do
   for bin in "${bins[@]}"; do
-    port="$(free_port)"
-    admin="$(free_port)"
-    rm -rf "$work/spool"
-    DATABASE_URL="$db" REACHLY_MIGRATE_ON_START=true REACHLY_LISTEN="127.0.0.1:$port" \
-      REACHLY_ADMIN_LISTEN="127.0.0.1:$admin" REACHLY_SPOOL_DIR="$work/spool" \
-      "$bin" serve >"$work/serve.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 100); do
-      curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1 && break
-      sleep 0.1
-    done
+    start_service "$bin"
     python3 - "$pid" "$port" "$n" "$bin" "$round" <<'EOF'
 import socket, sys, time
 pid, port, n, binary, rnd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -66,7 +50,6 @@ after = rss_kb()
 print(f"round {rnd} {binary}: RSS {before} -> {after} kB with {n} idle connections: "
       f"{(after - before) / n:.1f} kB per connection")
 EOF
-    kill "$pid"
-    wait "$pid" 2>/dev/null || true
+    stop_service
   done
 done
