@@ -101,9 +101,7 @@ impl ServerProcess {
     }
 
     fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().rev().take(15).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+        tail_without_backtrace(&std::fs::read_to_string(&self.log).unwrap_or_default(), 15)
     }
 
     /// Waits until `/readyz` (admin) or `/healthz` (public, naive server) answers 200.
@@ -297,9 +295,34 @@ impl ServiceMetrics {
     }
 }
 
+/// The last `n` lines of a log that are not backtrace frames: an error printed with
+/// `RUST_BACKTRACE` set ends in dozens of `  12: symbol` / `at file:line` lines, and a tail
+/// of those hid the error itself when a server exited during start.
+fn tail_without_backtrace(log: &str, n: usize) -> String {
+    let frame = |l: &str| {
+        let t = l.trim_start();
+        t.starts_with("at ")
+            || t.split_once(": ")
+                .is_some_and(|(k, _)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let lines: Vec<&str> = log.lines().filter(|l| !frame(l)).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_logs_tail_leaves_out_backtrace_frames() {
+        let log = "starting\nError: binding 127.0.0.1:9 failed\n\nStack backtrace:\n   0: anyhow::error\n             at /src/error.rs:1:2\n  27: main\n";
+        assert_eq!(
+            tail_without_backtrace(log, 3),
+            "Error: binding 127.0.0.1:9 failed\n\nStack backtrace:"
+        );
+        assert_eq!(tail_without_backtrace("a\nb", 15), "a\nb");
+        assert_eq!(tail_without_backtrace("", 15), "");
+    }
 
     #[test]
     fn parses_the_exposition() {
