@@ -410,6 +410,11 @@ pub struct PipelineConfig {
     /// retried. 0: the server's setting.
     #[arg(long = "db-lock-timeout-ms", env = "REACHLY_DB_LOCK_TIMEOUT_MS", default_value = "5000", value_parser = millis)]
     pub lock_timeout: Duration,
+    /// Nice steps (0-19) the pipeline's own threads (batch writers, spool replay, parsing of
+    /// large webhook bodies) run below the request path's, so a pixel or click does not wait
+    /// behind a batch being encoded. 0: the same priority (still threads of their own).
+    #[arg(long, env = "REACHLY_BACKGROUND_NICE", default_value = "5", value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub background_nice: i32,
 }
 
 /// Daily partitions of `email_events`: made ahead, archived (when a directory is given) and

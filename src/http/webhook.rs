@@ -62,9 +62,9 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, 
         provider.after_verify(&wreq).await?;
     }
     let parsed = if body.len() > PARSE_ON_BLOCKING_POOL_BYTES {
-        let (state, provider) = (state.clone(), provider.clone());
-        let job = move || parse(&state, provider.as_ref(), &parts, &body, received_at);
-        match tokio::task::spawn_blocking(job).await {
+        let (job_state, provider) = (state.clone(), provider.clone());
+        let job = move || parse(&job_state, provider.as_ref(), &parts, &body, received_at);
+        match state.ingest.spawn_blocking(job).await {
             Ok(parsed) => parsed,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // The runtime is shutting down: the ESP retries.
@@ -107,12 +107,14 @@ pub async fn handle(req: Req, state: Arc<AppState>, name: &str) -> Result<Resp, 
     }
 }
 
-/// Bodies larger than this are parsed on tokio's blocking pool, not on the runtime worker
-/// that serves pixels and clicks. Parsing costs about 25 us per event (a SendGrid batch of
+/// Bodies larger than this are parsed on the pipeline's blocking threads
+/// ([`crate::pipeline::runtime`]: below the request path's CPU priority), not on the runtime
+/// worker that serves pixels and clicks. Parsing costs about 25 us per event (a SendGrid batch of
 /// 1,000 events, ~350 kB: ~25 ms of CPU, measured with `perf` in the load test); on the
 /// service's one worker that was a 25 ms stall for every tracking request behind it
 /// (pixel p99 1.3 -> 11 ms at 1,500 req/s when SendGrid's batches went from 100 to 1,000
-/// events). On the blocking pool the kernel time-slices the parse against the worker. A
+/// events). On a thread of its own the kernel time-slices the parse against the worker,
+/// and at the lower priority lets the worker preempt it when a request arrives. A
 /// body under this (about 40 events) parses in under a millisecond, less than the
 /// hand-off is worth.
 const PARSE_ON_BLOCKING_POOL_BYTES: usize = 16 * 1024;

@@ -24,6 +24,7 @@
 
 pub mod bus;
 pub mod merge;
+pub mod runtime;
 pub mod spool;
 pub mod store;
 pub mod writer;
@@ -133,6 +134,8 @@ struct Shared {
     metrics: Metrics,
     buffer_gauge: Gauge,
     buffer_bytes_gauge: Gauge,
+    /// The pipeline's runtime ([`runtime`]), for CPU work a request hands off.
+    background: tokio::runtime::Handle,
 }
 
 impl Ingest {
@@ -268,6 +271,17 @@ impl Ingest {
     }
 
     /// Events held in memory.
+    /// Runs `job` on the pipeline's runtime's blocking threads, below the request path's CPU
+    /// priority ([`runtime`]): for CPU work a request hands off, such as parsing a large
+    /// webhook body. The handle fails (cancelled) once the pipeline has shut down.
+    pub fn spawn_blocking<F, R>(&self, job: F) -> JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.shared.background.spawn_blocking(job)
+    }
+
     pub fn buffered(&self) -> usize {
         self.shared.buffered.load(Ordering::Relaxed)
     }
@@ -372,6 +386,9 @@ pub struct Pipeline {
     spool_thread: SpoolThread,
     closing: CancellationToken,
     deadline: CancellationToken,
+    /// Runs the writers and the replayer; declared last, so dropped after everything that
+    /// might still reach it.
+    background: runtime::BackgroundRuntime,
 }
 
 impl Pipeline {
@@ -396,6 +413,10 @@ impl Pipeline {
     ) -> anyhow::Result<Pipeline> {
         let (spool, spool_thread) =
             Spool::open(&cfg.spool_dir, cfg.spool_max_bytes, metrics.clone())?;
+        let workers = cfg
+            .writers
+            .min(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let background = runtime::BackgroundRuntime::new(workers, cfg.background_nice)?;
         let (tx, rx) = mpsc::channel(cfg.buffer_max_events);
         let ingest = Ingest {
             shared: Arc::new(Shared {
@@ -413,6 +434,7 @@ impl Pipeline {
                 buffer_gauge: metrics.gauge(metrics::BUFFER_EVENTS, &[]),
                 buffer_bytes_gauge: metrics.gauge(metrics::BUFFER_BYTES, &[]),
                 metrics: metrics.clone(),
+                background: background.handle().clone(),
             }),
         };
         ingest.shared.buffer_gauge.set(0.0);
@@ -437,6 +459,8 @@ impl Pipeline {
             closing: closing.clone(),
             deadline: deadline.clone(),
         };
+        // Everything below spawns onto the pipeline's runtime.
+        let entered = background.handle().enter();
         let (writers, replayer) = match bus {
             None => (
                 (0..cfg.writers)
@@ -446,7 +470,9 @@ impl Pipeline {
             ),
             Some(bus) => bus::spawn(cfg, ctx, rx, bus, closing.clone()),
         };
+        drop(entered);
         Ok(Pipeline {
+            background,
             ingest,
             writers,
             replayer,
@@ -481,5 +507,8 @@ impl Pipeline {
                 "events still counted in memory after the drain"
             );
         }
+        // Nothing of the pipeline runs any more. Pool connections opened by the writers
+        // have their I/O task on this runtime and close with it (the pool replaces them).
+        drop(self.background);
     }
 }

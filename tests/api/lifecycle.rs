@@ -82,6 +82,16 @@ fn an_invalid_value_is_one_line_and_exit_code_64() {
             ],
             "--token-keys",
         ),
+        (
+            vec![
+                "serve",
+                "--database-url",
+                "host=x",
+                "--background-nice",
+                "20",
+            ],
+            "--background-nice",
+        ),
         (vec!["serve"], "DATABASE_URL"),
     ] {
         let out = Command::new(binary())
@@ -121,6 +131,7 @@ fn help_lists_every_option_with_its_environment_name() {
         "REACHLY_FLUSH_INTERVAL_MS",
         "REACHLY_FLUSH_MAX_EVENTS",
         "REACHLY_WRITERS",
+        "REACHLY_BACKGROUND_NICE",
         "REACHLY_SPOOL_DIR",
         "REACHLY_SPOOL_MAX_BYTES",
         "REACHLY_PARTITION_PREMAKE_DAYS",

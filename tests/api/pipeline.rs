@@ -1066,3 +1066,134 @@ async fn an_event_for_a_message_deleted_after_it_was_cached_is_an_unknown_messag
         vec![("unknown_message".to_string(), Some(doomed.message))]
     );
 }
+
+/// Each thread of `pid`: (name, nice value), from `/proc/<pid>/task/*/stat` (the name is
+/// between the first `(` and the last `)`; nice is the 19th field).
+fn threads_and_nice(pid: u32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/<pid>/task") {
+        let Ok(stat) = std::fs::read_to_string(entry.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        let name = stat[open + 1..close].to_string();
+        // After ") ": state(3) ppid(4) ... nice is field 19, the 17th after the name.
+        let nice: i32 = stat[close + 2..]
+            .split(' ')
+            .nth(16)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("nice field of {stat:?}"));
+        out.push((name, nice));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_writers_and_large_webhook_parses_run_on_threads_below_the_request_paths_priority() {
+    use reachly_ingest::webhooks::testkit::sign::{sendgrid_keypair, sendgrid_signature};
+
+    let url = fresh_database().await;
+    let db = connect(&url).await;
+    let s = seed_tenant(&db).await;
+    let spool = temp_dir("nice-spool");
+    let (key, public_key) = sendgrid_keypair();
+    let service = ServeProcess::spawn(
+        &url,
+        &spool,
+        &[
+            ("REACHLY_BACKGROUND_NICE", "7"),
+            ("REACHLY_WRITERS", "2"),
+            ("REACHLY_SENDGRID_PUBLIC_KEY", &public_key),
+            ("REACHLY_MIGRATE_ON_START", "false"),
+        ],
+    );
+    service.wait_admin_ok("/readyz").await;
+    let pid = service.child.id();
+    let own_nice = threads_and_nice(std::process::id())[0].1;
+
+    // A SendGrid batch well past the size parsed off the request path (16 kB), and pixels.
+    let batch: Vec<serde_json::Value> = (0..300)
+        .map(|i| {
+            serde_json::json!({
+                "email": "alex@example.com",
+                "timestamp": Utc::now().timestamp(),
+                "event": "delivered",
+                "sg_event_id": format!("nice-{i:04}-{}", Uuid::new_v4()),
+                "sg_message_id": format!("nice.{i}.filter0001"),
+                "response": "250 OK",
+                "reachly_message_id": s.message.to_string(),
+                "reachly_organization_id": s.org.to_string(),
+            })
+        })
+        .collect();
+    let body = serde_json::to_string(&batch).unwrap();
+    assert!(body.len() > 32 * 1024, "{} bytes", body.len());
+    let ts = Utc::now().timestamp().to_string();
+    let sig = sendgrid_signature(&key, &ts, body.as_bytes());
+    let client = http_client();
+    let r = client
+        .post(service.url("/webhooks/sendgrid"))
+        .header("x-twilio-email-event-webhook-timestamp", &ts)
+        .header("x-twilio-email-event-webhook-signature", &sig)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let open = token::mint(&test_token_keys(), Purpose::Open, s.org, s.message, None).unwrap();
+    for _ in 0..50 {
+        let r = client
+            .get(service.url(&format!("/o/{open}.gif")))
+            .header("user-agent", BROWSER_UA)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // The webhook was answered after its commit; the pixels are written by the writers.
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM email_events WHERE event_type = 'delivered'",
+        300,
+    )
+    .await;
+    wait_for_count(
+        &db,
+        "SELECT count(*) FROM email_events WHERE event_type = 'opened'",
+        50,
+    )
+    .await;
+
+    let threads = threads_and_nice(pid);
+    let background: Vec<i32> = threads
+        .iter()
+        .filter(|(name, _)| name == "reachly-bg")
+        .map(|t| t.1)
+        .collect();
+    let workers = 2.min(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // The runtime's workers, and at least one blocking thread: the parse of the batch.
+    assert!(
+        background.len() > workers,
+        "expected {workers} workers and a blocking thread named reachly-bg: {threads:?}"
+    );
+    assert!(
+        background.iter().all(|&n| n == (own_nice + 7).min(19)),
+        "every reachly-bg thread at nice {} : {threads:?}",
+        own_nice + 7
+    );
+    // The request path (the main runtime's workers, `tokio-rt-worker`) keeps the
+    // process's priority.
+    let request_path: Vec<i32> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("tokio-r"))
+        .map(|t| t.1)
+        .collect();
+    assert!(!request_path.is_empty(), "{threads:?}");
+    assert!(
+        request_path.iter().all(|&n| n == own_nice),
+        "request threads at nice {own_nice}: {threads:?}"
+    );
+    service.signal("-TERM");
+    assert_eq!(service.wait(Duration::from_secs(30)).await, Some(0));
+}
