@@ -141,6 +141,10 @@ struct Cli {
     /// half-rate step (for experiments).
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
+    /// With --rates: after them, the two half-rate steps (the mix, then SendGrid's batches
+    /// 10x larger) at this rate (for experiments).
+    #[arg(long, requires = "rates")]
+    half_rate: Option<f64>,
     /// Before each step, wait at most this many seconds for both cores to be quiet (other
     /// work on a shared machine); 0 disables it.
     #[arg(long, default_value_t = 180)]
@@ -235,6 +239,7 @@ fn main() -> ExitCode {
         outage_rate: cli.outage_rate,
         limit_max_events: cli.limit_max_events,
         rates: cli.rates,
+        half_rate: cli.half_rate,
         quiet_wait: Duration::from_secs(cli.quiet_wait),
         skip_outage: cli.skip_outage,
         skip_naive: cli.skip_naive,

@@ -87,6 +87,8 @@ pub struct Options {
     pub limit_max_events: u64,
     /// Run exactly these rates instead of the ramp (experiments).
     pub rates: Vec<f64>,
+    /// With `rates`: the two half-rate steps at this rate after them (experiments).
+    pub half_rate: Option<f64>,
     /// Longest wait for a quiet machine before a step.
     pub quiet_wait: Duration,
     pub skip_outage: bool,
@@ -1026,6 +1028,19 @@ async fn smoke(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>
     Ok((passed, s, None))
 }
 
+/// The rate of a phase's half-rate steps: half its first saturated rate (or of its best
+/// rate if none saturated); with `--rates`, `--half-rate` or none.
+fn half_rate(ctx: &Ctx, phase: &PhaseResult) -> Option<f64> {
+    if !ctx.opts.rates.is_empty() {
+        return ctx.opts.half_rate;
+    }
+    Some(match (phase.first_saturated, phase.best_ok) {
+        (Some(s), _) => s / 2.0,
+        (None, Some(ok)) => ok / 2.0,
+        _ => ctx.opts.start_rate / 2.0,
+    })
+}
+
 /// How many times larger (and rarer) SendGrid's batches are in the step after the half
 /// step: 100 -> 1,000 events per request at the default mix.
 const SENDGRID_BATCH_FACTOR: usize = 10;
@@ -1106,12 +1121,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
         .await
         .context("the service's metrics")?;
     let mut service = ramp(ctx, &mut load, &mut server, "service", ctx.opts.start_rate).await?;
-    let half_rate = match (service.first_saturated, service.best_ok) {
-        (Some(s), _) => s / 2.0,
-        (None, Some(ok)) => ok / 2.0,
-        _ => ctx.opts.start_rate / 2.0,
-    };
-    if ctx.opts.rates.is_empty() {
+    if let Some(half_rate) = half_rate(ctx, &service) {
         half_steps(
             ctx,
             &mut load,
@@ -1261,12 +1271,7 @@ async fn full(ctx: &mut Ctx) -> anyhow::Result<(bool, String, Option<ChartData>)
             ctx.opts.start_rate,
         )
         .await?;
-        if ctx.opts.rates.is_empty() {
-            let half_rate = match (phase.first_saturated, phase.best_ok) {
-                (Some(s), _) => s / 2.0,
-                (None, Some(ok)) => ok / 2.0,
-                _ => ctx.opts.start_rate / 2.0,
-            };
+        if let Some(half_rate) = half_rate(ctx, &phase) {
             half_steps(
                 ctx,
                 &mut bload,
