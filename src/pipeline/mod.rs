@@ -17,6 +17,10 @@
 //! unsubscribes use [`Ingest::submit_durable`]: one completion per request, resolved when
 //! every record of it is committed or fsync'd to the spool.
 //!
+//! The writers and the replayer run on the pipeline's own runtime (`runtime.rs`): threads
+//! of their own, below the request path's CPU priority, so the kernel can preempt a batch
+//! being encoded when a pixel arrives.
+//!
 //! Channel choice: tokio's bounded mpsc. The writers are async tasks that share one
 //! receiver (the lock holder collects the next batch while the others write theirs), and
 //! `recv_many` plus a deadline is the batching loop. crossbeam-channel serves the spool,
@@ -272,7 +276,6 @@ impl Ingest {
         self.release(env.len(), env.memory);
     }
 
-    /// Events held in memory.
     /// Runs `job` on the pipeline's runtime's blocking threads, below the request path's CPU
     /// priority ([`runtime`]): for CPU work a request hands off, such as parsing a large
     /// webhook body. The handle fails (cancelled) once the pipeline has shut down.
@@ -284,6 +287,7 @@ impl Ingest {
         self.shared.background.spawn_blocking(job)
     }
 
+    /// Events held in memory.
     pub fn buffered(&self) -> usize {
         self.shared.buffered.load(Ordering::Relaxed)
     }
